@@ -1,0 +1,296 @@
+"""Every configuration key of the framework, with its default and meaning.
+
+Key names follow the reference SVPR-ReID / CLIP-ReID code so that its YAML files merge unchanged.
+A few reference keys have no effect in the reference either; they are accepted so that those files load,
+and are marked "(compatibility; no effect)". Override any key from a YAML file (``--config_file``) or
+from the command line (``KEY VALUE`` pairs after the options).
+"""
+from yacs.config import CfgNode as CN
+
+_C = CN()
+
+# ---------------------------------------------------------------------------------------------------
+# MODEL
+# ---------------------------------------------------------------------------------------------------
+_C.MODEL = CN()
+# Where to run: "auto" (CUDA if available, else CPU), "cuda" (falls back to CPU with a warning), "cpu".
+_C.MODEL.DEVICE = "auto"
+# (compatibility; no effect) The reference pinned GPUs with it; use CUDA_VISIBLE_DEVICES instead.
+_C.MODEL.DEVICE_ID = "0"
+# Backbone name: "ViT-B-16" (CLIP ViT-B/16). Also the prefix of periodic checkpoint files.
+_C.MODEL.NAME = "ViT-B-16"
+# Model class in the model registry: "CLIP_SVPR_ReID", "CLIP_ReID" or "CLIP_baseline".
+_C.MODEL.ARCH_NAME = "CLIP_SVPR_ReID"
+# (compatibility; no effect) ResNet last stride of the reference's ResNet models.
+_C.MODEL.LAST_STRIDE = 1
+# OpenAI CLIP checkpoint (TorchScript archive such as ViT-B-16.pt, or a plain state dict). Required
+# unless MODEL.RANDOM_INIT is True.
+_C.MODEL.PRETRAIN_PATH = ""
+# Build the CLIP backbone from MODEL.CLIP.* with random weights instead of loading PRETRAIN_PATH
+# (tests, benchmarks and the synthetic quickstart).
+_C.MODEL.RANDOM_INIT = False
+# (compatibility; no effect) Neck type; every model here uses a BNNeck head.
+_C.MODEL.NECK = "bnneck"
+# (compatibility; no effect) Distributed training is switched on by launching with torchrun.
+_C.MODEL.DIST_TRAIN = False
+# Triplet loss without margin (soft-margin form log(1 + exp(d_ap - d_an))). The reference's effective
+# default is True, so SOLVER.MARGIN only matters when this is False.
+_C.MODEL.NO_MARGIN = True
+# Label smoothing (epsilon 0.1) in the identity and view cross-entropy losses: "on" or "off".
+_C.MODEL.IF_LABELSMOOTH = "on"
+# (compatibility; no effect) Cosine classifier layer.
+_C.MODEL.COS_LAYER = False
+# Add the center loss to the metric loss: "yes" or "no" (same as "center" in METRIC_LOSS_TYPE).
+_C.MODEL.IF_WITH_CENTER = "no"
+# (compatibility; no effect) Identity loss type; always softmax cross-entropy here.
+_C.MODEL.ID_LOSS_TYPE = "softmax"
+# Weight of the identity (classification) loss.
+_C.MODEL.ID_LOSS_WEIGHT = 1.0
+# Weight of the triplet loss.
+_C.MODEL.TRIPLET_LOSS_WEIGHT = 1.0
+# Metric loss: "triplet" or "triplet_center" (adds the center loss).
+_C.MODEL.METRIC_LOSS_TYPE = "triplet"
+# Weight of CLIP-ReID's stage-2 image-to-text cross-entropy.
+_C.MODEL.I2T_LOSS_WEIGHT = 1.0
+# (compatibility; no effect) Drop rates of the reference's timm ViT baselines.
+_C.MODEL.DROP_PATH = 0.1
+_C.MODEL.DROP_OUT = 0.0
+_C.MODEL.ATT_DROP_RATE = 0.0
+# (compatibility; no effect) The reference's timm transformer type.
+_C.MODEL.TRANSFORMER_TYPE = "vit_base_patch16_224"
+# Patch-embedding stride (rows, columns); smaller than the patch size gives overlapping patches.
+_C.MODEL.STRIDE_SIZE = [16, 16]
+# Side-information embedding (SIE): scale, and whether camera and/or view ids are embedded.
+_C.MODEL.SIE_COE = 3.0
+_C.MODEL.SIE_CAMERA = False
+_C.MODEL.SIE_VIEW = False
+# Freeze the CLIP text tower (token embedding, transformer, positional embedding, final LN, projection).
+_C.MODEL.FREEZE_TEXT = False
+# Build the text branch and feed per-image texts (SVPR's attribute captions).
+_C.MODEL.USE_TEXT = False
+# Number of learnable "X" prompt tokens in the attribute text ("A photo of a X X X X person ...").
+_C.MODEL.TEXT_PROMPT = 4
+# Text context length: the tokenizer pads/truncates to it and the CLIP text positional embedding is
+# resized to it (77 is CLIP's own).
+_C.MODEL.TEXT_LEN = 77
+# CP2108 text source: "attribute" (text built from the attribute labels) or "captions" (caption JSON).
+_C.MODEL.TEXT_TYPE = "attribute"
+# (compatibility; no effect) Text format switch of the reference.
+_C.MODEL.TEXT_FORMAT = "depart"
+# Use the attribute labels (SVPR's attribute loss and ASMOE).
+_C.MODEL.USE_ATTR = False
+# (compatibility; no effect) Visual prompt switch of the reference.
+_C.MODEL.VISUAL_PROMPT = 0
+# Number of learnable "X" prompt tokens in SVPR's view caption ("A photo of a X X X X person from X view.").
+_C.MODEL.VIEW_PROMPT = 4
+# (compatibility; no effect) Head switch of the reference.
+_C.MODEL.HEAD_UNIFORM = False
+# Recompute transformer blocks in the backward pass to save memory (slower).
+_C.MODEL.GRAD_CHECKPOINT = False
+
+# CLIP hyper-parameters used only with MODEL.RANDOM_INIT; with a checkpoint they are read from the weights.
+_C.MODEL.CLIP = CN()
+_C.MODEL.CLIP.EMBED_DIM = 512  # joint image-text embedding size
+_C.MODEL.CLIP.VISION_WIDTH = 768  # image transformer width
+_C.MODEL.CLIP.VISION_LAYERS = 12  # image transformer depth
+_C.MODEL.CLIP.VISION_HEADS = 12  # image transformer heads
+_C.MODEL.CLIP.PATCH_SIZE = 16  # patch (kernel) size of the patch embedding
+_C.MODEL.CLIP.TEXT_WIDTH = 512  # text transformer width
+_C.MODEL.CLIP.TEXT_LAYERS = 12  # text transformer depth
+_C.MODEL.CLIP.TEXT_HEADS = 8  # text transformer heads
+_C.MODEL.CLIP.VOCAB_SIZE = 49408  # BPE vocabulary size (CLIP's tokenizer needs 49408)
+
+# SVPR-ReID components (MODEL.ARCH_NAME CLIP_SVPR_ReID). Each switch removes its branch entirely.
+_C.MODEL.SVPR = CN()
+# View-Decoupled Feature Extractor: view caption prompts, view token and View Bidirectional Decoupling.
+_C.MODEL.SVPR.VDFE = True
+# Attribute-Scattered Mixture of Experts (needs attribute labels: MODEL.USE_ATTR and a dataset with them).
+_C.MODEL.SVPR.ASMOE = True
+# Context-Vision Progressive Refinement of the patch tokens.
+_C.MODEL.SVPR.CVPR = True
+# Learned per-patch weighting of the (refined) patch tokens into a local feature.
+_C.MODEL.SVPR.LOCAL = True
+# Number of CVPR refinement stages; each keeps the top CVPR_TOPK fraction of the previous selection.
+_C.MODEL.SVPR.CVPR_LAYERS = 3
+_C.MODEL.SVPR.CVPR_TOPK = 0.5
+# Share one refinement block across all CVPR stages (the reference does; False gives each stage its own).
+_C.MODEL.SVPR.CVPR_SHARED_BLOCK = False
+# Weight of the refined patches added back to the patch tokens (F + w * F_refined).
+_C.MODEL.SVPR.PATCH_UPDATE = 0.1
+# ASMOE: number of experts, experts used per input, fraction of attributes kept by the router.
+_C.MODEL.SVPR.NUM_EXPERTS = 4
+_C.MODEL.SVPR.EXPERT_TOPK = 3
+_C.MODEL.SVPR.ATTR_TOPK = 0.7
+# Loss weights of the view loss (VDFE) and of the summed attribute cross-entropies (ASMOE).
+_C.MODEL.SVPR.VIEW_LOSS_WEIGHT = 1.0
+_C.MODEL.SVPR.ATTR_LOSS_WEIGHT = 0.05
+
+# ---------------------------------------------------------------------------------------------------
+# INPUT
+# ---------------------------------------------------------------------------------------------------
+_C.INPUT = CN()
+# Image size (height, width) for training and testing; also fixes the patch grid of the backbone.
+_C.INPUT.SIZE_TRAIN = [256, 128]
+_C.INPUT.SIZE_TEST = [256, 128]
+# Probability of a random horizontal flip.
+_C.INPUT.PROB = 0.5
+# Probability of random erasing (timm-style, per-pixel normal noise).
+_C.INPUT.RE_PROB = 0.5
+# Zero padding (pixels) before the random crop back to SIZE_TRAIN.
+_C.INPUT.PADDING = 10
+# Normalisation mean and std (the shipped configs use 0.5 for both, CLIP-ReID style).
+_C.INPUT.PIXEL_MEAN = [0.485, 0.456, 0.406]
+_C.INPUT.PIXEL_STD = [0.229, 0.224, 0.225]
+
+# ---------------------------------------------------------------------------------------------------
+# DATASETS
+# ---------------------------------------------------------------------------------------------------
+_C.DATASETS = CN()
+# Dataset (protocol) to train on, by registry name, e.g. "CP2108_ALL", "CARGO", "AGReID", "SynthAG_ALL".
+_C.DATASETS.NAMES = "SynthAG_ALL"
+# Folder holding the dataset folders (CP2108/, CARGO/, AGReID/, AGReID.v2/, SynthAG/).
+_C.DATASETS.ROOT_DIR = "./data"
+# Protocols evaluated at the end of training and by test_svpr.py; the first is also used for the
+# periodic evaluation during training.
+_C.DATASETS.TESTS = ("SynthAG_ALL",)
+# CP2108 split version (split_v{V}/ and images_v{V}/).
+_C.DATASETS.VERSION = 100
+# Generate the synthetic benchmark under ROOT_DIR when it is missing (SynthAG datasets only).
+_C.DATASETS.AUTO_GENERATE = True
+
+# Synthetic aerial-ground benchmark generator settings (used when it is generated).
+_C.DATASETS.SYNTH = CN()
+_C.DATASETS.SYNTH.NUM_IDS = 200  # identities in total (split into train and test identities)
+_C.DATASETS.SYNTH.IMAGES_PER_ID = 40  # images per identity across all cameras
+_C.DATASETS.SYNTH.HEIGHT = 128  # image height in pixels
+_C.DATASETS.SYNTH.WIDTH = 64  # image width in pixels
+_C.DATASETS.SYNTH.SEED = 0  # generator seed; same seed gives identical files
+
+# ---------------------------------------------------------------------------------------------------
+# DATALOADER
+# ---------------------------------------------------------------------------------------------------
+_C.DATALOADER = CN()
+# Worker processes per data loader.
+_C.DATALOADER.NUM_WORKERS = 8
+# "softmax_triplet" (identity-balanced P x K batches) or "softmax" (plain shuffling).
+_C.DATALOADER.SAMPLER = "softmax_triplet"
+# Identity sampler class (only "RandomIdentitySampler"; its distributed twin is chosen automatically).
+_C.DATALOADER.SAMPLER_NAME = "RandomIdentitySampler"
+# (compatibility; no effect) Augmentation switch of the reference.
+_C.DATALOADER.AUG = False
+# Images per identity (K) in a P x K batch.
+_C.DATALOADER.NUM_INSTANCE = 16
+
+# ---------------------------------------------------------------------------------------------------
+# SOLVER (stage 2, i.e. ReID fine-tuning; SVPR-ReID has only this stage)
+# ---------------------------------------------------------------------------------------------------
+_C.SOLVER = CN()
+# Random seed for python, numpy and torch.
+_C.SOLVER.SEED = 1111
+# Optimiser: "SGD", "Adam", "AdamW" (or any torch.optim class name).
+_C.SOLVER.OPTIMIZER_NAME = "Adam"
+# Number of training epochs.
+_C.SOLVER.MAX_EPOCHS = 50
+# Base learning rate.
+_C.SOLVER.BASE_LR = 0.00035
+# Twice the base learning rate for classifier layers.
+_C.SOLVER.LARGE_FC_LR = False
+# Learning-rate multiplier for bias parameters.
+_C.SOLVER.BIAS_LR_FACTOR = 2
+# SGD momentum.
+_C.SOLVER.MOMENTUM = 0.9
+# Triplet margin (only with MODEL.NO_MARGIN False).
+_C.SOLVER.MARGIN = 0.3
+# (compatibility; no effect) Unused hyper-parameters of the reference.
+_C.SOLVER.CLUSTER_MARGIN = 0.3
+_C.SOLVER.RANGE_K = 2
+_C.SOLVER.RANGE_MARGIN = 0.3
+_C.SOLVER.RANGE_ALPHA = 0
+_C.SOLVER.RANGE_BETA = 1
+_C.SOLVER.RANGE_LOSS_WEIGHT = 1
+_C.SOLVER.COSINE_MARGIN = 0.5
+_C.SOLVER.COSINE_SCALE = 30
+_C.SOLVER.LR_MIN = 1.6e-5
+# Center loss: SGD learning rate of the centres and weight of the loss.
+_C.SOLVER.CENTER_LR = 0.5
+_C.SOLVER.CENTER_LOSS_WEIGHT = 0.0005
+# Weight decay for weights and for biases.
+_C.SOLVER.WEIGHT_DECAY = 0.0001
+_C.SOLVER.WEIGHT_DECAY_BIAS = 0.0001
+# Multi-step schedule: decay factor and the epochs at which it applies.
+_C.SOLVER.GAMMA = 0.1
+_C.SOLVER.STEPS = (40, 70)
+# Warm-up: start factor, length in epochs, "linear" or "constant".
+_C.SOLVER.WARMUP_FACTOR = 0.01
+_C.SOLVER.WARMUP_ITERS = 10
+_C.SOLVER.WARMUP_METHOD = "linear"
+# Periods in epochs for checkpoints (<MODEL.NAME>_<epoch>.pth) and evaluation; LOG_PERIOD is in iterations.
+_C.SOLVER.CHECKPOINT_PERIOD = 50
+_C.SOLVER.LOG_PERIOD = 10
+_C.SOLVER.EVAL_PERIOD = 1
+# Training batch size (P x K) over all processes.
+_C.SOLVER.IMS_PER_BATCH = 64
+# Mixed precision on CUDA: True uses autocast with AMP_DTYPE. On CPU only "bfloat16" autocasts;
+# "float16" runs in fp32 there.
+_C.SOLVER.AMP = True
+# "float16" (with a gradient scaler) or "bfloat16".
+_C.SOLVER.AMP_DTYPE = "float16"
+
+# CLIP-ReID stage 1 (prompt learning).
+_C.SOLVER.STAGE1 = CN()
+# Run stage 1 before stage 2 (CLIP_ReID only).
+_C.SOLVER.STAGE1.TRAIN = False
+# Stage-1 weights to load when stage 1 is not trained here (CLIP_ReID only).
+_C.SOLVER.STAGE1.PRETRAIN_PATH = ""
+_C.SOLVER.STAGE1.IMS_PER_BATCH = 64  # stage-1 batch size
+_C.SOLVER.STAGE1.OPTIMIZER_NAME = "Adam"  # stage-1 optimiser
+_C.SOLVER.STAGE1.MAX_EPOCHS = 100  # stage-1 epochs
+_C.SOLVER.STAGE1.BASE_LR = 0.0003  # stage-1 learning rate
+_C.SOLVER.STAGE1.MOMENTUM = 0.9  # stage-1 SGD momentum
+_C.SOLVER.STAGE1.WEIGHT_DECAY = 0.0005  # stage-1 weight decay
+_C.SOLVER.STAGE1.WEIGHT_DECAY_BIAS = 0.0005  # stage-1 bias weight decay
+_C.SOLVER.STAGE1.WARMUP_FACTOR = 0.01  # (compatibility; no effect)
+_C.SOLVER.STAGE1.WARMUP_EPOCHS = 5  # linear warm-up epochs of the stage-1 cosine schedule
+_C.SOLVER.STAGE1.WARMUP_LR_INIT = 0.00001  # learning rate at the start of the warm-up
+_C.SOLVER.STAGE1.LR_MIN = 1e-6  # final learning rate of the cosine schedule
+_C.SOLVER.STAGE1.WARMUP_ITERS = 500  # (compatibility; no effect)
+_C.SOLVER.STAGE1.WARMUP_METHOD = "linear"  # (compatibility; no effect)
+_C.SOLVER.STAGE1.COSINE_MARGIN = 0.5  # (compatibility; no effect)
+_C.SOLVER.STAGE1.COSINE_SCALE = 30  # (compatibility; no effect)
+_C.SOLVER.STAGE1.CHECKPOINT_PERIOD = 10  # stage-1 checkpoint period in epochs
+_C.SOLVER.STAGE1.LOG_PERIOD = 100  # stage-1 log period in iterations
+_C.SOLVER.STAGE1.EVAL_PERIOD = 10  # (compatibility; no effect)
+
+# ---------------------------------------------------------------------------------------------------
+# TEST
+# ---------------------------------------------------------------------------------------------------
+_C.TEST = CN()
+# Test batch size (over all processes).
+_C.TEST.IMS_PER_BATCH = 128
+# k-reciprocal re-ranking of the distance matrix, and its parameters.
+_C.TEST.RE_RANKING = False
+_C.TEST.RR_K1 = 20
+_C.TEST.RR_K2 = 6
+_C.TEST.RR_LAMBDA = 0.3
+# Checkpoint evaluated by test_svpr.py (full training checkpoint or bare state dict).
+_C.TEST.WEIGHT = ""
+# (compatibility; no effect) Neck feature choice; every model documents its retrieval embedding.
+_C.TEST.NECK_FEAT = "before"
+# L2-normalise features before computing distances: "yes" or "no".
+_C.TEST.FEAT_NORM = "yes"
+# (compatibility; no effect) Distance-matrix file name of the reference.
+_C.TEST.DIST_MAT = "dist_mat.npy"
+# Distance: "euclidean" (squared Euclidean, as the reference) or "cosine" (1 - cosine similarity).
+_C.TEST.DIST_METRIC = "euclidean"
+# Time filter: "mix" (all), "cross" (only gallery from another time), "same" (only the same time).
+_C.TEST.TIME_MODE = "mix"
+# Largest rank of the reported CMC curve.
+_C.TEST.MAX_RANK = 50
+
+# Output folder: logs, config.yaml, checkpoints, results.json/results.csv.
+_C.OUTPUT_DIR = "./outputs/default"
+
+
+def get_cfg_defaults():
+    """Return a fresh, mutable copy of the default configuration."""
+    return _C.clone()

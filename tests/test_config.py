@@ -1,0 +1,90 @@
+"""Configuration system: defaults, every shipped YAML, overrides, and one-line errors from the scripts."""
+import glob
+import os
+
+import pytest
+
+from configs import get_cfg_defaults, load_config
+from tests.conftest import REPO_ROOT, run_script
+from utils.errors import ConfigError
+
+ALL_YAML = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "**", "*.yml"), recursive=True))
+
+
+def test_defaults_load_and_are_documented():
+    cfg = get_cfg_defaults()
+    assert cfg.MODEL.DEVICE == "auto"
+    assert cfg.MODEL.NO_MARGIN is True  # the reference's effective default
+    assert cfg.SOLVER.SEED == 1111
+    source = open(os.path.join(REPO_ROOT, "configs", "defaults.py"), encoding="utf-8").read().splitlines()
+    # Every key assignment has a comment on its line, or sits in a block of assignments under a comment.
+    for index, line in enumerate(source):
+        stripped = line.strip()
+        if not stripped.startswith("_C.") or "CN()" in stripped or "#" in stripped:
+            continue
+        above = index - 1
+        while above >= 0 and source[above].strip().startswith("_C.") and "CN()" not in source[above]:
+            above -= 1
+        assert source[above].strip().startswith("#"), f"configs/defaults.py line {index + 1} has no comment"
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=[os.path.relpath(p, REPO_ROOT) for p in ALL_YAML])
+def test_every_shipped_yaml_merges(path):
+    cfg = load_config(path)
+    assert cfg.is_frozen()
+
+
+def test_at_least_the_quickstart_config_exists():
+    assert os.path.join(REPO_ROOT, "configs", "Synthetic", "svpr_reid.yml") in ALL_YAML
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(None, ["SOLVER.MAX_EPOCHS", "7", "MODEL.DEVICE", "cpu", "INPUT.SIZE_TRAIN", "[64, 32]",
+                             "INPUT.SIZE_TEST", "[64, 32]", "DATASETS.TESTS", "('A', 'B')"])
+    assert cfg.SOLVER.MAX_EPOCHS == 7
+    assert cfg.MODEL.DEVICE == "cpu"
+    assert list(cfg.INPUT.SIZE_TRAIN) == [64, 32]
+    assert tuple(cfg.DATASETS.TESTS) == ("A", "B")
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["SOLVER.MAX_EPOCH", "3"], "SOLVER.MAX_EPOCH"),
+    (["SOLVER.MAX_EPOCHS", "'ten'"], "SOLVER.MAX_EPOCHS"),
+    (["MODEL.DEVICE", "tpu"], "MODEL.DEVICE"),
+    (["SOLVER.MAX_EPOCHS"], "KEY VALUE"),
+    (["TEST.TIME_MODE", "sometimes"], "TEST.TIME_MODE"),
+])
+def test_bad_overrides_raise_config_error(opts, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(None, opts)
+
+
+def test_bad_key_in_yaml_names_file_and_key(tmp_path):
+    path = tmp_path / "bad.yml"
+    path.write_text("SOLVER:\n  MAX_EPOCHZ: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(path) in str(info.value) and "SOLVER.MAX_EPOCHZ" in str(info.value)
+
+
+def _assert_one_line_error(result, *needles):
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("script", ["train_svpr.py", "test_svpr.py"])
+def test_scripts_report_bad_key_type_and_file(script, tmp_path):
+    out = str(tmp_path / "out")
+    _assert_one_line_error(run_script([script, "SOLVER.NOT_A_KEY", "1", "OUTPUT_DIR", out]), "SOLVER.NOT_A_KEY")
+    _assert_one_line_error(run_script([script, "SOLVER.MAX_EPOCHS", "'x'", "OUTPUT_DIR", out]),
+                           "SOLVER.MAX_EPOCHS")
+    missing = str(tmp_path / "nope.yml")
+    _assert_one_line_error(run_script([script, "--config_file", missing]), missing)
+    bad_yaml = tmp_path / "bad.yml"
+    bad_yaml.write_text("MODEL: [unclosed\n")
+    _assert_one_line_error(run_script([script, "--config_file", str(bad_yaml)]), str(bad_yaml))

@@ -1,0 +1,1 @@
+"""Command-line tools: benchmarks, dataset generation and statistics, ablations, image search."""
