@@ -268,3 +268,29 @@ def test_synthetic_configs_build_a_working_cpu_model(method):
     with torch.no_grad():
         embedding = model(torch.randn(2, 3, *cfg.INPUT.SIZE_TEST))
     assert tuple(embedding.shape) == (2, model.embedding_dim)
+
+
+def test_overlapping_patches_follow_the_stride(images, pids):
+    model = build("CLIP_baseline", **{"MODEL.STRIDE_SIZE": [12, 12]}).train()
+    assert model.visual.grid_size == ((64 - 16) // 12 + 1, (32 - 16) // 12 + 1)
+    out = model(images)
+    assert [tuple(f.shape) for f in out["triplet_feats"]] == [(BATCH, WIDTH), (BATCH, WIDTH), (BATCH, EMBED_DIM)]
+
+
+def test_clipreid_stages_run_under_bfloat16_autocast(images, pids):
+    model = build("CLIP_ReID")
+    model.freeze_for_stage1()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        image_feats = model.encode_image_for_prompts(images)
+        text_feats = model.text_features(pids)
+        loss = (image_feats @ text_feats.t()).float().logsumexp(1).mean()
+    loss.backward()
+    assert model.cls_ctx.grad is not None and model.cls_ctx.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.set_class_text_features(model.text_features(torch.arange(NUM_CLASSES)))
+    assert model.class_text_features.dtype == torch.float32
+    model.unfreeze_for_stage2()
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images)
+    assert tuple(out["i2t_logits"].shape) == (BATCH, NUM_CLASSES) and torch.isfinite(out["i2t_logits"]).all()
