@@ -77,7 +77,8 @@ class CLIP_ReID(CLIP_baseline):
         self.class_text_features.copy_(feats.detach())
         self._class_text_features_set = True
 
-    def _image_side(self, name):
+    @staticmethod
+    def _image_side(name):
         return not name.startswith("clip.") or name.startswith("clip.visual.")
 
     def freeze_for_stage1(self):
