@@ -57,7 +57,7 @@ class CLIP_ReID(CLIP_baseline):
 
     def encode_image_for_prompts(self, images):
         """Projected CLS features (B, D) without side information, the image side of stage 1."""
-        return self.visual.forward_features(images).projected[:, 0]
+        return self.clip.encode_image(images)
 
     def text_features(self, pids):
         """Projected EOT features (B, D) of the prompts of identities ``pids`` (B,)."""
