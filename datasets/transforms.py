@@ -1,5 +1,6 @@
 """Train and test image transforms (torchvision v2 on uint8 tensors) and image decoding."""
 import time
+import warnings
 
 import torch
 from PIL import Image, ImageFile
@@ -12,6 +13,9 @@ from utils.errors import DataError
 # Partly written JPEGs still decode (the reference datasets contain a few).
 ImageFile.LOAD_TRUNCATED_IMAGES = True
 READ_ATTEMPTS = 3
+# torchvision 0.29 flags its decoders as deprecated in favour of TorchCodec; they remain the fastest here.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 
 def read_image(path, attempts=READ_ATTEMPTS):
