@@ -214,3 +214,16 @@ def test_gzip_is_not_an_image(tmp_path):
         f.write(b"data")
     with pytest.raises(DataError, match="x.png"):
         read_image(str(path), attempts=2)
+
+
+def test_default_tokenizer_is_clips(synth_root):
+    pytest.importorskip("model.clip")
+    cfg = small_cfg(synth_root, workers=0)
+    bundle = make_dataloaders(cfg)
+    batch = next(iter(bundle.val_loader))
+    reference = CountingTokenizer()
+    text = bundle.dataset.query[0].text
+    assert torch.equal(batch["text_tokens"][0], reference([text], 40)[0])
+    train = bundle.train_loader.dataset
+    long_text = train.samples[0].text
+    assert torch.equal(train.text_tokens[train.text_index[0]], reference([long_text], 40)[0])
