@@ -150,7 +150,9 @@ class CP2108Format(ReIDDataset):
             why = "use_attr" if self.use_attr else "use_text with text_type 'attribute'"
             base = self.dataset_dir
             self.translation = read_json(os.path.join(base, TRANSLATION_FILE), why)
-            if not isinstance(self.translation, dict) or not all(isinstance(v, dict) for v in self.translation.values()):
+            translation_ok = isinstance(self.translation, dict) and all(
+                isinstance(v, dict) for v in self.translation.values())
+            if not translation_ok:
                 raise DataError(f"annotation file '{os.path.join(base, TRANSLATION_FILE)}': expected "
                                 f"{{attribute: {{value: class_index}}}}")
             path = os.path.join(base, ATTRIBUTE_FILE)

@@ -22,7 +22,9 @@ VALUES = {"Accessories": ["backpack", "none", "unknown"], "Feet": ["boots", "sne
 
 
 def name_of(pid, camera, time, index):
-    return f"{pid:04d}_{camera:02d}_{time}_{index % 3}_{index:03d}.jpg" if pid >= 0 else f"-1_{camera:02d}_{time}_0_{index:03d}.jpg"
+    if pid < 0:
+        return f"-1_{camera:02d}_{time}_0_{index:03d}.jpg"
+    return f"{pid:04d}_{camera:02d}_{time}_{index % 3}_{index:03d}.jpg"
 
 
 def entry(pid, view, time):
