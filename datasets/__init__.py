@@ -1,3 +1,16 @@
 """Datasets and data pipeline: the aerial-ground benchmarks (CP2108, CARGO, AG-ReID, AG-ReID.v2) with
 their evaluation protocols, the synthetic SynthAG benchmark, transforms, identity samplers and loaders.
 """
+from .bases import AERIAL, GROUND, Protocol, ReIDDataset, Sample, format_statistics
+from .loader import DataBundle, ImageDataset, collate, make_dataloaders
+from .registry import available_datasets, build_dataset, get_dataset_class, register_dataset
+from .samplers import ContiguousShardSampler, DistributedRandomIdentitySampler, RandomIdentitySampler
+from .synthetic import SynthConfig, generate_synthag
+from .transforms import build_test_transform, build_train_transform, read_image
+
+__all__ = [
+    "AERIAL", "GROUND", "Protocol", "ReIDDataset", "Sample", "format_statistics", "DataBundle", "ImageDataset",
+    "collate", "make_dataloaders", "available_datasets", "build_dataset", "get_dataset_class", "register_dataset",
+    "ContiguousShardSampler", "DistributedRandomIdentitySampler", "RandomIdentitySampler", "SynthConfig",
+    "generate_synthag", "build_test_transform", "build_train_transform", "read_image",
+]

@@ -1,0 +1,157 @@
+"""Image dataset wrapper, batch collation and the data loaders of training and evaluation."""
+import random
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+
+from utils import distributed
+from utils.device import resolve_device
+from utils.errors import ConfigError, DataError
+
+from .registry import build_dataset, get_dataset_class
+from .samplers import ContiguousShardSampler, RandomIdentitySampler
+from .transforms import build_test_transform, build_train_transform, read_image
+
+
+def clip_tokenize(texts, context_length, truncate=True):
+    """CLIP's tokenizer (``model.clip.tokenize``), imported only when texts are used."""
+    from model.clip import tokenize
+
+    return tokenize(texts, context_length=context_length, truncate=truncate)
+
+
+class ImageDataset(Dataset):
+    """Decoded, transformed images of a list of :class:`~datasets.bases.Sample` with their labels.
+
+    Each distinct text is tokenised once, here, with ``tokenizer(texts, context_length, truncate=True)``.
+    Items are dicts; :func:`collate` turns a list of them into a batch.
+    """
+
+    def __init__(self, samples, transform, tokenizer=clip_tokenize, text_len=77):
+        self.samples = list(samples)
+        self.transform = transform
+        has_text = {s.text is not None for s in self.samples}
+        has_attrs = {s.attrs is not None for s in self.samples}
+        if len(has_text) > 1 or len(has_attrs) > 1:
+            raise DataError("a split mixes images with and without text/attribute annotations")
+        self.text_tokens = None
+        if has_text == {True}:
+            texts = sorted({s.text for s in self.samples})
+            row = {text: i for i, text in enumerate(texts)}
+            self.text_tokens = tokenizer(texts, context_length=text_len, truncate=True).long()  # (T, L)
+            self.text_index = torch.tensor([row[s.text] for s in self.samples])
+        self.attrs = torch.tensor([s.attrs for s in self.samples], dtype=torch.int64) if has_attrs == {True} else None
+        self.labels = torch.tensor([[s.pid, s.camid, s.viewid, s.timeid] for s in self.samples], dtype=torch.int64)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        sample = self.samples[index]
+        return {
+            "image": self.transform(read_image(sample.path)),
+            "labels": self.labels[index],
+            "text_tokens": None if self.text_tokens is None else self.text_tokens[self.text_index[index]],
+            "attrs": None if self.attrs is None else self.attrs[index],
+            "path": sample.path,
+            "index": index,
+        }
+
+
+def collate(items, with_paths=False):
+    """Batch dict: ``images`` (B,3,H,W), ``pids``/``camids``/``viewids``/``timeids`` (B,), ``text_tokens``
+    (B, L) or None, ``attrs`` (B, A) or None; with ``with_paths`` also ``paths`` and ``index`` (B,)."""
+    labels = torch.stack([item["labels"] for item in items])  # (B, 4)
+    batch = {
+        "images": torch.stack([item["image"] for item in items]),
+        "pids": labels[:, 0],
+        "camids": labels[:, 1],
+        "viewids": labels[:, 2],
+        "timeids": labels[:, 3],
+        "text_tokens": None if items[0]["text_tokens"] is None else torch.stack([i["text_tokens"] for i in items]),
+        "attrs": None if items[0]["attrs"] is None else torch.stack([item["attrs"] for item in items]),
+    }
+    if with_paths:
+        batch["paths"] = [item["path"] for item in items]
+        batch["index"] = torch.tensor([item["index"] for item in items], dtype=torch.int64)
+    return batch
+
+
+def seed_worker(worker_id):
+    """Seed python's and numpy's RNGs of a loader worker from its torch seed (set by the loader)."""
+    seed = torch.initial_seed() % 2 ** 32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+@dataclass
+class DataBundle:
+    """Everything :func:`make_dataloaders` builds."""
+
+    dataset: Any
+    train_loader: DataLoader
+    train_loader_stage1: Optional[DataLoader]
+    val_loader: DataLoader
+    num_query: int
+    num_gallery: int
+
+
+def _per_rank(total, world_size, key):
+    if total < world_size or total % world_size:
+        raise ConfigError(f"{key} = {total} must be a multiple of the number of processes ({world_size})")
+    return total // world_size
+
+
+def make_dataloaders(cfg, dataset_name=None, tokenizer=clip_tokenize):
+    """Build the dataset ``dataset_name`` (default ``DATASETS.NAMES``) and its loaders (see :class:`DataBundle`).
+
+    Under torchrun the P x K batches and the evaluation set are shared between the processes.
+    ``tokenizer`` turns texts into (N, MODEL.TEXT_LEN) token ids (default: CLIP's).
+    """
+    name = dataset_name or cfg.DATASETS.NAMES
+    get_dataset_class(name).prepare(cfg.DATASETS.ROOT_DIR, cfg)
+    dataset = build_dataset(name, cfg.DATASETS.ROOT_DIR, version=cfg.DATASETS.VERSION, use_text=cfg.MODEL.USE_TEXT,
+                            use_attr=cfg.MODEL.USE_ATTR, text_type=cfg.MODEL.TEXT_TYPE,
+                            text_prompt=cfg.MODEL.TEXT_PROMPT, verbose=distributed.is_main_process())
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    seed = cfg.SOLVER.SEED
+    workers = cfg.DATALOADER.NUM_WORKERS
+    common = dict(num_workers=workers, persistent_workers=workers > 0,
+                  pin_memory=resolve_device(cfg.MODEL.DEVICE).type == "cuda", worker_init_fn=seed_worker)
+    text_len = cfg.MODEL.TEXT_LEN
+
+    def loader(samples, transform, batch_size, sampler, with_paths=False, offset=0):
+        data = ImageDataset(samples, transform, tokenizer=tokenizer, text_len=text_len)
+        generator = torch.Generator().manual_seed(seed + 1000 * offset + rank)
+        return DataLoader(data, batch_size=batch_size, sampler=sampler, generator=generator,
+                          collate_fn=partial(collate, with_paths=with_paths), **common)
+
+    train_batch = cfg.SOLVER.IMS_PER_BATCH
+    num_train = len(dataset.train)
+    if "triplet" in cfg.DATALOADER.SAMPLER:
+        train_sampler = RandomIdentitySampler([s.pid for s in dataset.train], train_batch,
+                                              cfg.DATALOADER.NUM_INSTANCE, seed=seed, rank=rank, world_size=world_size)
+    elif cfg.DATALOADER.SAMPLER == "softmax":
+        train_sampler = shuffled_sampler(num_train, seed, rank, world_size)
+    else:
+        raise ConfigError(f"DATALOADER.SAMPLER = {cfg.DATALOADER.SAMPLER!r}: expected 'softmax_triplet' or 'softmax'")
+    train_loader = loader(dataset.train, build_train_transform(cfg),
+                          _per_rank(train_batch, world_size, "SOLVER.IMS_PER_BATCH"), train_sampler, offset=0)
+    stage1_loader = loader(dataset.train, build_test_transform(cfg),
+                           _per_rank(cfg.SOLVER.STAGE1.IMS_PER_BATCH, world_size, "SOLVER.STAGE1.IMS_PER_BATCH"),
+                           shuffled_sampler(num_train, seed + 1, rank, world_size), offset=1)
+    val_samples = dataset.query + dataset.gallery
+    val_loader = loader(val_samples, build_test_transform(cfg), max(1, cfg.TEST.IMS_PER_BATCH // world_size),
+                        ContiguousShardSampler(len(val_samples), rank, world_size), with_paths=True, offset=2)
+    return DataBundle(dataset, train_loader, stage1_loader, val_loader, len(dataset.query), len(dataset.gallery))
+
+
+def shuffled_sampler(num_samples, seed, rank=0, world_size=1):
+    """Plain shuffling (a different order each epoch); a :class:`DistributedSampler` share under DDP."""
+    if world_size > 1:
+        return DistributedSampler(range(num_samples), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    return RandomSampler(range(num_samples), generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,229 @@
+"""Data pipeline: real loaders with worker processes over real JPEGs, samplers, transforms, bad images."""
+import gzip
+import importlib.util
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from configs.defaults import get_cfg_defaults
+from datasets import (ContiguousShardSampler, RandomIdentitySampler, SynthConfig, build_test_transform,
+                      build_train_transform, generate_synthag, make_dataloaders, read_image)
+from utils.errors import ConfigError, DataError
+
+
+def _openai_tokenizer():
+    """OpenAI's own BPE tokenizer from the openai-clip package (loaded by file: its package needs pkg_resources)."""
+    spec = importlib.util.find_spec("clip")
+    folder = os.path.dirname(spec.origin)
+    module_spec = importlib.util.spec_from_file_location("openai_simple_tokenizer",
+                                                         os.path.join(folder, "simple_tokenizer.py"))
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.SimpleTokenizer()
+
+
+BPE = _openai_tokenizer()
+SOT, EOT = BPE.encoder["<|startoftext|>"], BPE.encoder["<|endoftext|>"]
+
+
+class CountingTokenizer:
+    """CLIP tokenisation (SOT + BPE + EOT, zero padded, truncated with EOT last) that counts its inputs."""
+
+    def __init__(self):
+        self.seen = Counter()
+
+    def __call__(self, texts, context_length, truncate=True):
+        self.seen.update(texts)
+        out = torch.zeros(len(texts), context_length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = [SOT] + BPE.encode(text) + [EOT]
+            if len(ids) > context_length:
+                ids = ids[:context_length]
+                ids[-1] = EOT
+            out[row, :len(ids)] = torch.tensor(ids)
+        return out
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    generate_synthag(root, SynthConfig(num_ids=8, images_per_id=8, height=32, width=16, seed=1), num_workers=1)
+    return root
+
+
+def small_cfg(root, workers=2):
+    cfg = get_cfg_defaults()
+    cfg.DATASETS.ROOT_DIR = str(root)
+    cfg.DATASETS.NAMES = "SynthAG_ALL"
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.USE_TEXT = True
+    cfg.MODEL.USE_ATTR = True
+    cfg.MODEL.TEXT_LEN = 40
+    cfg.INPUT.SIZE_TRAIN = [32, 16]
+    cfg.INPUT.SIZE_TEST = [32, 16]
+    cfg.INPUT.PADDING = 2
+    cfg.INPUT.PIXEL_MEAN = [0.5, 0.4, 0.3]
+    cfg.INPUT.PIXEL_STD = [0.2, 0.25, 0.3]
+    cfg.DATALOADER.NUM_WORKERS = workers
+    cfg.DATALOADER.NUM_INSTANCE = 2
+    cfg.SOLVER.IMS_PER_BATCH = 8
+    cfg.SOLVER.STAGE1.IMS_PER_BATCH = 8
+    cfg.TEST.IMS_PER_BATCH = 16
+    return cfg
+
+
+def test_loaders_with_worker_processes(synth_root):
+    tokenizer = CountingTokenizer()
+    bundle = make_dataloaders(small_cfg(synth_root), tokenizer=tokenizer)
+    ds = bundle.dataset
+    texts = {s.text for s in ds.train} | {s.text for s in ds.query + ds.gallery}
+    # Each distinct text was tokenised exactly once per loader that holds it (train, stage 1, val).
+    assert all(tokenizer.seen[t] == (2 if t in {s.text for s in ds.train} else 1) for t in texts)
+    assert bundle.train_loader.num_workers == 2 and bundle.train_loader.persistent_workers
+
+    known = {}
+    for s in ds.train:
+        known.setdefault((s.pid, s.camid, s.viewid, s.timeid, s.attrs), set()).add(s.text)
+    batches = list(bundle.train_loader)
+    assert len(batches) == len(bundle.train_loader) > 0
+    for batch in batches:
+        assert batch["images"].shape == (8, 3, 32, 16) and batch["images"].dtype == torch.float32
+        pids = batch["pids"].tolist()
+        assert [pids[i] for i in range(0, 8, 2)] == [pids[i + 1] for i in range(0, 8, 2)]
+        assert len(set(pids)) == 4
+        assert batch["text_tokens"].shape == (8, 40) and batch["attrs"].shape == (8, 12)
+        for i in range(8):
+            key = (pids[i], batch["camids"][i].item(), batch["viewids"][i].item(), batch["timeids"][i].item(),
+                   tuple(batch["attrs"][i].tolist()))
+            assert key in known
+            expected = [tokenizer([t], 40)[0] for t in known[key]]
+            assert any(torch.equal(batch["text_tokens"][i], e) for e in expected)
+
+    stage1 = [b for b in bundle.train_loader_stage1]
+    assert sum(len(b["pids"]) for b in stage1) == len(ds.train)
+    assert sorted(torch.cat([b["pids"] for b in stage1]).tolist()) == sorted(s.pid for s in ds.train)
+
+    val = list(bundle.val_loader)
+    samples = ds.query + ds.gallery
+    assert bundle.num_query == len(ds.query) and bundle.num_gallery == len(ds.gallery)
+    assert torch.cat([b["index"] for b in val]).tolist() == list(range(len(samples)))
+    assert [p for b in val for p in b["paths"]] == [s.path for s in samples]
+    assert torch.cat([b["pids"] for b in val]).tolist() == [s.pid for s in samples]
+    first = samples[0]
+    assert torch.equal(val[0]["text_tokens"][0], tokenizer([first.text], 40)[0])
+    # Test images: plain normalisation of the decoded JPEG (the size already matches).
+    pixels = np.asarray(Image.open(first.path).convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    expected = (torch.from_numpy(pixels).permute(2, 0, 1) - torch.tensor([0.5, 0.4, 0.3])[:, None, None]) \
+        / torch.tensor([0.2, 0.25, 0.3])[:, None, None]
+    assert torch.allclose(val[0]["images"][0], expected, atol=3 / 255 / 0.2)
+
+
+def test_without_texts_no_tokenizer_is_needed(synth_root):
+    cfg = small_cfg(synth_root, workers=0)
+    cfg.MODEL.USE_TEXT = False
+    cfg.MODEL.USE_ATTR = False
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("tokenizer called without texts")
+
+    bundle = make_dataloaders(cfg, tokenizer=forbidden)
+    batch = next(iter(bundle.train_loader))
+    assert batch["text_tokens"] is None and batch["attrs"] is None
+    assert bundle.dataset.attributes == ()
+
+
+def _plan(pids, batch, k, seed, epoch, rank=0, world=1):
+    sampler = RandomIdentitySampler(pids, batch, k, seed=seed, rank=rank, world_size=world)
+    sampler.set_epoch(epoch)
+    size = len(sampler)
+    return list(sampler), size
+
+
+def test_identity_sampler_structure_and_exact_length():
+    pids = [p for p in range(10) for _ in range(p % 4 + 1)]  # 1..4 images per identity
+    indices, size = _plan(pids, 8, 2, seed=3, epoch=0)
+    assert len(indices) == size and size % 8 == 0 and size > 0
+    for start in range(0, size, 8):
+        batch = [pids[i] for i in indices[start:start + 8]]
+        assert batch[0::2] == batch[1::2] and len(set(batch)) == 4
+    assert _plan(pids, 8, 2, seed=3, epoch=0)[0] == indices
+    assert _plan(pids, 8, 2, seed=3, epoch=1)[0] != indices
+    sampler = RandomIdentitySampler(pids, 8, 2, seed=3)
+    first, second = list(sampler), list(sampler)  # the epoch advances by itself
+    assert first == indices and second == _plan(pids, 8, 2, seed=3, epoch=1)[0]
+
+
+def test_distributed_ranks_share_each_batch_disjointly():
+    pids = [p for p in range(12) for _ in range(5)]
+    full, _ = _plan(pids, 8, 2, seed=7, epoch=4)
+    shares = [_plan(pids, 8, 2, seed=7, epoch=4, rank=r, world=2) for r in range(2)]
+    assert len(shares[0][0]) == len(shares[1][0]) == shares[0][1] == len(full) // 2
+    for b in range(len(full) // 8):
+        part0, part1 = shares[0][0][4 * b:4 * b + 4], shares[1][0][4 * b:4 * b + 4]
+        assert part0 + part1 == full[8 * b:8 * b + 8]
+        assert not {pids[i] for i in part0} & {pids[i] for i in part1}
+
+
+def test_sampler_rejects_bad_sizes():
+    with pytest.raises(ConfigError, match="multiple of DATALOADER.NUM_INSTANCE"):
+        RandomIdentitySampler([0, 1], 6, 4)
+    with pytest.raises(ConfigError, match="split into 2 processes"):
+        RandomIdentitySampler([0, 1, 2], 6, 2, world_size=2)
+    with pytest.raises(DataError, match="2 identities, fewer than the 4"):
+        RandomIdentitySampler([0, 1, 1], 8, 2)
+
+
+def test_contiguous_shards_cover_in_order():
+    shards = [list(ContiguousShardSampler(10, r, 3)) for r in range(3)]
+    assert shards == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+
+
+def test_transforms_shapes_and_constant_image(tmp_path):
+    cfg = small_cfg(tmp_path)
+    cfg.INPUT.RE_PROB = 1.0
+    path = str(tmp_path / "grey.png")
+    Image.new("RGB", (20, 50), (128, 64, 32)).save(path)
+    image = read_image(path)
+    assert image.dtype == torch.uint8 and image.shape == (3, 50, 20)
+    test = build_test_transform(cfg)(image)
+    expected = (torch.tensor([128, 64, 32]) / 255.0 - torch.tensor([0.5, 0.4, 0.3])) / torch.tensor([0.2, 0.25, 0.3])
+    assert test.shape == (3, 32, 16)
+    assert torch.allclose(test, expected[:, None, None].expand(3, 32, 16), atol=1e-5)
+    train = build_train_transform(cfg)(image)
+    assert train.shape == (3, 32, 16)
+    # Random erasing with p=1 writes per-pixel noise somewhere; padding zeros may show as well.
+    assert (train != expected[:, None, None]).any()
+
+
+def test_unreadable_image_is_named(tmp_path):
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(b"\xff\xd8 this is not a jpeg")
+    with pytest.raises(DataError, match=r"image '.*broken.jpg' cannot be read .* after 3 attempts"):
+        read_image(str(path))
+    with pytest.raises(DataError, match="missing.jpg"):
+        read_image(str(tmp_path / "missing.jpg"), attempts=1)
+
+
+def test_gzip_is_not_an_image(tmp_path):
+    path = tmp_path / "x.png"
+    with gzip.open(path, "wb") as f:
+        f.write(b"data")
+    with pytest.raises(DataError, match="x.png"):
+        read_image(str(path), attempts=2)
+
+
+def test_default_tokenizer_is_clips(synth_root):
+    pytest.importorskip("model.clip")
+    cfg = small_cfg(synth_root, workers=0)
+    bundle = make_dataloaders(cfg)
+    batch = next(iter(bundle.val_loader))
+    reference = CountingTokenizer()
+    text = bundle.dataset.query[0].text
+    assert torch.equal(batch["text_tokens"][0], reference([text], 40)[0])
+    train = bundle.train_loader.dataset
+    long_text = train.samples[0].text
+    assert torch.equal(train.text_tokens[train.text_index[0]], reference([long_text], 40)[0])
