@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from configs.defaults import get_cfg_defaults
+from model.backbone import build_clip_from_config
 from model.clip import load_clip, tokenize
 from model.clip.loader import METADATA_KEYS
 from utils.errors import CheckpointError
@@ -207,3 +209,20 @@ def test_mismatched_weights_are_reported(small, tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_clip(path, input_size=(96, 96))
     _assert_one_line(info, path, "in_proj_weight")
+
+
+def test_build_clip_from_config_loads_weights(small, tmp_path):
+    reference, path = small
+    cfg = get_cfg_defaults()
+    cfg.MODEL.PRETRAIN_PATH = path
+    cfg.MODEL.STRIDE_SIZE = [12, 12]
+    cfg.MODEL.TEXT_LEN = 100
+    cfg.MODEL.FREEZE_TEXT = True
+    model = build_clip_from_config(cfg)
+    assert model.visual.grid_size == (21, 10) and model.context_length == 100
+    torch.testing.assert_close(model.visual.conv1.weight, reference.visual.conv1.weight, atol=0, rtol=0)
+    assert not model.text_projection.requires_grad and model.visual.proj.requires_grad
+    cfg.MODEL.PRETRAIN_PATH = str(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError) as info:
+        build_clip_from_config(cfg)
+    _assert_one_line(info, "missing.pt", "not found")

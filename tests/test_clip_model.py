@@ -202,3 +202,10 @@ def test_build_clip_from_config_random_init_freezes_text():
     assert all(p.requires_grad for name, p in model.named_parameters() if name.startswith("visual."))
     assert model.logit_scale.requires_grad
     assert model.visual.transformer.grad_checkpointing and model.transformer.grad_checkpointing
+
+
+def test_side_info_embedding_needs_the_ids_it_embeds():
+    sie = SideInfoEmbedding(num_cameras=3, num_views=2, width=8)
+    with pytest.raises(ValueError, match="needs camera ids and view ids"):
+        sie(torch.tensor([0]), None)
+
