@@ -179,6 +179,8 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, *, q_viewids=None
             query_rows("q_timeids", start, stop), labels["g_timeids"], view_mode, time_mode)
         ranks, num_matches = _match_ranks(dist, matches, removed)
         valid = num_matches > 0
+        if not valid.any():
+            return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0)
         ranks, num_matches = ranks[valid], num_matches[valid]
         hit_number = np.arange(1, ranks.shape[1] + 1, dtype=np.float64)
         precision_at_hits = np.where(hit_number[None, :] <= num_matches[:, None], hit_number / ranks, 0.0)

@@ -1,0 +1,65 @@
+"""results.json / results.csv written and read back; rank-list image drawn from real JPEG files."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from utils.metrics import evaluate_rank
+from utils.report import draw_rank_list, format_table, read_results, read_results_csv, write_results
+
+
+def protocol_result(seed):
+    rng = np.random.default_rng(seed)
+    result = evaluate_rank(rng.random((20, 60)), rng.integers(0, 4, 20), rng.integers(0, 4, 60),
+                           rng.integers(0, 2, 20), rng.integers(0, 2, 60))
+    result.update(num_query=20, num_gallery=60)
+    return result
+
+
+def test_results_written_and_read_back(tmp_path):
+    protocols = {"CP2108_AG": protocol_result(0), "CP2108_ALL": protocol_result(1)}
+    document = write_results(str(tmp_path), "out/model_60.pth", "configs/x.yml", 60, protocols)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk == document == read_results(str(tmp_path))
+    assert set(on_disk) == {"checkpoint", "config", "epoch", "protocols"} and on_disk["epoch"] == 60
+    row = on_disk["protocols"]["CP2108_AG"]
+    expected = protocols["CP2108_AG"]
+    assert row["mAP"] == round(expected["mAP"] * 100, 2)
+    assert row["rank1"] == round(float(expected["cmc"][0]) * 100, 2)
+    assert row["rank10"] == round(float(expected["cmc"][9]) * 100, 2)
+    assert row["mINP"] == round(expected["mINP"] * 100, 2)
+    assert list(row) == ["mAP", "rank1", "rank5", "rank10", "mINP", "num_query", "num_gallery"]
+    csv_rows = read_results_csv(str(tmp_path))
+    assert list(csv_rows) == ["CP2108_AG", "CP2108_ALL"]
+    for name, csv_row in csv_rows.items():
+        assert {k: csv_row[k] for k in on_disk["protocols"][name]} == on_disk["protocols"][name]
+        assert csv_row["epoch"] == 60 and csv_row["checkpoint"] == "out/model_60.pth"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp_")]
+    table = format_table(protocols)
+    assert "CP2108_AG" in table and f"{row['mAP']:.2f}" in table
+
+
+def test_short_cmc_is_rejected():
+    result = protocol_result(2)
+    result["cmc"] = result["cmc"][:5]
+    with pytest.raises(ValueError, match="TEST.MAX_RANK >= 10"):
+        format_table({"P": result})
+
+
+def test_draw_rank_list_frames(tmp_path):
+    paths = []
+    for i in range(4):
+        path = tmp_path / f"{i}.jpg"
+        Image.new("RGB", (50, 100), (40 * i, 90, 200)).save(path, quality=95)
+        paths.append(str(path))
+    out = draw_rank_list(paths[0], paths[1:], [True, False, True], str(tmp_path / "ranks" / "q0.png"),
+                         tile=(32, 64), border=3)
+    with Image.open(out) as image:
+        assert image.size == (4 * (32 + 6) + 3, 64 + 6)
+        pixels = image.convert("RGB")
+        tile_left = [slot * 38 + (3 if slot else 0) for slot in range(4)]
+        assert pixels.getpixel((tile_left[0] + 1, 1)) == (0, 0, 0)
+        assert pixels.getpixel((tile_left[1] + 1, 1)) == (0, 128, 0)
+        assert pixels.getpixel((tile_left[2] + 1, 1)) == (255, 0, 0)
+        assert pixels.getpixel((tile_left[3] + 1, 1)) == (0, 128, 0)
