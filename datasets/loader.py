@@ -64,7 +64,8 @@ class ImageDataset(Dataset):
 
 def collate(items, with_paths=False):
     """Batch dict: ``images`` (B,3,H,W), ``pids``/``camids``/``viewids``/``timeids`` (B,), ``text_tokens``
-    (B, L) or None, ``attrs`` (B, A) or None; with ``with_paths`` also ``paths`` and ``index`` (B,)."""
+    (B, L) or None, ``attrs`` (B, A) or None, ``index`` (B,) (position in the split); with ``with_paths``
+    also ``paths``."""
     labels = torch.stack([item["labels"] for item in items])  # (B, 4)
     batch = {
         "images": torch.stack([item["image"] for item in items]),
@@ -75,9 +76,9 @@ def collate(items, with_paths=False):
         "text_tokens": None if items[0]["text_tokens"] is None else torch.stack([i["text_tokens"] for i in items]),
         "attrs": None if items[0]["attrs"] is None else torch.stack([item["attrs"] for item in items]),
     }
+    batch["index"] = torch.tensor([item["index"] for item in items], dtype=torch.int64)
     if with_paths:
         batch["paths"] = [item["path"] for item in items]
-        batch["index"] = torch.tensor([item["index"] for item in items], dtype=torch.int64)
     return batch
 
 
@@ -120,14 +121,15 @@ def make_dataloaders(cfg, dataset_name=None, tokenizer=clip_tokenize):
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     seed = cfg.SOLVER.SEED
     workers = cfg.DATALOADER.NUM_WORKERS
-    common = dict(num_workers=workers, persistent_workers=workers > 0,
-                  pin_memory=resolve_device(cfg.MODEL.DEVICE).type == "cuda", worker_init_fn=seed_worker)
+    common = dict(num_workers=workers, pin_memory=resolve_device(cfg.MODEL.DEVICE).type == "cuda",
+                  worker_init_fn=seed_worker)
     text_len = cfg.MODEL.TEXT_LEN
 
-    def loader(samples, transform, batch_size, sampler, with_paths=False, offset=0):
+    def loader(samples, transform, batch_size, sampler, with_paths=False, offset=0, persistent=True):
         data = ImageDataset(samples, transform, tokenizer=tokenizer, text_len=text_len)
         generator = torch.Generator().manual_seed(seed + 1000 * offset + rank)
         return DataLoader(data, batch_size=batch_size, sampler=sampler, generator=generator,
+                          persistent_workers=persistent and workers > 0,
                           collate_fn=partial(collate, with_paths=with_paths), **common)
 
     train_batch = cfg.SOLVER.IMS_PER_BATCH
@@ -140,7 +142,11 @@ def make_dataloaders(cfg, dataset_name=None, tokenizer=clip_tokenize):
     else:
         raise ConfigError(f"DATALOADER.SAMPLER = {cfg.DATALOADER.SAMPLER!r}: expected 'softmax_triplet' or 'softmax'")
     train_loader = loader(dataset.train, build_train_transform(cfg),
-                          _per_rank(train_batch, world_size, "SOLVER.IMS_PER_BATCH"), train_sampler, offset=0)
+                          _per_rank(train_batch, world_size, "SOLVER.IMS_PER_BATCH"), train_sampler, offset=0,
+                          # Fresh workers each epoch, seeded from the loader's generator, which the trainer
+                          # re-seeds per epoch: augmentations then depend only on (seed, epoch, rank),
+                          # which is what makes a resumed run identical to an uninterrupted one.
+                          persistent=False)
     stage1_loader = loader(dataset.train, build_test_transform(cfg),
                            _per_rank(cfg.SOLVER.STAGE1.IMS_PER_BATCH, world_size, "SOLVER.STAGE1.IMS_PER_BATCH"),
                            shuffled_sampler(num_train, seed + 1, rank, world_size), offset=1)

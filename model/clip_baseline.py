@@ -30,6 +30,7 @@ class CLIP_baseline(nn.Module):
         self.head_cls = BNNeckHead(width, num_classes)
         self.head_proj = BNNeckHead(proj_dim, num_classes)
         self.embedding_dim = width + proj_dim
+        self.feature_dim = width  # width of triplet_feats[0], the center loss' feature
 
     def _attach_backbone(self, clip):
         # Only the image tower is kept: unused text parameters would idle in the optimiser and break DDP.

@@ -1,18 +1,111 @@
 """Training and evaluation loops: CLIP-ReID stage 1 (prompt learning), stage 2 / single-stage ReID
 fine-tuning, and inference over the test protocols.
+
+``run_training`` and ``run_testing`` are what ``train_svpr.py`` and ``test_svpr.py`` call.
 """
-from utils.errors import UserError
+import logging
+import os
+
+from datasets import make_dataloaders
+from loss import build_criterion
+from model.checkpoint_fit import load_model_weights
+from processor.inference import evaluate
+from processor.model_io import build_from_args, load_trained_model, model_args_from_dataset
+from processor.stage1 import compute_class_text_features, train_stage1
+from processor.trainer import BEST_CHECKPOINT, FINAL_CHECKPOINT, LAST_CHECKPOINT, Trainer, weights_file
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.distributed import barrier, is_main_process
+from utils.errors import ConfigError
+from utils.report import format_table, write_results
+
+logger = logging.getLogger(__name__)
+
+STAGE1_CHECKPOINT = "stage1.pth"
 
 
-class NotImplementedYet(UserError):
-    """Raised by entry points whose processor has not landed yet."""
+def _prepare_clip_reid(cfg, model, bundle, device, resume):
+    """Stage 1 (or its saved result) and the class text features stage 2 needs."""
+    stage1_path = os.path.join(cfg.OUTPUT_DIR, STAGE1_CHECKPOINT)
+    if resume and os.path.isfile(stage1_path):
+        model.load_state_dict(load_checkpoint(stage1_path, map_location=device)["model"])
+        logger.info("stage 1: loaded this run's result from %s", stage1_path)
+    elif cfg.SOLVER.STAGE1.TRAIN:
+        train_stage1(cfg, model, bundle.train_loader_stage1, device)
+        if is_main_process():
+            save_checkpoint({"model": model.state_dict()}, stage1_path)
+    elif cfg.SOLVER.STAGE1.PRETRAIN_PATH:
+        state = load_checkpoint(cfg.SOLVER.STAGE1.PRETRAIN_PATH, map_location=device)
+        load_model_weights(model, state.get("model", state), cfg)
+        logger.info("stage 1: loaded prompts from %s", cfg.SOLVER.STAGE1.PRETRAIN_PATH)
+    else:
+        raise ConfigError("MODEL.ARCH_NAME CLIP_ReID needs SOLVER.STAGE1.TRAIN True or a "
+                          "SOLVER.STAGE1.PRETRAIN_PATH with stage-1 weights")
+    model.set_class_text_features(compute_class_text_features(cfg, model, bundle.dataset.num_train_pids, device))
+
+
+def _eval_data(cfg, name, bundle=None):
+    if bundle is None or bundle.dataset.name != name:
+        bundle = make_dataloaders(cfg, name)
+    return bundle.val_loader, bundle.num_query, bundle.dataset.view_mode, name, bundle.num_gallery
+
+
+def evaluate_protocols(cfg, model, device, train_bundle=None):
+    """Evaluate ``model`` on every protocol of ``DATASETS.TESTS``; return ``{name: metrics}``."""
+    results = {}
+    for name in cfg.DATASETS.TESTS:
+        loader, num_query, view_mode, _, num_gallery = _eval_data(cfg, name, train_bundle)
+        metrics = evaluate(cfg, model, loader, num_query, device, view_mode, desc=f"test {name}")
+        results[name] = dict(metrics, num_query=num_query, num_gallery=num_gallery)
+    return results
+
+
+def _report(cfg, results, checkpoint, config_file, epoch):
+    if is_main_process():
+        logger.info("results (%s, epoch %s):\n%s", checkpoint, epoch, format_table(results))
+        write_results(cfg.OUTPUT_DIR, checkpoint, config_file, epoch, results)
+        logger.info("wrote %s and results.csv", os.path.join(cfg.OUTPUT_DIR, "results.json"))
 
 
 def run_training(cfg, device, resume=False, config_file=None):
-    """Train the configured model (not implemented yet)."""
-    raise NotImplementedYet("training is not implemented yet (processor/ is empty); see the open issues")
+    """Train ``cfg``'s model, then evaluate the final weights on every test protocol."""
+    bundle = make_dataloaders(cfg)
+    model_args = model_args_from_dataset(bundle.dataset)
+    model = build_from_args(cfg, model_args, device)
+    last_path = os.path.join(cfg.OUTPUT_DIR, LAST_CHECKPOINT)
+    resume = resume and os.path.isfile(last_path)
+    if cfg.MODEL.ARCH_NAME == "CLIP_ReID":
+        _prepare_clip_reid(cfg, model, bundle, device, resume)
+    criterion = build_criterion(cfg, model_args["num_classes"], feat_dim=model.feature_dim).to(device)
+    first_test = cfg.DATASETS.TESTS[0]
+    eval_loader, num_query, view_mode, name, _ = _eval_data(cfg, first_test, bundle)
+    trainer = Trainer(cfg, model, criterion, bundle.train_loader, (eval_loader, num_query, view_mode, name),
+                      device, model_args)
+    if resume:
+        trainer.resume(last_path)
+    elif os.path.isfile(last_path):
+        logger.warning("%s exists and will be overwritten; pass --resume to continue it", last_path)
+    last_epoch = trainer.fit()
+    final_path = os.path.join(cfg.OUTPUT_DIR, FINAL_CHECKPOINT)
+    if is_main_process():
+        save_checkpoint(weights_file(cfg, model, model_args, last_epoch), final_path)
+    barrier()
+    logger.info("best %s mAP during training: %.2f%% at epoch %d (%s); final results use the last epoch's "
+                "weights (%s)", name, 100 * trainer.best["mAP"], trainer.best["epoch"], BEST_CHECKPOINT,
+                FINAL_CHECKPOINT)
+    results = evaluate_protocols(cfg, model, device, bundle)
+    _report(cfg, results, final_path, config_file, last_epoch)
+    return results
 
 
 def run_testing(cfg, device, config_file=None):
-    """Evaluate TEST.WEIGHT on DATASETS.TESTS (not implemented yet)."""
-    raise NotImplementedYet("testing is not implemented yet (processor/ is empty); see the open issues")
+    """Evaluate ``TEST.WEIGHT`` (a training checkpoint or a bare state dict) on ``DATASETS.TESTS``."""
+    if not cfg.TEST.WEIGHT:
+        raise ConfigError("TEST.WEIGHT is empty: pass the checkpoint to evaluate, e.g. "
+                          "TEST.WEIGHT outputs/<run>/model_final.pth")
+    model, epoch = load_trained_model(cfg, cfg.TEST.WEIGHT, device)
+    results = evaluate_protocols(cfg, model, device)
+    _report(cfg, results, cfg.TEST.WEIGHT, config_file, epoch)
+    return results
+
+
+__all__ = ["run_training", "run_testing", "evaluate_protocols"]

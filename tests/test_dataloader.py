@@ -83,7 +83,9 @@ def test_loaders_with_worker_processes(synth_root):
     texts = {s.text for s in ds.train} | {s.text for s in ds.query + ds.gallery}
     # Each distinct text was tokenised exactly once per loader that holds it (train, stage 1, val).
     assert all(tokenizer.seen[t] == (2 if t in {s.text for s in ds.train} else 1) for t in texts)
-    assert bundle.train_loader.num_workers == 2 and bundle.train_loader.persistent_workers
+    # Train workers restart each epoch (seeded per epoch for exact resume); evaluation workers persist.
+    assert bundle.train_loader.num_workers == 2 and not bundle.train_loader.persistent_workers
+    assert bundle.val_loader.persistent_workers
 
     known = {}
     for s in ds.train:

@@ -85,11 +85,16 @@ def read_results_csv(output_dir):
 
 
 def draw_rank_list(query_path, gallery_paths, matches, out_path, tile=(64, 128), border=4):
-    """Save the query and its ranked gallery images side by side; true matches framed green, false red."""
+    """Save the query and its ranked gallery images side by side; true matches framed green, false red
+    (``matches=None``, when the identities are unknown: grey frames)."""
     width, height = tile
     canvas = Image.new("RGB", ((len(gallery_paths) + 1) * (width + 2 * border) + border, height + 2 * border),
                        "white")
-    frames = [(query_path, "black")] + [(p, "green" if m else "red") for p, m in zip(gallery_paths, matches)]
+    if matches is None:
+        colours = ["grey"] * len(gallery_paths)
+    else:
+        colours = ["green" if match else "red" for match in matches]
+    frames = [(query_path, "black")] + list(zip(gallery_paths, colours))
     for slot, (path, colour) in enumerate(frames):
         with Image.open(path) as image:
             thumb = ImageOps.fit(image.convert("RGB"), (width, height))

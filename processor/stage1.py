@@ -1,0 +1,84 @@
+"""CLIP-ReID stage 1: learn identity-specific text prompts against frozen image and text encoders.
+
+Image features never change in this stage (both encoders are frozen and in eval mode), so they are
+computed once and cached; every epoch then only runs the text encoder over the prompts of a batch.
+"""
+import logging
+import time
+
+import torch
+from tqdm import tqdm
+
+from loss import SupConLoss
+from processor.common import autocast, make_grad_scaler, show_progress, to_device, unwrap
+from solver import make_stage1_optimizer, make_stage1_scheduler
+from utils.distributed import all_gather_tensor, get_rank
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def extract_prompt_features(cfg, model, loader, device):
+    """Projected image features and labels of every training image: ``(features (N, D), pids (N,))``."""
+    model.eval()
+    features, pids, order = [], [], []
+    for batch in tqdm(loader, desc="stage 1 features", leave=False, disable=not show_progress(get_rank())):
+        batch = to_device(batch, device)
+        with autocast(cfg, device):
+            features.append(unwrap(model).encode_image_for_prompts(batch["images"]).float())
+        pids.append(batch["pids"])
+        order.append(batch["index"])
+    features = all_gather_tensor(torch.cat(features))
+    pids = all_gather_tensor(torch.cat(pids))
+    order = all_gather_tensor(torch.cat(order))
+    sort = torch.argsort(order)
+    return features[sort], pids[sort]
+
+
+def train_stage1(cfg, model, loader, device):
+    """Run stage 1 on ``model`` (a CLIP_ReID, unwrapped). Every rank runs the same deterministic schedule."""
+    stage1 = cfg.SOLVER.STAGE1
+    model.freeze_for_stage1()
+    features, pids = extract_prompt_features(cfg, model, loader, device)
+    logger.info("stage 1: cached %d image features of %d identities", features.shape[0], int(pids.unique().numel()))
+    optimizer = make_stage1_optimizer(cfg, model.prompt_parameters())
+    scheduler = make_stage1_scheduler(cfg, optimizer)
+    scaler = make_grad_scaler(cfg, device)
+    supcon = SupConLoss()
+    # The same permutation on every rank keeps the prompts identical across processes.
+    generator = torch.Generator().manual_seed(cfg.SOLVER.SEED)
+    batch_size = stage1.IMS_PER_BATCH
+    for epoch in range(1, stage1.MAX_EPOCHS + 1):
+        start = time.time()
+        permutation = torch.randperm(features.shape[0], generator=generator).to(device)
+        total, steps = 0.0, 0
+        for begin in range(0, features.shape[0], batch_size):
+            chosen = permutation[begin:begin + batch_size]
+            image_features, labels = features[chosen], pids[chosen]
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(cfg, device):
+                text_features = model.text_features(labels).float()
+            loss = supcon(image_features, text_features, labels, labels) + \
+                supcon(text_features, image_features, labels, labels)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += loss.item()
+            steps += 1
+        scheduler.step()
+        if epoch % stage1.LOG_PERIOD == 0 or epoch in (1, stage1.MAX_EPOCHS):
+            logger.info("stage 1 epoch %d/%d: loss %.4f, lr %.2e, %.1f s", epoch, stage1.MAX_EPOCHS,
+                        total / max(steps, 1), optimizer.param_groups[0]["lr"], time.time() - start)
+    model.unfreeze_for_stage2()
+
+
+@torch.no_grad()
+def compute_class_text_features(cfg, model, num_classes, device):
+    """Text features of every identity's learned prompt, ``(num_classes, D)``, in chunks."""
+    model.eval()
+    chunks = []
+    for begin in range(0, num_classes, cfg.SOLVER.STAGE1.IMS_PER_BATCH):
+        labels = torch.arange(begin, min(begin + cfg.SOLVER.STAGE1.IMS_PER_BATCH, num_classes), device=device)
+        with autocast(cfg, device):
+            chunks.append(model.text_features(labels).float())
+    return torch.cat(chunks)

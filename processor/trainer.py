@@ -1,0 +1,214 @@
+"""Stage-2 (ReID fine-tuning) training loop with periodic evaluation, checkpoints and exact resume.
+
+``checkpoint_last.pth`` is written atomically after every epoch and holds everything needed to continue
+exactly: model, optimisers, scheduler, gradient scaler, epoch, best score, RNG states and the config.
+Ctrl-C saves the state of the epoch in progress first; resuming then continues with the next batch.
+"""
+import logging
+import os
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from processor.common import autocast, make_grad_scaler, model_inputs, show_progress, to_device, unwrap
+from processor.inference import evaluate
+from solver import make_optimizer, make_scheduler
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.distributed import barrier, get_rank, get_world_size, is_initialized, is_main_process
+from utils.seed import get_rng_state, set_rng_state
+
+logger = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "checkpoint_last.pth"
+BEST_CHECKPOINT = "model_best.pth"
+FINAL_CHECKPOINT = "model_final.pth"
+
+
+def weights_file(cfg, model, model_args, epoch, **extra):
+    """The content of a weights-only file (model_best/model_final/periodic): enough for test_svpr.py."""
+    return {"model": unwrap(model).state_dict(), "model_args": model_args, "epoch": epoch,
+            "config": cfg.dump(), **extra}
+
+
+class Trainer:
+    """Runs stage 2 for ``model`` on ``train_loader``, evaluating on ``eval_data`` (loader, num_query, view mode)."""
+
+    def __init__(self, cfg, model, criterion, train_loader, eval_data, device, model_args):
+        self.cfg = cfg
+        self.device = device
+        self.model_args = model_args
+        self.model = model
+        self.criterion = criterion
+        self.train_loader = train_loader
+        self.eval_data = eval_data
+        self.optimizer, self.center_optimizer = make_optimizer(cfg, model, criterion.center_loss)
+        self.scheduler = make_scheduler(cfg, self.optimizer)
+        self.scaler = make_grad_scaler(cfg, device)
+        self.start_epoch = 1
+        self.skip_iterations = 0
+        self.best = {"mAP": -1.0, "epoch": 0}
+        self.output_dir = cfg.OUTPUT_DIR
+        self.train_model = model
+        if is_initialized():
+            # Some parameters get no gradient in a given configuration (e.g. CLIP's unused projection).
+            self.train_model = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self, epoch, iteration=0):
+        """Everything needed to continue: ``epoch`` completed epochs plus ``iteration`` batches of the next."""
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "criterion": self.criterion.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "center_optimizer": self.center_optimizer.state_dict() if self.center_optimizer else None,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "iteration": iteration,
+            "best": dict(self.best),
+            "rng": get_rng_state(),
+            "config": self.cfg.dump(),
+            "model_args": self.model_args,
+        }
+
+    def resume(self, path):
+        """Restore the state saved in ``path`` (a checkpoint_last.pth)."""
+        state = load_checkpoint(path, map_location=self.device)
+        unwrap(self.model).load_state_dict(state["model"])
+        self.criterion.load_state_dict(state["criterion"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.center_optimizer and state["center_optimizer"]:
+            self.center_optimizer.load_state_dict(state["center_optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.best = dict(state["best"])
+        self.start_epoch = state["epoch"] + 1
+        self.skip_iterations = state["iteration"]
+        self._rng_to_restore = state["rng"]
+        logger.info("resumed from %s: %d epochs done%s, best mAP %.2f%% at epoch %d", path, state["epoch"],
+                    f" + {self.skip_iterations} batches" if self.skip_iterations else "",
+                    100 * max(self.best["mAP"], 0), self.best["epoch"])
+
+    def _save(self, name, content):
+        if is_main_process():
+            save_checkpoint(content, os.path.join(self.output_dir, name))
+
+    # ------------------------------------------------------------------ loop
+    def _seed_epoch(self, epoch):
+        """Make the epoch's sample order and worker augmentation seeds depend only on (seed, epoch, rank).
+
+        The interrupted and the uninterrupted run then see identical batches, which makes resume exact.
+        """
+        for sampler in (getattr(self.train_loader, "sampler", None), getattr(self.train_loader, "batch_sampler", None)):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+        generator = getattr(self.train_loader, "generator", None)
+        if generator is not None:
+            generator.manual_seed(self.cfg.SOLVER.SEED * 100003 + epoch * 1009 + get_rank())
+
+    def fit(self):
+        """Train from ``start_epoch`` to ``SOLVER.MAX_EPOCHS``; return the number of the last epoch."""
+        cfg = self.cfg
+        max_epochs = cfg.SOLVER.MAX_EPOCHS
+        rng_state = getattr(self, "_rng_to_restore", None)
+        if rng_state is not None and not self.skip_iterations:
+            set_rng_state(rng_state)
+            rng_state = None
+        for epoch in range(self.start_epoch, max_epochs + 1):
+            self._seed_epoch(epoch)
+            epoch_done = False
+            try:
+                self.train_one_epoch(epoch, rng_state)
+                epoch_done = True
+                rng_state = None
+                self.skip_iterations = 0
+                self.scheduler.step()
+                if epoch % cfg.SOLVER.EVAL_PERIOD == 0 or epoch == max_epochs:
+                    self.evaluate_and_keep_best(epoch)
+            except KeyboardInterrupt:
+                logger.warning("interrupted: saving %s before exiting", LAST_CHECKPOINT)
+                state = self.state_dict(epoch) if epoch_done else self.state_dict(epoch - 1, self._iteration)
+                self._save(LAST_CHECKPOINT, state)
+                raise
+            # Saved after evaluation: evaluation draws from the RNGs too, and a resumed run must
+            # continue from the same RNG state as the uninterrupted one.
+            self._save(LAST_CHECKPOINT, self.state_dict(epoch))
+            if epoch % cfg.SOLVER.CHECKPOINT_PERIOD == 0:
+                self._save(f"{cfg.MODEL.NAME}_{epoch}.pth", weights_file(cfg, self.model, self.model_args, epoch))
+            barrier()
+        return max_epochs
+
+    def evaluate_and_keep_best(self, epoch):
+        loader, num_query, view_mode, name = self.eval_data
+        metrics = evaluate(self.cfg, self.model, loader, num_query, self.device, view_mode, desc=f"eval {name}")
+        improved = metrics["mAP"] > self.best["mAP"]
+        if improved:
+            self.best = {"mAP": metrics["mAP"], "epoch": epoch}
+            self._save(BEST_CHECKPOINT, weights_file(self.cfg, self.model, self.model_args, epoch,
+                                                     mAP=metrics["mAP"]))
+        logger.info("epoch %d %s: mAP %.2f%%  R1 %.2f%%  R5 %.2f%%  R10 %.2f%%  mINP %.2f%%%s", epoch, name,
+                    100 * metrics["mAP"], 100 * metrics["cmc"][0], 100 * metrics["cmc"][4],
+                    100 * metrics["cmc"][9], 100 * metrics["mINP"],
+                    "  (best so far)" if improved else f"  (best {100 * self.best['mAP']:.2f}% at epoch "
+                                                       f"{self.best['epoch']})")
+        return metrics
+
+    def train_one_epoch(self, epoch, rng_state=None):
+        cfg = self.cfg
+        self.train_model.train()
+        num_batches = len(self.train_loader)
+        log_period = max(1, cfg.SOLVER.LOG_PERIOD)
+        lr = self.optimizer.param_groups[0]["lr"]
+        sums, count, correct, seen = {}, 0, 0, 0
+        start = time.time()
+        self._iteration = 0
+        bar = tqdm(total=num_batches, desc=f"epoch {epoch}", leave=False, disable=not show_progress(get_rank()))
+        for iteration, batch in enumerate(self.train_loader, start=1):
+            if iteration <= self.skip_iterations:
+                # Replays the interrupted epoch's batches without training on them; the RNG state saved at
+                # the interruption is restored after the last skipped batch.
+                bar.update(1)
+                if iteration == self.skip_iterations and rng_state is not None:
+                    set_rng_state(rng_state)
+                self._iteration = iteration
+                continue
+            batch = to_device(batch, self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.center_optimizer:
+                self.center_optimizer.zero_grad(set_to_none=True)
+            with autocast(cfg, self.device):
+                outputs = self.train_model(batch["images"], **model_inputs(batch))
+                terms = self.criterion(outputs, batch["pids"], viewids=batch["viewids"], attrs=batch.get("attrs"))
+                loss = sum(terms.values())
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            if self.center_optimizer:
+                # The center loss weight scales its gradient; undo it so centres move at CENTER_LR.
+                self.scaler.unscale_(self.center_optimizer)
+                for param in self.criterion.center_loss.parameters():
+                    if param.grad is not None:
+                        param.grad.mul_(1.0 / cfg.SOLVER.CENTER_LOSS_WEIGHT)
+                self.scaler.step(self.center_optimizer)
+            self.scaler.update()
+            self._iteration = iteration
+
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.item()
+            count += 1
+            correct += (outputs["id_logits"][0].argmax(1) == batch["pids"]).sum().item()
+            seen += batch["pids"].numel()
+            bar.update(1)
+            if iteration % log_period == 0 or iteration == num_batches:
+                elapsed = time.time() - start
+                parts = ", ".join(f"{name} {total / count:.3f}" for name, total in sums.items())
+                logger.info("epoch %d iter %d/%d: loss %.3f (%s), acc %.3f, lr %.2e, %.1f img/s", epoch,
+                            iteration, num_batches, sum(sums.values()) / count, parts, correct / max(seen, 1),
+                            lr, seen * get_world_size() / max(elapsed, 1e-9))
+        bar.close()
+        if count:
+            elapsed = time.time() - start
+            logger.info("epoch %d done in %.1f s: loss %.3f, acc %.3f, %.1f img/s", epoch, elapsed,
+                        sum(sums.values()) / count, correct / max(seen, 1), seen * get_world_size() / elapsed)

@@ -1,0 +1,266 @@
+"""Training and inference engine, end to end on CPU: tiny random-weight CLIP, tiny synthetic benchmark.
+
+The runs go through the real scripts (subprocesses), real DataLoader workers, real checkpoints on disk,
+and a real ``torchrun`` with the gloo backend.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from configs import load_config
+from datasets import make_dataloaders
+from datasets.synthetic import SynthConfig, generate_synthag
+from loss import build_criterion
+from model import build_model
+from processor.stage1 import extract_prompt_features
+from solver import make_optimizer
+from tests.conftest import REPO_ROOT, run_script
+from utils.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+BASELINE = "configs/Synthetic/clip_baseline.yml"
+CLIPREID = "configs/Synthetic/clipreid.yml"
+SVPR = "configs/Synthetic/svpr_reid.yml"
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("data"))
+    generate_synthag(root, SynthConfig(num_ids=16, images_per_id=12, height=64, width=32, seed=0), num_workers=1)
+    return root
+
+
+def tiny(root, output_dir, epochs=2, workers=0, extra=()):
+    """Overrides that shrink a Synthetic config to seconds on a CPU."""
+    return [
+        "MODEL.DEVICE", "cpu", "MODEL.CLIP.EMBED_DIM", "32", "MODEL.CLIP.VISION_WIDTH", "64",
+        "MODEL.CLIP.VISION_LAYERS", "2", "MODEL.CLIP.VISION_HEADS", "2", "MODEL.CLIP.TEXT_WIDTH", "32",
+        "MODEL.CLIP.TEXT_LAYERS", "1", "MODEL.CLIP.TEXT_HEADS", "2", "MODEL.TEXT_LEN", "90",
+        "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "INPUT.PADDING", "4",
+        "DATASETS.ROOT_DIR", root, "DATASETS.AUTO_GENERATE", "False",
+        "DATALOADER.NUM_WORKERS", str(workers), "DATALOADER.NUM_INSTANCE", "4", "SOLVER.IMS_PER_BATCH", "16",
+        "SOLVER.BASE_LR", "0.001", "SOLVER.WARMUP_ITERS", "1", "SOLVER.MAX_EPOCHS", str(epochs),
+        "SOLVER.EVAL_PERIOD", "1", "SOLVER.LOG_PERIOD", "2", "SOLVER.STAGE1.MAX_EPOCHS", "2",
+        "SOLVER.STAGE1.IMS_PER_BATCH", "16", "TEST.IMS_PER_BATCH", "32", "OUTPUT_DIR", output_dir, *extra]
+
+
+def check_ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def read_results(output_dir):
+    with open(os.path.join(output_dir, "results.json"), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+@pytest.fixture(scope="module")
+def baseline_run(synth_root, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("baseline"))
+    check_ok(run_script(["train_svpr.py", "--config_file", BASELINE, *tiny(synth_root, out, workers=2)]))
+    return out
+
+
+def test_baseline_trains_evaluates_and_writes_everything(baseline_run):
+    for name in ("config.yaml", "train.log", "checkpoint_last.pth", "model_best.pth", "model_final.pth",
+                 "results.json", "results.csv"):
+        assert os.path.isfile(os.path.join(baseline_run, name)), name
+    results = read_results(baseline_run)
+    assert list(results["protocols"]) == ["SynthAG_ALL", "SynthAG_AG", "SynthAG_GA", "SynthAG_AGAG"]
+    for row in results["protocols"].values():
+        assert 0 <= row["mAP"] <= 100 and 0 <= row["rank1"] <= row["rank5"] <= row["rank10"] <= 100
+    state = load_checkpoint(os.path.join(baseline_run, "checkpoint_last.pth"))
+    assert state["epoch"] == 2 and state["iteration"] == 0
+    log = open(os.path.join(baseline_run, "train.log"), encoding="utf-8").read()
+    assert "epoch 2 iter" in log and "img/s" in log and "triplet" in log
+
+
+def test_test_script_reproduces_training_numbers(baseline_run, synth_root, tmp_path):
+    out = str(tmp_path / "test")
+    weight = os.path.join(baseline_run, "model_final.pth")
+    check_ok(run_script(["test_svpr.py", "--config_file", BASELINE,
+                         *tiny(synth_root, out, extra=["TEST.WEIGHT", weight])]))
+    assert read_results(out)["protocols"] == read_results(baseline_run)["protocols"]
+
+
+def test_wrong_checkpoint_is_one_line_naming_keys(baseline_run, synth_root, tmp_path):
+    weight = os.path.join(baseline_run, "model_final.pth")
+    result = run_script(["test_svpr.py", "--config_file", BASELINE,
+                         *tiny(synth_root, str(tmp_path), extra=["TEST.WEIGHT", weight, "MODEL.SIE_CAMERA", "True"])])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "MODEL.SIE_CAMERA" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("case", ["missing_dataset", "missing_weights", "missing_pretrained", "no_weight"])
+def test_bad_inputs_exit_2_with_one_line(case, synth_root, tmp_path):
+    out = str(tmp_path / "out")
+    if case == "missing_dataset":
+        args = ["train_svpr.py", "--config_file", BASELINE,
+                *tiny(str(tmp_path / "nowhere"), out)]
+        needle = "nowhere"
+    elif case == "missing_weights":
+        args = ["test_svpr.py", "--config_file", BASELINE,
+                *tiny(synth_root, out, extra=["TEST.WEIGHT", str(tmp_path / "missing.pth")])]
+        needle = "missing.pth"
+    elif case == "missing_pretrained":
+        args = ["train_svpr.py", "--config_file", BASELINE,
+                *tiny(synth_root, out, extra=["MODEL.RANDOM_INIT", "False", "MODEL.PRETRAIN_PATH",
+                                              str(tmp_path / "ViT-B-16.pt")])]
+        needle = "ViT-B-16.pt"
+    else:
+        args = ["test_svpr.py", "--config_file", BASELINE, *tiny(synth_root, out)]
+        needle = "TEST.WEIGHT"
+    result = run_script(args)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+
+
+def test_clip_reid_runs_both_stages(synth_root, tmp_path):
+    out = str(tmp_path / "clipreid")
+    check_ok(run_script(["train_svpr.py", "--config_file", CLIPREID, *tiny(synth_root, out, epochs=1)]))
+    assert os.path.isfile(os.path.join(out, "stage1.pth"))
+    log = open(os.path.join(out, "train.log"), encoding="utf-8").read()
+    assert "stage 1 epoch 2/2" in log and "i2t" in log
+    assert set(read_results(out)["protocols"]) == {"SynthAG_ALL", "SynthAG_AG", "SynthAG_GA", "SynthAG_AGAG"}
+
+
+def test_svpr_trains_end_to_end(synth_root, tmp_path):
+    out = str(tmp_path / "svpr")
+    check_ok(run_script(["train_svpr.py", "--config_file", SVPR, *tiny(synth_root, out, epochs=1)]))
+    log = open(os.path.join(out, "train.log"), encoding="utf-8").read()
+    for term in ("id ", "triplet", "view", "attr"):
+        assert term in log, term
+    assert "SynthAG_AGAG" in read_results(out)["protocols"]
+
+
+def _final_weights(output_dir):
+    return load_checkpoint(os.path.join(output_dir, "model_final.pth"))["model"]
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_at_epoch_boundary_reproduces_uninterrupted_run(synth_root, tmp_path, workers):
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    check_ok(run_script(["train_svpr.py", "--config_file", SVPR, *tiny(synth_root, straight, 3, workers)]))
+    check_ok(run_script(["train_svpr.py", "--config_file", SVPR, *tiny(synth_root, split, 2, workers)]))
+    check_ok(run_script(["train_svpr.py", "--config_file", SVPR, "--resume", *tiny(synth_root, split, 3, workers)]))
+    _assert_same_weights(_final_weights(straight), _final_weights(split))
+    assert "resumed from" in open(os.path.join(split, "train.log"), encoding="utf-8").read()
+
+
+def test_ctrl_c_saves_then_resume_finishes_identically(synth_root, tmp_path):
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    extra = ["SOLVER.LOG_PERIOD", "1"]
+    check_ok(run_script(["train_svpr.py", "--config_file", BASELINE, *tiny(synth_root, straight, 3, extra=extra)]))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "train_svpr.py", "--config_file", BASELINE,
+                                *tiny(synth_root, interrupted, 3, extra=extra)],
+                               cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if "epoch 2 iter 2/" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    output = "".join(seen) + process.communicate(timeout=120)[0]
+    assert process.returncode == 130, output[-3000:]
+    assert "saving checkpoint_last.pth" in output
+    state = load_checkpoint(os.path.join(interrupted, "checkpoint_last.pth"))
+    assert (state["epoch"], state["iteration"]) >= (1, 2) and (state["epoch"], state["iteration"]) < (3, 0)
+    check_ok(run_script(["train_svpr.py", "--config_file", BASELINE, "--resume",
+                         *tiny(synth_root, interrupted, 3, extra=extra)]))
+    _assert_same_weights(_final_weights(straight), _final_weights(interrupted))
+
+
+@pytest.mark.parametrize("config", [BASELINE, SVPR])
+def test_loss_goes_down_on_a_fixed_batch(config, synth_root, tmp_path):
+    cfg = load_config(config, tiny(synth_root, str(tmp_path)))
+    bundle = make_dataloaders(cfg)
+    data = bundle.dataset
+    model = build_model(cfg, data.num_train_pids, data.num_train_cams, data.num_train_views, data.attributes)
+    criterion = build_criterion(cfg, data.num_train_pids, feat_dim=model.feature_dim)
+    optimizer, _ = make_optimizer(cfg, model)
+    batch = next(iter(bundle.train_loader))
+    model.train()
+    losses = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        outputs = model(batch["images"], batch["camids"], batch["viewids"], batch["text_tokens"])
+        loss = sum(criterion(outputs, batch["pids"], viewids=batch["viewids"], attrs=batch["attrs"]).values())
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_stage1_cached_features_equal_recomputed(synth_root, tmp_path):
+    cfg = load_config(CLIPREID, tiny(synth_root, str(tmp_path)))
+    bundle = make_dataloaders(cfg)
+    data = bundle.dataset
+    model = build_model(cfg, data.num_train_pids, data.num_train_cams, data.num_train_views, data.attributes)
+    features, pids = extract_prompt_features(cfg, model, bundle.train_loader_stage1, torch.device("cpu"))
+    assert features.shape[0] == len(data.train)
+    assert torch.equal(pids, torch.tensor([s.pid for s in data.train]))
+    dataset = bundle.train_loader_stage1.dataset
+    model.eval()
+    with torch.no_grad():
+        for index in (0, len(data.train) // 2, len(data.train) - 1):
+            image = dataset[index]["image"].unsqueeze(0)
+            recomputed = model.encode_image_for_prompts(image)[0]
+            torch.testing.assert_close(features[index], recomputed, rtol=1e-5, atol=1e-5)
+
+
+TORCHRUN_SHARES = """
+import json, os, sys
+import torch.distributed as dist
+from configs import load_config
+from datasets import make_dataloaders
+from utils.distributed import init_distributed, get_rank
+import torch
+init_distributed(torch.device("cpu"))
+cfg = load_config(sys.argv[1], sys.argv[3:])
+bundle = make_dataloaders(cfg)
+bundle.train_loader.sampler.set_epoch(1)
+batches = [b["index"].tolist() for b in bundle.train_loader]
+with open(os.path.join(sys.argv[2], f"rank{get_rank()}.json"), "w") as handle:
+    json.dump({"batches": batches, "pids": [b["pids"].tolist() for b in bundle.train_loader]}, handle)
+dist.destroy_process_group()
+"""
+
+
+def test_torchrun_gloo_two_processes(synth_root, tmp_path, baseline_run):
+    """A real torchrun with 2 CPU processes: disjoint sample shares, then a full training run."""
+    script = tmp_path / "shares.py"
+    script.write_text(TORCHRUN_SHARES)
+    share_dir = tmp_path / "shares"
+    share_dir.mkdir()
+    env = {"PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"}
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2"]
+    check_ok(run_script([*torchrun, "--master_port", "29641", str(script), SVPR, str(share_dir),
+                         *tiny(synth_root, str(tmp_path / "x"))], env=env))
+    shares = [json.loads((share_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(shares[0]["batches"]) == len(shares[1]["batches"]) > 0
+    for batch0, batch1 in zip(shares[0]["batches"], shares[1]["batches"]):
+        assert len(batch0) == len(batch1) == 8 and not set(batch0) & set(batch1)
+    out = str(tmp_path / "ddp")
+    check_ok(run_script([*torchrun, "--master_port", "29642", "train_svpr.py", "--config_file", BASELINE,
+                         *tiny(synth_root, out, epochs=2)], env=env))
+    results = read_results(out)["protocols"]
+    single = read_results(baseline_run)["protocols"]
+    assert set(results) == set(single)
+    for name, row in results.items():
+        # Evaluation gathered every query and gallery image from both ranks.
+        assert (row["num_query"], row["num_gallery"]) == (single[name]["num_query"], single[name]["num_gallery"])

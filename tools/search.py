@@ -1,0 +1,70 @@
+"""Search a gallery folder for the people in query images with a trained checkpoint.
+
+    python tools/search.py --config_file configs/CP2108/svpr_reid.yml --weight outputs/x/model_final.pth \
+        --query drone.jpg --gallery cctv_frames/ --query-view 1 --gallery-view 0 --topk 10
+
+Prints the ranked gallery for every query and writes one rank-list picture per query (query + top-k).
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import load_config  # noqa: E402
+from datasets.bases import list_images  # noqa: E402
+from processor.inference import FeatureExtractor  # noqa: E402
+from utils.cli import run_main  # noqa: E402
+from utils.device import resolve_device  # noqa: E402
+from utils.errors import DataError  # noqa: E402
+from utils.logger import setup_logger  # noqa: E402
+from utils.metrics import compute_distance  # noqa: E402
+from utils.report import draw_rank_list  # noqa: E402
+
+
+def image_paths(path, what):
+    """One image file, or every image under a folder (sorted)."""
+    if os.path.isfile(path):
+        return [path]
+    if os.path.isdir(path):
+        paths = sorted(list_images(path))
+        if paths:
+            return paths
+        raise DataError(f"{what} folder {path} holds no .jpg/.jpeg/.png images")
+    raise DataError(f"{what} not found: {path} (expected an image file or a folder of images)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config_file", required=True, help="the config the checkpoint was trained with")
+    parser.add_argument("--weight", required=True, help="checkpoint (model_final.pth, model_best.pth, ...)")
+    parser.add_argument("--query", required=True, help="query image or folder")
+    parser.add_argument("--gallery", required=True, help="gallery folder (searched recursively)")
+    parser.add_argument("--topk", type=int, default=10, help="gallery images to list per query")
+    parser.add_argument("--query-view", type=int, default=0, help="view id of the queries (0 ground, 1 aerial)")
+    parser.add_argument("--gallery-view", type=int, default=0, help="view id of the gallery images")
+    parser.add_argument("--out", default="search_results", help="folder for the rank-list pictures")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides as KEY VALUE pairs")
+    args = parser.parse_args()
+    cfg = load_config(args.config_file, args.opts)
+    setup_logger()
+    queries, gallery = image_paths(args.query, "query"), image_paths(args.gallery, "gallery")
+    extract = FeatureExtractor(cfg, args.weight, resolve_device(cfg.MODEL.DEVICE))
+    query_features = extract(queries, viewid=args.query_view)
+    gallery_features = extract(gallery, viewid=args.gallery_view)
+    distances = compute_distance(query_features, gallery_features, metric=cfg.TEST.DIST_METRIC,
+                                 normalize=cfg.TEST.FEAT_NORM == "yes")
+    topk = min(args.topk, len(gallery))
+    os.makedirs(args.out, exist_ok=True)
+    for row, query in enumerate(queries):
+        order = distances[row].argsort()[:topk].tolist()
+        print(f"query {query}")
+        for rank, index in enumerate(order, start=1):
+            print(f"  {rank:3d}  {float(distances[row, index]):.4f}  {gallery[index]}")
+        picture = os.path.join(args.out, f"{row:04d}_{os.path.splitext(os.path.basename(query))[0]}.jpg")
+        draw_rank_list(query, [gallery[i] for i in order], None, picture)
+        print(f"  rank list: {picture}")
+
+
+if __name__ == "__main__":
+    run_main(main)
