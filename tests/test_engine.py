@@ -264,3 +264,19 @@ def test_torchrun_gloo_two_processes(synth_root, tmp_path, baseline_run):
     for name, row in results.items():
         # Evaluation gathered every query and gallery image from both ranks.
         assert (row["num_query"], row["num_gallery"]) == (single[name]["num_query"], single[name]["num_gallery"])
+
+
+def test_search_tool_ranks_gallery_and_draws(baseline_run, synth_root, tmp_path):
+    images = os.path.join(synth_root, "SynthAG", "images")
+    query = os.path.join(images, sorted(os.listdir(images))[0])
+    out = str(tmp_path / "search")
+    overrides = tiny(synth_root, str(tmp_path / "unused"))
+    result = run_script(["tools/search.py", "--config_file", BASELINE, "--weight",
+                         os.path.join(baseline_run, "model_final.pth"), "--query", query, "--gallery", images,
+                         "--topk", "5", "--out", out, *overrides])
+    check_ok(result)
+    ranked = [line.split() for line in result.stdout.splitlines() if line.startswith("    ")]
+    assert [int(r[0]) for r in ranked] == [1, 2, 3, 4, 5]
+    # The query itself is in the gallery folder: it must come first, at distance 0.
+    assert ranked[0][2] == query and float(ranked[0][1]) < 1e-4
+    assert os.listdir(out) and os.path.getsize(os.path.join(out, os.listdir(out)[0])) > 0
