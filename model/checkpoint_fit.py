@@ -1,0 +1,84 @@
+"""Strict loading of saved model weights, with a one-line diagnosis when they do not fit the model."""
+from utils.errors import CheckpointError
+
+# Parameter-name fragment -> config keys that decide whether (and with which shape) it exists.
+# The first matching row explains a key, so specific fragments come before general ones.
+_KEY_HINTS = (
+    ("sie_embed", ("MODEL.SIE_CAMERA", "MODEL.SIE_VIEW")),
+    ("cv_embed", ("MODEL.SIE_CAMERA", "MODEL.SIE_VIEW")),
+    ("asmoe", ("MODEL.SVPR.ASMOE", "MODEL.USE_ATTR")),
+    ("attr", ("MODEL.USE_ATTR", "DATASETS.NAMES")),
+    ("vdfe", ("MODEL.SVPR.VDFE",)),
+    ("view", ("MODEL.SVPR.VDFE", "MODEL.VIEW_PROMPT")),
+    ("cvpr", ("MODEL.SVPR.CVPR", "MODEL.SVPR.CVPR_LAYERS", "MODEL.SVPR.CVPR_SHARED_BLOCK")),
+    ("local", ("MODEL.SVPR.LOCAL", "INPUT.SIZE_TRAIN", "MODEL.STRIDE_SIZE")),
+    ("classifier", ("DATASETS.NAMES",)),
+    ("cls_ctx", ("DATASETS.NAMES",)),
+    ("class_text_features", ("DATASETS.NAMES",)),
+    ("visual.positional_embedding", ("INPUT.SIZE_TRAIN", "MODEL.STRIDE_SIZE")),
+    ("visual.conv1", ("MODEL.CLIP.PATCH_SIZE",)),
+    ("visual", ("MODEL.CLIP.VISION_WIDTH", "MODEL.CLIP.VISION_LAYERS", "MODEL.CLIP.EMBED_DIM")),
+    ("positional_embedding", ("MODEL.TEXT_LEN",)),
+    ("text", ("MODEL.TEXT_LEN", "MODEL.USE_TEXT", "MODEL.TEXT_PROMPT")),
+)
+_FALLBACK_HINT = ("MODEL.ARCH_NAME",)
+_NAMES_SHOWN = 3
+
+
+def _strip_prefix(state_dict, prefix="module."):
+    return {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in state_dict.items()}
+
+
+def _config_value(cfg, dotted):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _hints_for(keys):
+    hints = []
+    for key in keys:
+        lowered = key.lower()
+        matched = next((config_keys for fragment, config_keys in _KEY_HINTS if fragment in lowered),
+                       _FALLBACK_HINT)
+        hints.extend(k for k in matched if k not in hints)
+    return hints
+
+
+def _listing(label, names):
+    shown = ", ".join(names[:_NAMES_SHOWN])
+    more = f", ... {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else ""
+    return f"{len(names)} {label} ({shown}{more})"
+
+
+def load_model_weights(model, state_dict, cfg, source="checkpoint"):
+    """Load ``state_dict`` into ``model`` strictly (``module.`` prefixes of DDP are stripped).
+
+    Raises ``CheckpointError`` naming the missing, unexpected and differently shaped parameters (first few
+    and counts) and the config keys, with their current values, that most likely differ from training.
+    """
+    state_dict = _strip_prefix(state_dict)
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    reshaped = [key for key in expected
+                if key in state_dict and tuple(state_dict[key].shape) != tuple(expected[key].shape)]
+    if missing or unexpected or reshaped:
+        parts = []
+        if missing:
+            parts.append(_listing("missing", missing))
+        if unexpected:
+            parts.append(_listing("unexpected", unexpected))
+        if reshaped:
+            parts.append(_listing("with another shape", [
+                f"{key} {list(state_dict[key].shape)} vs {list(expected[key].shape)}" for key in reshaped]))
+        hint_keys = _hints_for(missing + unexpected + reshaped)
+        if (missing or unexpected) and "MODEL.ARCH_NAME" not in hint_keys:
+            hint_keys.append("MODEL.ARCH_NAME")  # a different model class also renames or drops parameters
+        hints = ", ".join(f"{key}={_config_value(cfg, key)!r}" for key in hint_keys)
+        raise CheckpointError(f"{source} does not fit the {type(model).__name__} model built from this config: "
+                              f"parameters {'; '.join(parts)}; check that these config keys match the ones used "
+                              f"for training: {hints}")
+    model.load_state_dict(state_dict, strict=True)
+    return model
