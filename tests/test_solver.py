@@ -1,0 +1,273 @@
+"""Optimisers and learning-rate schedules: parameter groups, SPEC 7.2 / 7.3 values, and exact resumption
+through real checkpoint files."""
+import math
+
+import pytest
+import torch
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+
+from configs import get_cfg_defaults
+from solver import (WarmupCosineLR, WarmupMultiStepLR, make_optimizer, make_scheduler, make_stage1_optimizer,
+                    make_stage1_scheduler)
+from loss import CenterLoss
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.errors import ConfigError
+
+
+def make_cfg(opts=()):
+    cfg = get_cfg_defaults()
+    cfg.merge_from_list(list(opts))
+    cfg.freeze()
+    return cfg
+
+
+class TinyReID(nn.Module):
+    """Names like the real models: attention in_proj_bias, norms, a frozen part and a classifier."""
+
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.norm = nn.LayerNorm(8)
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+        self.classifier = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        tokens = self.norm(self.embed(x)).unsqueeze(1)  # (B, 1, 8)
+        tokens = self.attn(tokens, tokens, tokens)[0].squeeze(1)
+        return self.classifier(self.frozen(tokens))
+
+
+def group_of(optimizer, param):
+    matches = [g for g in optimizer.param_groups if any(p is param for p in g["params"])]
+    assert len(matches) == 1
+    return matches[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimisers
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("large_fc", [False, True])
+def test_parameter_groups_follow_the_bias_and_classifier_rules(large_fc):
+    cfg = make_cfg(["SOLVER.BASE_LR", 0.01, "SOLVER.BIAS_LR_FACTOR", 3, "SOLVER.WEIGHT_DECAY", 0.05,
+                    "SOLVER.WEIGHT_DECAY_BIAS", 0.001, "SOLVER.LARGE_FC_LR", large_fc])
+    model = TinyReID()
+    optimizer, center_optimizer = make_optimizer(cfg, model)
+    assert center_optimizer is None
+
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    grouped = [p for g in optimizer.param_groups for p in g["params"]]
+    assert len(grouped) == len(trainable) and {id(p) for p in grouped} == {id(p) for p in trainable.values()}
+    assert not any(p is model.frozen.weight or p is model.frozen.bias for p in grouped)
+    assert len(optimizer.param_groups) == (4 if large_fc else 2)  # grouped, not one group per parameter
+
+    for name, param in trainable.items():
+        group = group_of(optimizer, param)
+        is_bias = "bias" in name  # includes attn.in_proj_bias and norm.bias
+        if large_fc and name.startswith("classifier"):
+            expected_lr = 0.02
+        else:
+            expected_lr = 0.03 if is_bias else 0.01
+        assert group["lr"] == pytest.approx(expected_lr), name
+        assert group["weight_decay"] == (0.001 if is_bias else 0.05), name
+
+
+@pytest.mark.parametrize("name, cls", [("SGD", torch.optim.SGD), ("Adam", torch.optim.Adam),
+                                       ("AdamW", torch.optim.AdamW), ("RMSprop", torch.optim.RMSprop)])
+def test_optimiser_is_chosen_by_name(name, cls):
+    cfg = make_cfg(["SOLVER.OPTIMIZER_NAME", name, "SOLVER.MOMENTUM", 0.8])
+    optimizer, _ = make_optimizer(cfg, TinyReID())
+    assert type(optimizer) is cls
+    if cls is torch.optim.SGD:
+        assert all(g["momentum"] == 0.8 for g in optimizer.param_groups)
+
+
+@pytest.mark.parametrize("name", ["Adamm", "lr_scheduler", "Optimizer"])
+def test_unknown_optimiser_is_a_one_line_config_error(name):
+    with pytest.raises(ConfigError, match="SOLVER.OPTIMIZER_NAME") as info:
+        make_optimizer(make_cfg(["SOLVER.OPTIMIZER_NAME", name]), TinyReID())
+    assert "\n" not in str(info.value) and name in str(info.value)
+
+
+def test_fully_frozen_model_is_a_config_error():
+    model = TinyReID().requires_grad_(False)
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        make_optimizer(make_cfg(), model)
+
+
+def test_center_optimiser_is_sgd_over_the_centres():
+    center = CenterLoss(5, 8)
+    _, center_optimizer = make_optimizer(make_cfg(["SOLVER.CENTER_LR", 0.3]), TinyReID(), center)
+    assert type(center_optimizer) is torch.optim.SGD
+    assert center_optimizer.param_groups[0]["lr"] == 0.3
+    assert center_optimizer.param_groups[0]["params"] == [center.centers]
+
+
+def test_stage1_optimiser_uses_stage1_keys():
+    cfg = make_cfg(["SOLVER.STAGE1.OPTIMIZER_NAME", "SGD", "SOLVER.STAGE1.BASE_LR", 0.004,
+                    "SOLVER.STAGE1.WEIGHT_DECAY", 0.02, "SOLVER.STAGE1.MOMENTUM", 0.7])
+    prompts = nn.Parameter(torch.zeros(5, 4, 8))
+    optimizer = make_stage1_optimizer(cfg, [prompts])
+    assert type(optimizer) is torch.optim.SGD
+    (group,) = optimizer.param_groups
+    assert group["params"] == [prompts]
+    assert (group["lr"], group["weight_decay"], group["momentum"]) == (0.004, 0.02, 0.7)
+    with pytest.raises(ConfigError, match="SOLVER.STAGE1.OPTIMIZER_NAME"):
+        make_stage1_optimizer(make_cfg(["SOLVER.STAGE1.OPTIMIZER_NAME", "Nope"]), [prompts])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------------------------------------
+SVPR_SOLVER = ["SOLVER.BASE_LR", 5e-6, "SOLVER.WARMUP_ITERS", 10, "SOLVER.WARMUP_FACTOR", 0.1,
+               "SOLVER.GAMMA", 0.1, "SOLVER.WARMUP_METHOD", "linear", "SOLVER.BIAS_LR_FACTOR", 2]
+
+
+def lrs_per_epoch(optimizer, scheduler, epochs, train_step=None):
+    """The learning rates each epoch (1-based) trains with, stepping the scheduler at each epoch's end."""
+    history = []
+    for _ in range(epochs):
+        history.append([g["lr"] for g in optimizer.param_groups])
+        if train_step is not None:
+            train_step()
+        optimizer.step()
+        scheduler.step()
+    return history
+
+
+def spec_svpr_lr(epoch):
+    """SPEC 7.2 for base 5e-6, W = 10, factor 0.1, steps [30, 50, 80]."""
+    if epoch <= 10:
+        return 5e-6 * (0.1 + 0.09 * (epoch - 1))
+    if epoch <= 30:
+        return 5e-6
+    if epoch <= 50:
+        return 5e-7
+    if epoch <= 80:
+        return 5e-8
+    return 5e-9
+
+
+def test_warmup_multistep_matches_spec_values():
+    cfg = make_cfg(SVPR_SOLVER + ["SOLVER.STEPS", (30, 50, 80)])
+    optimizer, _ = make_optimizer(cfg, TinyReID())
+    scheduler = make_scheduler(cfg, optimizer)
+    assert isinstance(scheduler, WarmupMultiStepLR)
+    history = lrs_per_epoch(optimizer, scheduler, 120)
+    names = [g["name"] for g in optimizer.param_groups]
+    weight, bias = names.index("weight"), names.index("bias")
+    assert history[0][weight] == pytest.approx(5.0e-7, rel=1e-12)
+    assert history[9][weight] == pytest.approx(4.55e-6, rel=1e-12)
+    for epoch, lrs in enumerate(history, start=1):
+        assert lrs[weight] == pytest.approx(spec_svpr_lr(epoch), rel=1e-12), epoch
+        assert lrs[bias] == pytest.approx(2 * spec_svpr_lr(epoch), rel=1e-12), epoch
+    assert scheduler.get_last_lr()[weight] == pytest.approx(5e-9, rel=1e-12)
+
+
+def test_constant_warmup_and_unsorted_steps():
+    cfg = make_cfg(SVPR_SOLVER + ["SOLVER.WARMUP_METHOD", "constant", "SOLVER.STEPS", (12,)])
+    optimizer, _ = make_optimizer(cfg, TinyReID())
+    history = [lrs[0] for lrs in lrs_per_epoch(optimizer, make_scheduler(cfg, optimizer), 14)]
+    expected = [5e-7] * 10 + [5e-6] * 2 + [5e-7] * 2
+    assert history == pytest.approx(expected, rel=1e-12)
+
+    with pytest.raises(ConfigError, match="SOLVER.STEPS"):
+        make_scheduler(make_cfg(["SOLVER.STEPS", (70, 40)]), optimizer)
+    with pytest.raises(ValueError, match="milestones"):
+        WarmupMultiStepLR(optimizer, [5, 2])
+
+
+STAGE1 = ["SOLVER.STAGE1.BASE_LR", 3.5e-4, "SOLVER.STAGE1.WARMUP_LR_INIT", 1e-5, "SOLVER.STAGE1.LR_MIN", 1e-6,
+          "SOLVER.STAGE1.WARMUP_EPOCHS", 5, "SOLVER.STAGE1.MAX_EPOCHS", 30]
+
+
+def test_stage1_cosine_matches_timm_stepped_like_the_reference():
+    """The reference builds timm's CosineLRScheduler and calls step(epoch) at the start of epoch 1, 2, ..."""
+    cfg = make_cfg(STAGE1)
+    prompts = nn.Parameter(torch.zeros(3, 4))
+    optimizer = make_stage1_optimizer(cfg, [prompts])
+    scheduler = make_stage1_scheduler(cfg, optimizer)
+    assert isinstance(scheduler, WarmupCosineLR)
+    ours = [lrs[0] for lrs in lrs_per_epoch(optimizer, scheduler, 34)]
+
+    timm_optimizer = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=3.5e-4)
+    timm_scheduler = CosineLRScheduler(timm_optimizer, t_initial=30, lr_min=1e-6, cycle_decay=0.1,
+                                       warmup_lr_init=1e-5, warmup_t=5, cycle_limit=1, t_in_epochs=True)
+    reference = []
+    for epoch in range(1, 35):
+        timm_scheduler.step(epoch)
+        reference.append(timm_optimizer.param_groups[0]["lr"])
+    assert ours == pytest.approx(reference, rel=1e-12)
+    assert ours[0] == pytest.approx(1e-5 + (3.5e-4 - 1e-5) / 5, rel=1e-12)
+    assert ours[9] == pytest.approx(1e-6 + 0.5 * (3.5e-4 - 1e-6) * (1 + math.cos(math.pi * 10 / 30)), rel=1e-12)
+    assert ours[29:] == [1e-6] * 5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resumption through checkpoint files
+# ---------------------------------------------------------------------------------------------------------
+def run_and_maybe_resume(tmp_path, cfg, build, total_epochs, stop_at=None):
+    """Train a tiny model; with ``stop_at``, save after that many epochs, rebuild everything from the
+    config, load the checkpoint (weights_only) and carry on. Returns the lr history and final weights."""
+    torch.manual_seed(0)
+    data = torch.randn(10, 6)
+    targets = torch.arange(10) % 5
+    model, optimizer, scheduler = build(cfg)
+
+    def train_step():
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(data), targets).backward()
+
+    history = lrs_per_epoch(optimizer, scheduler, stop_at or total_epochs, train_step)
+    if stop_at is not None:
+        path = str(tmp_path / "checkpoint.pth")
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "epoch": stop_at}, path)
+        del model, optimizer, scheduler
+        state = load_checkpoint(path)
+        model, optimizer, scheduler = build(cfg)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history += lrs_per_epoch(optimizer, scheduler, total_epochs - state["epoch"], train_step)
+    return history, model.state_dict()
+
+
+def build_stage2(cfg):
+    torch.manual_seed(1)
+    model = TinyReID()
+    optimizer, _ = make_optimizer(cfg, model)
+    return model, optimizer, make_scheduler(cfg, optimizer)
+
+
+def build_stage1(cfg):
+    torch.manual_seed(1)
+    model = TinyReID()
+    optimizer = make_stage1_optimizer(cfg, model.parameters())
+    return model, optimizer, make_stage1_scheduler(cfg, optimizer)
+
+
+@pytest.mark.parametrize("build, opts, stop_at", [
+    (build_stage2, SVPR_SOLVER + ["SOLVER.STEPS", (12, 16), "SOLVER.OPTIMIZER_NAME", "Adam"], 7),
+    (build_stage2, SVPR_SOLVER + ["SOLVER.STEPS", (12, 16), "SOLVER.OPTIMIZER_NAME", "SGD"], 13),
+    (build_stage1, STAGE1 + ["SOLVER.STAGE1.MAX_EPOCHS", 15], 4),
+], ids=["stage2-adam-warmup", "stage2-sgd-decayed", "stage1-cosine"])
+def test_resume_from_checkpoint_reproduces_the_run(tmp_path, build, opts, stop_at):
+    cfg = make_cfg(opts)
+    straight, straight_weights = run_and_maybe_resume(tmp_path, cfg, build, 20)
+    resumed, resumed_weights = run_and_maybe_resume(tmp_path, cfg, build, 20, stop_at=stop_at)
+    assert resumed == straight  # exactly the same learning rates, epoch by epoch
+    assert len(set(lrs[0] for lrs in straight)) > 3
+    for key, value in straight_weights.items():
+        torch.testing.assert_close(resumed_weights[key], value, rtol=0, atol=0)
+
+
+def test_scheduler_state_holds_only_plain_values(tmp_path):
+    cfg = make_cfg(SVPR_SOLVER)
+    _, optimizer, scheduler = build_stage2(cfg)
+    path = str(tmp_path / "sched.pth")
+    save_checkpoint(scheduler.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+    assert state["last_epoch"] == 0 and state["lr_lambdas"] == [None] * len(optimizer.param_groups)
