@@ -1,4 +1,7 @@
 """SVPR-ReID model and components on a tiny random-weight CLIP (64x32 input, 2 layers)."""
+import copy
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -11,6 +14,7 @@ from model.svpr.cvpr import ContextVisionProgressiveRefinement, gather_tokens, s
 from model.svpr.layers import SingleKeyAttention
 from model.svpr.text import PROMPT_START, AttributeTextEncoder, encode_unique
 from model.svpr.vdfe import VIEW_WORDS, ViewBidirectionalDecoupling, ViewTextEncoder
+from utils.checkpoint import load_checkpoint
 from utils.errors import ConfigError
 
 ATTRIBUTES = (("gender", 2), ("upper color", 4), ("hat", 2))
@@ -27,9 +31,15 @@ def tiny_cfg(*opts):
     return load_config(None, TINY + list(opts))
 
 
-def tiny_model(*opts, num_views=2, attributes=ATTRIBUTES, seed=0):
-    torch.manual_seed(seed)
+@functools.lru_cache(maxsize=None)
+def _built(opts, num_views, attributes):
+    torch.manual_seed(0)
     return build_model(tiny_cfg(*opts), num_classes=5, num_cameras=3, num_views=num_views, attributes=attributes)
+
+
+def tiny_model(*opts, num_views=2, attributes=ATTRIBUTES):
+    """A fresh copy (train mode, no gradients) of the tiny model for ``opts``; each is built once."""
+    return copy.deepcopy(_built(opts, num_views, attributes))
 
 
 def batch(size=6, seed=1):
@@ -347,3 +357,17 @@ def test_cvpr_stages_shrink_the_selection_and_shared_blocks_share_weights():
     _, refined = separate(torch.randn(2, 32), patches)
     changed = (refined != patches).any(-1).sum(-1)
     assert changed.tolist() == [8, 8]  # stages keep 8 -> 4 -> 2 patches, all inside the first selection
+
+
+def test_checkpoint_round_trip_restores_the_embedding(tmp_path):
+    shared = ("MODEL.SVPR.CVPR_SHARED_BLOCK", "True")
+    model = tiny_model(*shared).eval()
+    torch.save(model.state_dict(), tmp_path / "svpr.pth")
+    torch.manual_seed(123)
+    restored = build_model(tiny_cfg(*shared), num_classes=5, num_cameras=3, num_views=2, attributes=ATTRIBUTES)
+    restored.load_state_dict(load_checkpoint(str(tmp_path / "svpr.pth")))
+    restored.eval()
+    images, viewids, tokens = batch(size=3)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(images, viewids=viewids, text_tokens=tokens),
+                                   model(images, viewids=viewids, text_tokens=tokens))

@@ -96,9 +96,10 @@ def test_ablation_reports_a_missing_or_malformed_results_file(tmp_path):
 
 
 def test_bench_model_prints_svpr_and_baseline_throughput():
+    small = ["MODEL.CLIP.VISION_LAYERS", "2", "MODEL.CLIP.TEXT_LAYERS", "1", "MODEL.TEXT_LEN", "48",
+             "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]"]
     result = run_script(["tools/bench_model.py", "--config_file", "configs/Synthetic/svpr_reid.yml", "--batch", "4",
-                         "--iters", "1", "--warmup", "0", "MODEL.CLIP.VISION_LAYERS", "2", "MODEL.CLIP.TEXT_LAYERS",
-                         "1"])
+                         "--iters", "1", "--warmup", "0", *small])
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     for key in ("train_img_per_s", "infer_img_per_s", "baseline_train_img_per_s", "baseline_infer_img_per_s"):
