@@ -1,5 +1,6 @@
 """Load OpenAI CLIP weights (TorchScript archive or plain state dict) into our CLIP, resizing position tables."""
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,9 @@ def read_state_dict(path):
     if not path or not os.path.isfile(path):
         raise CheckpointError(f"CLIP weights file not found: {path or '(empty MODEL.PRETRAIN_PATH)'}")
     try:
-        state_dict = torch.jit.load(path, map_location="cpu").state_dict()
+        with warnings.catch_warnings():  # OpenAI's release format is TorchScript, deprecated or not
+            warnings.simplefilter("ignore", FutureWarning)
+            state_dict = torch.jit.load(path, map_location="cpu").state_dict()
     except Exception:  # not a TorchScript archive (torch raises several types): read it as a state dict
         state_dict = load_checkpoint(path)
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):

@@ -11,7 +11,7 @@ class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x), the GELU approximation CLIP was trained with."""
 
     def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
+        return x * (1.702 * x).sigmoid_()  # in place on a temporary: one large allocation fewer
 
 
 class SelfAttention(nn.Module):
@@ -59,8 +59,9 @@ class ResidualAttentionBlock(nn.Module):
         ]))
 
     def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        # Residual sums accumulate into the branch outputs (fresh tensors) to spare an allocation each.
+        x = self.attn(self.ln_1(x)).add_(x)
+        return self.mlp(self.ln_2(x)).add_(x)
 
 
 class Transformer(nn.Module):
