@@ -46,6 +46,16 @@ def _hints_for(keys):
     return hints
 
 
+def _renamed(missing, unexpected):
+    """Keys of either list that appear in the other one under an extra prefix (``visual.x`` vs ``clip.visual.x``)."""
+    renamed = set()
+    for key in missing:
+        for other in unexpected:
+            if key.endswith("." + other) or other.endswith("." + key):
+                renamed.update((key, other))
+    return renamed
+
+
 def _listing(label, names):
     shown = ", ".join(names[:_NAMES_SHOWN])
     more = f", ... {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else ""
@@ -63,7 +73,7 @@ def load_model_weights(model, state_dict, cfg, source="checkpoint"):
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
     reshaped = [key for key in expected
-                if key in state_dict and tuple(state_dict[key].shape) != tuple(expected[key].shape)]
+                if key in state_dict and tuple(getattr(state_dict[key], "shape", ())) != tuple(expected[key].shape)]
     if missing or unexpected or reshaped:
         parts = []
         if missing:
@@ -72,10 +82,16 @@ def load_model_weights(model, state_dict, cfg, source="checkpoint"):
             parts.append(_listing("unexpected", unexpected))
         if reshaped:
             parts.append(_listing("with another shape", [
-                f"{key} {list(state_dict[key].shape)} vs {list(expected[key].shape)}" for key in reshaped]))
-        hint_keys = _hints_for(missing + unexpected + reshaped)
+                f"{key} {list(getattr(state_dict[key], 'shape', ()))} vs {list(expected[key].shape)}"
+                for key in reshaped]))
+        renamed = _renamed(missing, unexpected)
+        # Parameters found under another prefix come from another model class; the rest get their own hints.
+        hint_keys = ["MODEL.ARCH_NAME"] if renamed else []
+        for key in _hints_for([k for k in missing + unexpected if k not in renamed] + reshaped):
+            if key not in hint_keys:
+                hint_keys.append(key)
         if (missing or unexpected) and "MODEL.ARCH_NAME" not in hint_keys:
-            hint_keys.append("MODEL.ARCH_NAME")  # a different model class also renames or drops parameters
+            hint_keys.append("MODEL.ARCH_NAME")
         hints = ", ".join(f"{key}={_config_value(cfg, key)!r}" for key in hint_keys)
         raise CheckpointError(f"{source} does not fit the {type(model).__name__} model built from this config: "
                               f"parameters {'; '.join(parts)}; check that these config keys match the ones used "

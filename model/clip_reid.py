@@ -57,7 +57,7 @@ class CLIP_ReID(CLIP_baseline):
 
     def encode_image_for_prompts(self, images):
         """Projected CLS features (B, D) without side information, the image side of stage 1."""
-        return self.visual.forward_features(images).projected[:, 0]
+        return self.clip.encode_image(images)
 
     def text_features(self, pids):
         """Projected EOT features (B, D) of the prompts of identities ``pids`` (B,)."""
@@ -77,7 +77,8 @@ class CLIP_ReID(CLIP_baseline):
         self.class_text_features.copy_(feats.detach())
         self._class_text_features_set = True
 
-    def _image_side(self, name):
+    @staticmethod
+    def _image_side(name):
         return not name.startswith("clip.") or name.startswith("clip.visual.")
 
     def freeze_for_stage1(self):

@@ -294,3 +294,10 @@ def test_clipreid_stages_run_under_bfloat16_autocast(images, pids):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(images)
     assert tuple(out["i2t_logits"].shape) == (BATCH, NUM_CLASSES) and torch.isfinite(out["i2t_logits"]).all()
+
+
+def test_load_model_weights_names_the_architecture_for_another_model():
+    baseline_weights = build("CLIP_baseline").state_dict()
+    # The image tower's parameters are found under another prefix, so the model class comes first.
+    with pytest.raises(CheckpointError, match=r"missing.*unexpected.*used for training: MODEL\.ARCH_NAME='CLIP_ReID'"):
+        load_model_weights(build("CLIP_ReID"), baseline_weights, tiny_cfg("CLIP_ReID"))
