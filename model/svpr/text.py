@@ -17,6 +17,15 @@ def encode_unique(encode, keys):
     return encode(unique)[inverse]
 
 
+def trim_to_text(tokens, min_length=0):
+    """Drop the padding columns after the last end-of-text token (at least ``min_length`` columns kept).
+
+    Exact for every position up to the end-of-text token: the text transformer is causal, so no position
+    attends to the padding after it.
+    """
+    return tokens[:, :max(int(tokens.argmax(dim=-1).max()) + 1, min_length)]
+
+
 def inverse_net(text_dim, visual_dim):
     """Text-to-image "inverse" network: MLP text_dim -> 4 text_dim -> visual_dim, GELU, dropout 0.1."""
     return Mlp(text_dim, hidden_features=4 * text_dim, out_features=visual_dim, act_layer=nn.GELU, drop=0.1)
@@ -39,8 +48,9 @@ class AttributeTextEncoder(nn.Module):
 
     def encode_captions(self, clip_model, text_tokens):
         """Per-caption pooled text feature (B, D) with the prompts added; no de-duplication."""
-        embeds = clip_model.token_embedding(text_tokens)  # (B, L, W)
         end = PROMPT_START + self.num_prompts
+        text_tokens = trim_to_text(text_tokens, end)
+        embeds = clip_model.token_embedding(text_tokens)  # (B, L, W)
         if self.num_prompts:
             prompt = self.text_prompt.to(embeds.dtype)
             embeds = torch.cat([embeds[:, :PROMPT_START], embeds[:, PROMPT_START:end] + prompt, embeds[:, end:]],

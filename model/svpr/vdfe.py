@@ -7,7 +7,7 @@ from torch import nn
 from model.clip import tokenize
 from model.heads import BNNeckHead
 from model.svpr.layers import SingleKeyAttention, init_linear_trunc_normal
-from model.svpr.text import PROMPT_START, encode_unique, inverse_net
+from model.svpr.text import PROMPT_START, encode_unique, inverse_net, trim_to_text
 from utils.errors import ConfigError
 
 # One word per view id, by the dataset's number of views: CP2108 / CARGO / AG-ReID use 0 ground, 1 aerial;
@@ -27,7 +27,10 @@ def view_words(num_views):
 
 
 def _view_captions(words, num_prompts, context_length):
-    """Token ids (V, L) of "A photo of a X..X person from <word> view." and the word's pooling weights (V, L)."""
+    """Token ids of "A photo of a X..X person from <word> view." and the word's pooling weights, both (V, L').
+
+    L' ends at the longest caption's end-of-text token (see ``trim_to_text``).
+    """
     prefix = "A photo of a " + " ".join(["X"] * num_prompts) + " person from"
     prefix_len = int((tokenize(prefix, context_length=context_length, truncate=True) != 0).sum()) - 1  # no EOT
     tokens, weights = [], []
@@ -40,7 +43,8 @@ def _view_captions(words, num_prompts, context_length):
         weight = torch.zeros(context_length)
         weight[prefix_len:prefix_len + word_len] = 1.0 / word_len
         weights.append(weight)
-    return torch.stack(tokens), torch.stack(weights)
+    tokens = trim_to_text(torch.stack(tokens))  # (V, L') with L' the longest caption
+    return tokens, torch.stack(weights)[:, :tokens.shape[1]]
 
 
 class ViewTextEncoder(nn.Module):
@@ -59,8 +63,8 @@ class ViewTextEncoder(nn.Module):
         self.words = view_words(num_views)
         tokens, weights = _view_captions(self.words, num_prompts, context_length)
         # Token ids, not embeddings: embedding them at run time keeps them in step with the token table.
-        self.register_buffer("caption_tokens", tokens, persistent=False)  # (V, L)
-        self.register_buffer("word_weights", weights, persistent=False)  # (V, L)
+        self.register_buffer("caption_tokens", tokens, persistent=False)  # (V, L')
+        self.register_buffer("word_weights", weights, persistent=False)  # (V, L')
         self.view_prompt = nn.Parameter(torch.randn(1, num_prompts, text_width) * text_width ** -0.5)
         self.word_to_prompt = SingleKeyAttention(text_dim)
         self.fusion = nn.Linear(text_dim * num_prompts, text_dim)
