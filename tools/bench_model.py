@@ -4,7 +4,7 @@
 
 A training step is forward + criterion + backward + optimiser step on a synthetic P x K batch (one caption
 and one attribute vector per identity, alternating views). CUDA with autocast when available, else CPU
-fp32. The last line printed is one JSON object.
+fp32. The two models' timed steps alternate. The last line printed is one JSON object.
 """
 import argparse
 import json
@@ -51,8 +51,8 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(cfg, batch, num_classes, num_views, device, warmup, iters):
-    """(train images/s, inference images/s) of ``cfg.MODEL.ARCH_NAME`` on ``batch``."""
+def make_steps(cfg, batch, num_classes, num_views, device):
+    """(model, train step, inference step) of ``cfg.MODEL.ARCH_NAME`` on ``batch``."""
     attributes = BENCH_ATTRIBUTES if cfg.MODEL.USE_ATTR else ()
     model = build_model(cfg, num_classes, num_cameras=2, num_views=num_views, attributes=attributes).to(device)
     optimizer, _ = make_optimizer(cfg, model)
@@ -79,18 +79,28 @@ def measure(cfg, batch, num_classes, num_views, device, warmup, iters):
         with torch.autocast(device.type, dtype=dtype, enabled=amp):
             model(batch["images"], **inputs)
 
-    rates = []
-    for train, step in ((True, train_step), (False, infer_step)):
-        model.train(train)
-        for _ in range(warmup):
-            step()
-        _sync(device)
-        start = time.perf_counter()
+    return model, train_step, infer_step
+
+
+def measure(candidates, batch_size, device, warmup, iters):
+    """Images/s of each candidate's train and inference step: {name: (train, infer)}.
+
+    The candidates' timed steps alternate, so a change in machine load affects them alike.
+    """
+    seconds = {name: [0.0, 0.0] for name in candidates}
+    for phase, train in ((0, True), (1, False)):
+        for model, *steps in candidates.values():
+            model.train(train)
+            for _ in range(warmup):
+                steps[phase]()
         for _ in range(iters):
-            step()
-        _sync(device)
-        rates.append(iters * batch["images"].shape[0] / (time.perf_counter() - start))
-    return rates
+            for name, (_, *steps) in candidates.items():
+                _sync(device)
+                start = time.perf_counter()
+                steps[phase]()
+                _sync(device)
+                seconds[name][phase] += time.perf_counter() - start
+    return {name: [iters * batch_size / s for s in spent] for name, spent in seconds.items()}
 
 
 def main():
@@ -113,10 +123,11 @@ def main():
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.SOLVER.SEED)
     batch = synthetic_batch(cfg, args.batch, args.num_classes, args.num_views, device)
-    train_rate, infer_rate = measure(cfg, batch, args.num_classes, args.num_views, device, args.warmup, args.iters)
     baseline_cfg = load_config(args.config_file, opts + ["MODEL.ARCH_NAME", "CLIP_baseline"])
-    base_train, base_infer = measure(baseline_cfg, batch, args.num_classes, args.num_views, device, args.warmup,
-                                     args.iters)
+    candidates = {name: make_steps(config, batch, args.num_classes, args.num_views, device)
+                  for name, config in (("model", cfg), ("baseline", baseline_cfg))}
+    rates = measure(candidates, args.batch, device, args.warmup, args.iters)
+    (train_rate, infer_rate), (base_train, base_infer) = rates["model"], rates["baseline"]
     height, width = cfg.INPUT.SIZE_TRAIN
     print(json.dumps({
         "config": args.config_file, "arch": cfg.MODEL.ARCH_NAME, "device": str(device),
