@@ -114,10 +114,14 @@ def main():
     parser.add_argument("--num-classes", type=int, default=500, help="identities of the classifiers")
     parser.add_argument("--num-views", type=int, default=2, help="views of the synthetic batch")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (torch.set_num_threads); 1 avoids OpenMP waits on a busy machine")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE")
     args = parser.parse_args()
     if args.batch < 2 or args.iters < 1 or args.warmup < 0:
         raise ConfigError("--batch must be >= 2, --iters >= 1 and --warmup >= 0")
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
     opts = list(args.opts) + (["MODEL.RANDOM_INIT", "True"] if args.random_weights else [])
     cfg = load_config(args.config_file, opts)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
