@@ -21,13 +21,12 @@ class SideInfoEmbedding(nn.Module):
         """(B, C) side embedding for the given ids, or None when neither cameras nor views are embedded."""
         if not self.enabled:
             return None
+        if (self.num_cameras and camids is None) or (self.num_views and viewids is None):
+            raise ValueError(f"SideInfoEmbedding over {self.num_cameras} cameras and {self.num_views} views "
+                             f"needs camera ids and view ids accordingly, got camids={camids is not None}, "
+                             f"viewids={viewids is not None}")
         if self.num_cameras and self.num_views:
             index = camids * self.num_views + viewids
-        elif self.num_cameras:
-            index = camids
         else:
-            index = viewids
-        if index is None:
-            raise ValueError("SideInfoEmbedding needs "
-                             + ("camera ids" if self.num_cameras else "view ids") + " in forward")
+            index = camids if self.num_cameras else viewids
         return self.coefficient * self.table[index]

@@ -59,9 +59,9 @@ class ResidualAttentionBlock(nn.Module):
         ]))
 
     def forward(self, x):
-        # Residual sums accumulate into the branch outputs (fresh tensors) to spare an allocation each.
-        x = self.attn(self.ln_1(x)).add_(x)
-        return self.mlp(self.ln_2(x)).add_(x)
+        # Out-of-place sums: under autocast the residual stream stays in the wider dtype.
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
