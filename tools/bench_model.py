@@ -139,8 +139,8 @@ def main():
         "amp": device.type == "cuda" and cfg.SOLVER.AMP, "batch": args.batch, "input": [height, width],
         "vision_width": cfg.MODEL.CLIP.VISION_WIDTH if cfg.MODEL.RANDOM_INIT else "checkpoint",
         "threads": torch.get_num_threads(),
-        "train_img_per_s": round(train_rate, 2), "infer_img_per_s": round(infer_rate, 2),
-        "baseline_train_img_per_s": round(base_train, 2), "baseline_infer_img_per_s": round(base_infer, 2),
+        "train_img_per_s": round(train_rate, 3), "infer_img_per_s": round(infer_rate, 3),
+        "baseline_train_img_per_s": round(base_train, 3), "baseline_infer_img_per_s": round(base_infer, 3),
         "svpr_over_baseline_train_cost": round(base_train / train_rate, 3),
         "svpr_over_baseline_infer_cost": round(base_infer / infer_rate, 3),
     }))
