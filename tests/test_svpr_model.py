@@ -27,6 +27,15 @@ TINY = ["MODEL.RANDOM_INIT", "True", "MODEL.CLIP.EMBED_DIM", "64", "MODEL.CLIP.V
 WIDTH = 96
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """One intra-op thread: these tiny tensors gain nothing from two, and waiting for a busy core does cost."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_cfg(*opts):
     return load_config(None, TINY + list(opts))
 

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from configs import load_config
 from tests.conftest import REPO_ROOT, run_script
@@ -11,6 +12,15 @@ from tools.ablation import ROWS, markdown_table, plan_rows, read_results, row_ov
 from utils.errors import DataError
 
 SVPR_CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*", "svpr_reid.yml")))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """One intra-op thread: these tiny tensors gain nothing from two, and waiting for a busy core does cost."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_there_is_an_svpr_config_per_benchmark():
@@ -99,7 +109,7 @@ def test_bench_model_prints_svpr_and_baseline_throughput():
     small = ["MODEL.CLIP.VISION_LAYERS", "2", "MODEL.CLIP.TEXT_LAYERS", "1", "MODEL.TEXT_LEN", "48",
              "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]"]
     result = run_script(["tools/bench_model.py", "--config_file", "configs/Synthetic/svpr_reid.yml", "--batch", "4",
-                         "--iters", "1", "--warmup", "0", *small])
+                         "--iters", "1", "--warmup", "0", "--threads", "1", *small])
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     for key in ("train_img_per_s", "infer_img_per_s", "baseline_train_img_per_s", "baseline_infer_img_per_s"):
