@@ -1,0 +1,92 @@
+"""Attribute-Scattered Mixture of Experts (ASMOE, SPEC 4.5)."""
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp, trunc_normal_
+from timm.layers.activations import QuickGELU
+from torch import nn
+
+from model.heads import BNNeckHead
+from model.svpr.layers import CrossAttention, init_linear_trunc_normal
+
+
+class MixtureOfExperts(nn.Module):
+    """Soft top-k mixture of expert MLPs, every expert evaluated in one batched call.
+
+    Expert e: Linear(C, 4C) -> QuickGELU -> Linear(4C, C) -> QuickGELU -> LayerNorm(eps 1e-6). Gate:
+    softmax over the experts, keep the ``top_k`` largest weights without renormalising them, output
+    ``sum_e w_e * expert_e(x)``. ``forward(x (N, C)) -> (N, C)``. The expert weights are stacked
+    (E, ...) so that all experts run as one matrix product per layer instead of a loop.
+    """
+
+    def __init__(self, dim, num_experts=4, top_k=3, hidden_ratio=4):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"expert top-k {top_k} must be between 1 and the number of experts {num_experts}")
+        hidden = hidden_ratio * dim
+        self.top_k = top_k
+        self.gate = nn.Linear(dim, num_experts)
+        self.fc1_weight = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.fc1_bias = nn.Parameter(torch.zeros(num_experts, 1, hidden))
+        self.fc2_weight = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.fc2_bias = nn.Parameter(torch.zeros(num_experts, 1, dim))
+        self.norm_weight = nn.Parameter(torch.ones(num_experts, 1, dim))
+        self.norm_bias = nn.Parameter(torch.zeros(num_experts, 1, dim))
+        self.act = QuickGELU()
+        # SVPR initialises every expert Linear trunc-normal std 0.02 with zero bias (SPEC 4.5, 4.8).
+        trunc_normal_(self.fc1_weight, std=0.02)
+        trunc_normal_(self.fc2_weight, std=0.02)
+        init_linear_trunc_normal(self.gate)
+
+    def experts(self, x):
+        """Every expert's output (E, N, C) for inputs ``x`` (N, C)."""
+        hidden = self.act(torch.matmul(x, self.fc1_weight) + self.fc1_bias)  # (E, N, 4C)
+        out = self.act(torch.bmm(hidden, self.fc2_weight) + self.fc2_bias)  # (E, N, C)
+        out = F.layer_norm(out, out.shape[-1:], eps=1e-6)
+        return out * self.norm_weight + self.norm_bias
+
+    def gate_weights(self, x):
+        """Top-k softmax gate weights (N, E), zero outside the top k, not renormalised."""
+        probs = self.gate(x).softmax(dim=-1)
+        top = probs.topk(self.top_k, dim=-1)
+        return torch.zeros_like(probs).scatter(-1, top.indices, top.values)
+
+    def forward(self, x):
+        return torch.einsum("ne,enc->nc", self.gate_weights(x), self.experts(x))
+
+
+class AttributeScatterMoE(nn.Module):
+    """ASMOE: one mixture-of-experts feature per attribute, routed into one attribute-aware feature.
+
+    ``forward(f_inv (B, C), patches (B, N, C), text=None (B, C)) -> (f_asmoe (B, C), attr_logits)`` with
+    ``attr_logits`` a list of (B, n_a) in attribute order. ``text`` (the T2I feature of the attribute
+    caption) queries the patches; without it (no text) that term is left out of every attribute input.
+    """
+
+    def __init__(self, dim, attributes, num_experts=4, expert_top_k=3, attr_top_k=0.7, num_heads=8):
+        super().__init__()
+        if not attributes:
+            raise ValueError("AttributeScatterMoE needs at least one attribute")
+        self.attribute_names = tuple(name for name, _ in attributes)
+        self.num_kept = max(1, int(len(attributes) * attr_top_k))
+        self.attribute_prompts = nn.Parameter(torch.randn(1, len(attributes), dim))
+        self.cross_attention = CrossAttention(dim, num_heads)
+        self.moe = MixtureOfExperts(dim, num_experts, expert_top_k)
+        # The reference router: Linear(C, 1) -> GELU -> Linear(1, C), averaged over channels to one score.
+        self.router = Mlp(dim, hidden_features=1, out_features=dim, act_layer=nn.GELU)
+        self.heads = nn.ModuleList(BNNeckHead(dim, num_classes) for _, num_classes in attributes)
+        # SPEC 4.5: the whole module is re-initialised, attribute classifiers included.
+        self.apply(init_linear_trunc_normal)
+
+    def forward(self, f_inv, patches, text=None):
+        batch, dim = f_inv.shape
+        inputs = self.attribute_prompts + f_inv[:, None]  # (B, A, C)
+        if text is not None:
+            inputs = inputs + self.cross_attention(text[:, None], patches)  # (B, 1, C) broadcast over A
+        num_attributes = inputs.shape[1]
+        expert_out = self.moe(inputs.reshape(batch * num_attributes, dim)).view(batch, num_attributes, dim)
+        attr_logits = [head(expert_out[:, a])[0] for a, head in enumerate(self.heads)]
+        scores = self.router(inputs).mean(dim=-1)  # (B, A)
+        top = scores.topk(self.num_kept, dim=-1)
+        kept = expert_out.gather(1, top.indices[..., None].expand(-1, -1, dim))  # (B, k, C)
+        f_asmoe = (top.values.softmax(dim=-1)[..., None] * kept).sum(dim=1)
+        return f_asmoe, attr_logits

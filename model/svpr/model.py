@@ -1,0 +1,138 @@
+"""The SVPR-ReID model: CLIP visual tower + VDFE + ASMOE + CVPR + local weighting, each switchable."""
+import logging
+
+import torch
+from torch import nn
+
+from model.backbone import build_clip_from_config
+from model.clip import SideInfoEmbedding
+from model.heads import BNNeckHead
+from model.registry import register_model
+from model.svpr.asmoe import AttributeScatterMoE
+from model.svpr.cvpr import ContextVisionProgressiveRefinement
+from model.svpr.local import LocalPatchWeighting
+from model.svpr.text import AttributeTextEncoder
+from model.svpr.vdfe import ViewDecoupledFeatureExtractor
+
+logger = logging.getLogger(__name__)
+
+
+@register_model("CLIP_SVPR_ReID")
+class CLIPSVPRReID(nn.Module):
+    """SVPR-ReID (SPEC 4) on a CLIP ViT; ``MODEL.SVPR.{VDFE, ASMOE, CVPR, LOCAL}`` remove whole branches.
+
+    ``forward(images (B, 3, H, W), camids=None, viewids=None, text_tokens=None)``: in training mode a dict
+    (see the model output contract: ``id_logits`` [inv, cvpr, local], ``triplet_feats`` [inv, cvpr, local,
+    penultimate CLS], plus ``view_logits``/``view_feat``/``inv_feat`` with VDFE and ``attr_logits`` with
+    ASMOE); in eval mode the (B, embedding_dim) concatenation of the enabled features
+    [f_inv, f_cvpr, f_local, f_asmoe]. With every switch off it is the CLIP CLS-feature baseline.
+
+    VDFE needs ``viewids``. ASMOE needs MODEL.USE_ATTR and a dataset with attributes (otherwise it is not
+    built); its caption query needs MODEL.USE_TEXT and ``text_tokens`` (without them ASMOE runs without
+    the caption term).
+    """
+
+    def __init__(self, cfg, num_classes, num_cameras=1, num_views=1, attributes=()):
+        super().__init__()
+        svpr = cfg.MODEL.SVPR
+        self.backbone = build_clip_from_config(cfg)
+        visual = self.backbone.visual
+        dim, num_patches = visual.width, visual.num_patches
+        self.num_patches = num_patches
+
+        self.sie = None
+        if cfg.MODEL.SIE_CAMERA or cfg.MODEL.SIE_VIEW:
+            self.sie = SideInfoEmbedding(num_cameras if cfg.MODEL.SIE_CAMERA else 0,
+                                         num_views if cfg.MODEL.SIE_VIEW else 0, dim, cfg.MODEL.SIE_COE)
+
+        self.vdfe = None
+        if svpr.VDFE:
+            self.vdfe = ViewDecoupledFeatureExtractor(num_views, cfg.MODEL.VIEW_PROMPT, self.backbone.text_width,
+                                                      self.backbone.embed_dim, dim, self.backbone.context_length)
+
+        self.asmoe = self.attribute_text = None
+        if svpr.ASMOE and cfg.MODEL.USE_ATTR and attributes:
+            self.asmoe = AttributeScatterMoE(dim, attributes, svpr.NUM_EXPERTS, svpr.EXPERT_TOPK, svpr.ATTR_TOPK)
+            if cfg.MODEL.USE_TEXT:
+                self.attribute_text = AttributeTextEncoder(self.backbone.text_width, self.backbone.embed_dim, dim,
+                                                           cfg.MODEL.TEXT_PROMPT)
+        elif svpr.ASMOE:
+            logger.info("ASMOE not built: %s", "the dataset has no attributes" if cfg.MODEL.USE_ATTR
+                        else "MODEL.USE_ATTR is False")
+
+        self.cvpr = None
+        if svpr.CVPR:
+            self.cvpr = ContextVisionProgressiveRefinement(dim, svpr.CVPR_LAYERS, svpr.CVPR_TOPK,
+                                                           svpr.CVPR_SHARED_BLOCK)
+            self.head_cvpr = BNNeckHead(dim, num_classes)
+        self.patch_update = svpr.PATCH_UPDATE
+
+        self.local = None
+        if svpr.LOCAL:
+            self.local = LocalPatchWeighting(num_patches, dim)
+            self.head_local = BNNeckHead(dim, num_classes)
+
+        self.head = BNNeckHead(dim, num_classes)
+        self._freeze_unused_backbone_parts()
+
+        parts = ["inv" if self.vdfe is not None else "cls"] + [
+            name for name, module in (("cvpr", self.cvpr), ("local", self.local), ("asmoe", self.asmoe))
+            if module is not None]
+        self.embedding_dim = dim * len(parts)
+        logger.info("CLIP_SVPR_ReID: VDFE %s, ASMOE %s (caption query %s), CVPR %s, LOCAL %s; retrieval "
+                    "embedding %d-d = [%s]", self.vdfe is not None, self.asmoe is not None,
+                    self.attribute_text is not None, self.cvpr is not None, self.local is not None,
+                    self.embedding_dim, ", ".join(parts))
+
+    def _freeze_unused_backbone_parts(self):
+        # These never receive a gradient here; freezing them changes nothing numerically (optimisers skip
+        # parameters without gradients) but keeps DDP from waiting for them.
+        self.backbone.logit_scale.requires_grad_(False)
+        self.backbone.visual.proj.requires_grad_(False)
+        if self.vdfe is None and self.attribute_text is None:
+            for module in (self.backbone.token_embedding, self.backbone.transformer, self.backbone.ln_final):
+                module.requires_grad_(False)
+            self.backbone.positional_embedding.requires_grad_(False)
+            self.backbone.text_projection.requires_grad_(False)
+
+    def forward(self, images, camids=None, viewids=None, text_tokens=None):
+        side = self.sie(camids, viewids) if self.sie is not None else None
+        extra = None
+        if self.vdfe is not None:
+            if viewids is None:
+                raise ValueError("CLIP_SVPR_ReID with MODEL.SVPR.VDFE needs the view ids of the images")
+            extra = self.vdfe.view_token(self.backbone, viewids, side)  # (B, 1, C)
+        feats = self.backbone.visual.forward_features(images, side_embed=side, extra_tokens=extra)
+        tokens = feats.tokens  # (B, 1 + N [+ 1], C)
+        f_cls = tokens[:, 0]
+        patches = tokens[:, 1:1 + self.num_patches]  # (B, N, C)
+        outputs = {}
+
+        f_inv = f_cls
+        if self.vdfe is not None:
+            f_inv, f_view, view_logits = self.vdfe(f_cls, tokens[:, 1 + self.num_patches])
+            outputs.update(view_logits=view_logits, view_feat=f_view, inv_feat=f_inv)
+
+        f_asmoe = None
+        if self.asmoe is not None:
+            text = None
+            if self.attribute_text is not None and text_tokens is not None:
+                text = self.attribute_text(self.backbone, text_tokens)
+            f_asmoe, outputs["attr_logits"] = self.asmoe(f_inv, patches, text)
+
+        features = [f_inv]
+        if self.cvpr is not None:
+            f_cvpr, refined = self.cvpr(f_inv, patches, f_asmoe)
+            patches = patches + self.patch_update * refined
+            features.append(f_cvpr)
+        if self.local is not None:
+            features.append(self.local(patches))
+
+        if not self.training:
+            return torch.cat(features + ([f_asmoe] if f_asmoe is not None else []), dim=1)
+
+        heads = [self.head] + ([self.head_cvpr] if self.cvpr is not None else []) + (
+            [self.head_local] if self.local is not None else [])
+        outputs["id_logits"] = [head(feature)[0] for head, feature in zip(heads, features)]
+        outputs["triplet_feats"] = features + [feats.penultimate[:, 0]]
+        return outputs
