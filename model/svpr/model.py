@@ -79,6 +79,7 @@ class CLIPSVPRReID(nn.Module):
             name for name, module in (("cvpr", self.cvpr), ("local", self.local), ("asmoe", self.asmoe))
             if module is not None]
         self.embedding_dim = dim * len(parts)
+        self.feature_dim = dim  # width of triplet_feats[0], the center loss' feature
         logger.info("CLIP_SVPR_ReID: VDFE %s, ASMOE %s (caption query %s), CVPR %s, LOCAL %s; retrieval "
                     "embedding %d-d = [%s]", self.vdfe is not None, self.asmoe is not None,
                     self.attribute_text is not None, self.cvpr is not None, self.local is not None,
