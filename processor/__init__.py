@@ -44,18 +44,24 @@ def _prepare_clip_reid(cfg, model, bundle, device, resume):
 
 
 def _eval_data(cfg, name, bundle=None):
+    """(query+gallery loader, number of queries, view mode) of protocol ``name`` (reusing ``bundle``'s)."""
     if bundle is None or bundle.dataset.name != name:
         bundle = make_dataloaders(cfg, name)
-    return bundle.val_loader, bundle.num_query, bundle.dataset.view_mode, name, bundle.num_gallery
+    return bundle.val_loader, bundle.num_query, bundle.dataset.view_mode
 
 
-def evaluate_protocols(cfg, model, device, train_bundle=None):
-    """Evaluate ``model`` on every protocol of ``DATASETS.TESTS``; return ``{name: metrics}``."""
-    results = {}
+def evaluate_protocols(cfg, model, device, train_bundle=None, known=None):
+    """Evaluate ``model`` on every protocol of ``DATASETS.TESTS``; return ``{name: metrics}``.
+
+    ``known`` maps protocols already evaluated with these exact weights to their metrics.
+    """
+    known, results = known or {}, {}
     for name in cfg.DATASETS.TESTS:
-        loader, num_query, view_mode, _, num_gallery = _eval_data(cfg, name, train_bundle)
-        metrics = evaluate(cfg, model, loader, num_query, device, view_mode, desc=f"test {name}")
-        results[name] = dict(metrics, num_query=num_query, num_gallery=num_gallery)
+        if name in known:
+            results[name] = known[name]
+            continue
+        loader, num_query, view_mode = _eval_data(cfg, name, train_bundle)
+        results[name] = evaluate(cfg, model, loader, num_query, device, view_mode, desc=f"test {name}")
     return results
 
 
@@ -77,8 +83,7 @@ def run_training(cfg, device, resume=False, config_file=None):
         _prepare_clip_reid(cfg, model, bundle, device, resume)
     criterion = build_criterion(cfg, model_args["num_classes"], feat_dim=model.feature_dim).to(device)
     first_test = cfg.DATASETS.TESTS[0]
-    eval_loader, num_query, view_mode, name, _ = _eval_data(cfg, first_test, bundle)
-    trainer = Trainer(cfg, model, criterion, bundle.train_loader, (eval_loader, num_query, view_mode, name),
+    trainer = Trainer(cfg, model, criterion, bundle.train_loader, (*_eval_data(cfg, first_test, bundle), first_test),
                       device, model_args)
     if resume:
         trainer.resume(last_path)
@@ -90,9 +95,11 @@ def run_training(cfg, device, resume=False, config_file=None):
         save_checkpoint(weights_file(cfg, model, model_args, last_epoch), final_path)
     barrier()
     logger.info("best %s mAP during training: %.2f%% at epoch %d (%s); final results use the last epoch's "
-                "weights (%s)", name, 100 * trainer.best["mAP"], trainer.best["epoch"], BEST_CHECKPOINT,
+                "weights (%s)", first_test, 100 * trainer.best["mAP"], trainer.best["epoch"], BEST_CHECKPOINT,
                 FINAL_CHECKPOINT)
-    results = evaluate_protocols(cfg, model, device, bundle)
+    eval_epoch, metrics = trainer.last_eval
+    known = {first_test: metrics} if eval_epoch == last_epoch else None
+    results = evaluate_protocols(cfg, model, device, bundle, known)
     _report(cfg, results, final_path, config_file, last_epoch)
     return results
 

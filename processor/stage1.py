@@ -32,7 +32,11 @@ def extract_prompt_features(cfg, model, loader, device):
     pids = all_gather_tensor(torch.cat(pids))
     order = all_gather_tensor(torch.cat(order))
     sort = torch.argsort(order)
-    return features[sort], pids[sort]
+    order, features, pids = order[sort], features[sort], pids[sort]
+    # The distributed sampler pads the ranks' shares with repeated samples; keep each image once.
+    first = torch.ones_like(order, dtype=torch.bool)
+    first[1:] = order[1:] != order[:-1]
+    return features[first], pids[first]
 
 
 def train_stage1(cfg, model, loader, device):

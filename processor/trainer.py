@@ -8,7 +8,6 @@ import logging
 import os
 import time
 
-import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -49,6 +48,7 @@ class Trainer:
         self.start_epoch = 1
         self.skip_iterations = 0
         self.best = {"mAP": -1.0, "epoch": 0}
+        self.last_eval = (None, None)  # (epoch, metrics) of the latest evaluation on the first test protocol
         self.output_dir = cfg.OUTPUT_DIR
         self.train_model = model
         if is_initialized():
@@ -144,6 +144,7 @@ class Trainer:
     def evaluate_and_keep_best(self, epoch):
         loader, num_query, view_mode, name = self.eval_data
         metrics = evaluate(self.cfg, self.model, loader, num_query, self.device, view_mode, desc=f"eval {name}")
+        self.last_eval = (epoch, metrics)
         improved = metrics["mAP"] > self.best["mAP"]
         if improved:
             self.best = {"mAP": metrics["mAP"], "epoch": epoch}

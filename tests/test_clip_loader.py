@@ -1,6 +1,4 @@
 """load_clip on OpenAI-format weights (TorchScript archive and state dict) against OpenAI's own model."""
-import importlib.util
-import os
 import warnings
 
 import pytest
@@ -12,17 +10,9 @@ from model.backbone import build_clip_from_config
 from model.clip import load_clip, tokenize
 from model.clip.loader import METADATA_KEYS
 from utils.errors import CheckpointError
+from tests.conftest import openai_clip_module
 
-
-def _openai_model_module():
-    folder = importlib.util.find_spec("clip").submodule_search_locations[0]
-    spec = importlib.util.spec_from_file_location("openai_clip_model", os.path.join(folder, "model.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-OPENAI = _openai_model_module()
+OPENAI = openai_clip_module("model")
 
 
 def _with_release_metadata(model, image_resolution):

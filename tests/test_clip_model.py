@@ -1,6 +1,4 @@
 """Our CLIP modules against OpenAI's reference code on small models, and the ReID adaptations."""
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -8,24 +6,16 @@ import torch
 from configs.defaults import get_cfg_defaults
 from model.backbone import build_clip_from_config
 from model.clip import CLIP, SideInfoEmbedding, VisualFeatures, build_clip, tokenize
+from tests.conftest import openai_clip_module
 
 SMALL = dict(embed_dim=64, vision_width=128, vision_layers=3, vision_heads=2, text_width=128, text_heads=2,
              text_layers=2)
-
-
-def _openai_model_module():
-    folder = importlib.util.find_spec("clip").submodule_search_locations[0]
-    spec = importlib.util.spec_from_file_location("openai_clip_model", os.path.join(folder, "model.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def pair():
     """OpenAI's CLIP (64x64 images, patch 16, context 77) and ours with the same weights."""
     torch.manual_seed(0)
-    reference = _openai_model_module().CLIP(64, 64, 3, 128, 16, 77, 49408, 128, 2, 2).eval()
+    reference = openai_clip_module("model").CLIP(64, 64, 3, 128, 16, 77, 49408, 128, 2, 2).eval()
     ours = build_clip(64, image_size=(64, 64), patch_size=16, stride=16, vision_width=128, vision_layers=3,
                       vision_heads=2, text_width=128, text_heads=2, text_layers=2).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)

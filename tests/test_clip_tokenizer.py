@@ -1,6 +1,4 @@
 """The CLIP tokenizer against OpenAI's SimpleTokenizer (test-only openai-clip package)."""
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -8,6 +6,7 @@ import torch
 from model.clip import tokenize
 from model.clip.tokenizer import TokenizerLengthError, get_tokenizer
 from utils.errors import UserError
+from tests.conftest import openai_clip_module
 
 TEXTS = [
     "A photo of a X X X X person.",
@@ -28,12 +27,7 @@ TEXTS = [
 
 
 def _openai_tokenizer():
-    folder = importlib.util.find_spec("clip").submodule_search_locations[0]
-    spec = importlib.util.spec_from_file_location("openai_simple_tokenizer",
-                                                  os.path.join(folder, "simple_tokenizer.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.SimpleTokenizer()
+    return openai_clip_module("simple_tokenizer").SimpleTokenizer()
 
 
 @pytest.fixture(scope="module")

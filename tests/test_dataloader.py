@@ -1,7 +1,5 @@
 """Data pipeline: real loaders with worker processes over real JPEGs, samplers, transforms, bad images."""
 import gzip
-import importlib.util
-import os
 from collections import Counter
 
 import numpy as np
@@ -13,17 +11,12 @@ from configs.defaults import get_cfg_defaults
 from datasets import (ContiguousShardSampler, RandomIdentitySampler, SynthConfig, build_test_transform,
                       build_train_transform, generate_synthag, make_dataloaders, read_image)
 from utils.errors import ConfigError, DataError
+from tests.conftest import openai_clip_module
 
 
 def _openai_tokenizer():
-    """OpenAI's own BPE tokenizer from the openai-clip package (loaded by file: its package needs pkg_resources)."""
-    spec = importlib.util.find_spec("clip")
-    folder = os.path.dirname(spec.origin)
-    module_spec = importlib.util.spec_from_file_location("openai_simple_tokenizer",
-                                                         os.path.join(folder, "simple_tokenizer.py"))
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.SimpleTokenizer()
+    """OpenAI's own BPE tokenizer from the openai-clip package."""
+    return openai_clip_module("simple_tokenizer").SimpleTokenizer()
 
 
 BPE = _openai_tokenizer()

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -132,13 +131,28 @@ def test_clip_reid_runs_both_stages(synth_root, tmp_path):
     assert set(read_results(out)["protocols"]) == {"SynthAG_ALL", "SynthAG_AG", "SynthAG_GA", "SynthAG_AGAG"}
 
 
-def test_svpr_trains_end_to_end(synth_root, tmp_path):
-    out = str(tmp_path / "svpr")
-    check_ok(run_script(["train_svpr.py", "--config_file", SVPR, *tiny(synth_root, out, epochs=1)]))
+def test_quickstart_generates_data_and_trains_svpr(tmp_path):
+    """``python train_svpr.py`` with no config file: generates SynthAG, trains SVPR-ReID, reports."""
+    out, root = str(tmp_path / "svpr"), str(tmp_path / "fresh_data")
+    synth = ["DATASETS.AUTO_GENERATE", "True", "DATASETS.SYNTH.NUM_IDS", "12", "DATASETS.SYNTH.IMAGES_PER_ID", "12",
+             "DATASETS.SYNTH.HEIGHT", "64", "DATASETS.SYNTH.WIDTH", "32"]
+    check_ok(run_script(["train_svpr.py", *tiny(root, out, epochs=1), *synth]))
+    assert os.path.isfile(os.path.join(root, "SynthAG", "train.txt"))
     log = open(os.path.join(out, "train.log"), encoding="utf-8").read()
+    assert "configs/Synthetic/svpr_reid.yml" in log and "CLIP_SVPR_ReID" in log
     for term in ("id ", "triplet", "view", "attr"):
         assert term in log, term
-    assert "SynthAG_AGAG" in read_results(out)["protocols"]
+    assert set(read_results(out)["protocols"]) == {"SynthAG_ALL", "SynthAG_AG", "SynthAG_GA", "SynthAG_AGAG"}
+
+
+def test_ablation_tool_trains_every_row(synth_root, tmp_path):
+    out = str(tmp_path / "ablation")
+    result = run_script(["tools/ablation.py", "--config_file", SVPR, "--epochs", "1", "--output_dir", out,
+                         *tiny(synth_root, str(tmp_path / "unused"))])
+    check_ok(result)
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in table[1:]] == ["baseline", "+VDFE", "+ASMOE", "+CVPR", "+LOCAL"]
+    assert "SynthAG_ALL mAP" in table[0] and "failed" not in result.stdout
 
 
 def _final_weights(output_dir):

@@ -12,7 +12,7 @@ from model.clip import tokenize
 from model.svpr.asmoe import AttributeScatterMoE, MixtureOfExperts
 from model.svpr.cvpr import ContextVisionProgressiveRefinement, gather_tokens, scatter_tokens
 from model.svpr.layers import SingleKeyAttention
-from model.svpr.text import PROMPT_START, AttributeTextEncoder, encode_unique
+from model.svpr.text import PROMPT_START, encode_unique
 from model.svpr.vdfe import VIEW_WORDS, ViewBidirectionalDecoupling, ViewTextEncoder
 from utils.checkpoint import load_checkpoint
 from utils.errors import ConfigError
@@ -27,13 +27,7 @@ TINY = ["MODEL.RANDOM_INIT", "True", "MODEL.CLIP.EMBED_DIM", "64", "MODEL.CLIP.V
 WIDTH = 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: these tiny tensors gain nothing from two, and waiting for a busy core does cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_cfg(*opts):

@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from configs import load_config
 from tests.conftest import REPO_ROOT, run_script
@@ -14,13 +13,7 @@ from utils.errors import DataError
 SVPR_CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*", "svpr_reid.yml")))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: these tiny tensors gain nothing from two, and waiting for a busy core does cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_there_is_an_svpr_config_per_benchmark():
