@@ -196,20 +196,22 @@ class Trainer:
             self.scaler.update()
             self._iteration = iteration
 
+            # Running sums stay on the device: reading them (a GPU sync) happens only when logging.
             for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.item()
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
             count += 1
-            correct += (outputs["id_logits"][0].argmax(1) == batch["pids"]).sum().item()
+            correct = correct + (outputs["id_logits"][0].argmax(1) == batch["pids"]).sum()
             seen += batch["pids"].numel()
             bar.update(1)
             if iteration % log_period == 0 or iteration == num_batches:
                 elapsed = time.time() - start
-                parts = ", ".join(f"{name} {total / count:.3f}" for name, total in sums.items())
+                parts = ", ".join(f"{name} {float(total) / count:.3f}" for name, total in sums.items())
                 logger.info("epoch %d iter %d/%d: loss %.3f (%s), acc %.3f, lr %.2e, %.1f img/s", epoch,
-                            iteration, num_batches, sum(sums.values()) / count, parts, correct / max(seen, 1),
-                            lr, seen * get_world_size() / max(elapsed, 1e-9))
+                            iteration, num_batches, float(sum(sums.values())) / count, parts,
+                            float(correct) / max(seen, 1), lr, seen * get_world_size() / max(elapsed, 1e-9))
         bar.close()
         if count:
             elapsed = time.time() - start
             logger.info("epoch %d done in %.1f s: loss %.3f, acc %.3f, %.1f img/s", epoch, elapsed,
-                        sum(sums.values()) / count, correct / max(seen, 1), seen * get_world_size() / elapsed)
+                        float(sum(sums.values())) / count, float(correct) / max(seen, 1),
+                        seen * get_world_size() / elapsed)
