@@ -28,7 +28,8 @@ _CHOICES = {
 }
 
 
-def _lookup(cfg, dotted):
+def config_value(cfg, dotted):
+    """The value of the dotted key ``dotted`` (e.g. ``"MODEL.SIE_CAMERA"``) in ``cfg``."""
     node = cfg
     for part in dotted.split("."):
         node = node[part]
@@ -37,14 +38,14 @@ def _lookup(cfg, dotted):
 
 def _check_values(cfg):
     for key, allowed in _CHOICES.items():
-        value = _lookup(cfg, key)
+        value = config_value(cfg, key)
         if allowed is not None and value not in allowed:
             raise ConfigError(f"config key {key} = {value!r}: expected one of {', '.join(allowed)}")
     device = cfg.MODEL.DEVICE
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise ConfigError(f"config key MODEL.DEVICE = {device!r}: expected auto, cpu, cuda or cuda:N")
     for key in ("INPUT.SIZE_TRAIN", "INPUT.SIZE_TEST", "MODEL.STRIDE_SIZE"):
-        value = _lookup(cfg, key)
+        value = config_value(cfg, key)
         if len(value) != 2 or any(int(v) <= 0 for v in value):
             raise ConfigError(f"config key {key} = {list(value)}: expected two positive integers [height, width]")
     if list(cfg.INPUT.SIZE_TRAIN) != list(cfg.INPUT.SIZE_TEST):
@@ -102,4 +103,4 @@ def load_config(config_file=None, opts=(), freeze=True):
     return cfg
 
 
-__all__ = ["get_cfg_defaults", "load_config"]
+__all__ = ["config_value", "get_cfg_defaults", "load_config"]

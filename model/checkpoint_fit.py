@@ -1,4 +1,5 @@
 """Strict loading of saved model weights, with a one-line diagnosis when they do not fit the model."""
+from configs import config_value
 from utils.errors import CheckpointError
 
 # Parameter-name fragment -> config keys that decide whether (and with which shape) it exists.
@@ -27,13 +28,6 @@ _NAMES_SHOWN = 3
 
 def _strip_prefix(state_dict, prefix="module."):
     return {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in state_dict.items()}
-
-
-def _config_value(cfg, dotted):
-    node = cfg
-    for part in dotted.split("."):
-        node = node[part]
-    return node
 
 
 def _hints_for(keys):
@@ -92,7 +86,7 @@ def load_model_weights(model, state_dict, cfg, source="checkpoint"):
                 hint_keys.append(key)
         if (missing or unexpected) and "MODEL.ARCH_NAME" not in hint_keys:
             hint_keys.append("MODEL.ARCH_NAME")
-        hints = ", ".join(f"{key}={_config_value(cfg, key)!r}" for key in hint_keys)
+        hints = ", ".join(f"{key}={config_value(cfg, key)!r}" for key in hint_keys)
         raise CheckpointError(f"{source} does not fit the {type(model).__name__} model built from this config: "
                               f"parameters {'; '.join(parts)}; check that these config keys match the ones used "
                               f"for training: {hints}")
