@@ -3,9 +3,13 @@ import logging
 import time
 
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from datasets import ImageDataset, Sample, build_test_transform, collate
+from datasets.bases import text_prompt_stub
 from processor.common import autocast, model_inputs, show_progress, to_device, unwrap
+from processor.model_io import load_trained_model
 from utils.distributed import get_rank
 from utils.metrics import ReIDEvaluator
 
@@ -47,10 +51,6 @@ class FeatureExtractor:
     """
 
     def __init__(self, cfg, weight, device=None):
-        from datasets import build_test_transform
-        from datasets.bases import text_prompt_stub
-        from processor.model_io import load_trained_model
-
         self.cfg = cfg
         self.device = device or torch.device("cpu")
         self.model, self.epoch = load_trained_model(cfg, weight, self.device)
@@ -59,10 +59,6 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def __call__(self, paths, viewid=0, batch_size=64):
-        from torch.utils.data import DataLoader
-
-        from datasets import ImageDataset, Sample, collate
-
         samples = [Sample(path, -1, 0, viewid, 0, self.text, None) for path in paths]
         loader = DataLoader(ImageDataset(samples, self.transform, text_len=self.cfg.MODEL.TEXT_LEN),
                             batch_size=batch_size, collate_fn=collate)

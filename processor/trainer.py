@@ -47,6 +47,8 @@ class Trainer:
         self.scaler = make_grad_scaler(cfg, device)
         self.start_epoch = 1
         self.skip_iterations = 0
+        self._rng_to_restore = None  # RNG state of a resumed checkpoint, restored where the run stopped
+        self._iteration = 0  # batches trained in the current epoch (saved on Ctrl-C)
         self.best = {"mAP": -1.0, "epoch": 0}
         self.last_eval = (None, None)  # (epoch, metrics) of the latest evaluation on the first test protocol
         self.output_dir = cfg.OUTPUT_DIR
@@ -113,7 +115,7 @@ class Trainer:
         """Train from ``start_epoch`` to ``SOLVER.MAX_EPOCHS``; return the number of the last epoch."""
         cfg = self.cfg
         max_epochs = cfg.SOLVER.MAX_EPOCHS
-        rng_state = getattr(self, "_rng_to_restore", None)
+        rng_state = self._rng_to_restore
         if rng_state is not None and not self.skip_iterations:
             set_rng_state(rng_state)
             rng_state = None
