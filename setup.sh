@@ -35,13 +35,15 @@ STAMP="$STAMP_DIR/.svpr-setup-stamp"
 DIGEST="$( (cat "${FILES[@]}"; echo "dev=$WANT_DEV $FASTREID_SPEC"; "$PY" -V) | sha256sum | cut -d' ' -f1)"
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$DIGEST" ]] \
-   && "$PY" -c 'import torch, torchvision, timm, yacs, ftfy, regex, numpy, PIL, tqdm' 2>/dev/null; then
+   && (cd / && "$PY" -c 'import torch, torchvision, timm, yacs, ftfy, regex, numpy, PIL, tqdm, configs') 2>/dev/null; then
     echo "setup: up to date ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"
     exit 0
 fi
 
 "$PY" -m pip install --quiet --upgrade pip
 "$PY" -m pip install --quiet -r requirements.txt -c constraints.txt
+# The repository itself, editable: its packages import from any folder (tools/, notebooks, ...).
+"$PY" -m pip install --quiet --no-deps --config-settings editable_mode=compat -e .
 if [[ $WANT_DEV == 1 ]]; then
     "$PY" -m pip install --quiet -r requirements-dev.txt -c constraints.txt
     "$PY" -m pip install --quiet --no-deps "$FASTREID_SPEC"

@@ -2,7 +2,8 @@
 
     python test_svpr.py --config_file configs/CP2108/svpr_reid.yml TEST.WEIGHT outputs/cp2108_svpr/model_best.pth
 """
-from utils.cli import build_parser, prepare_run, run_main
+from processor.launch import build_parser, prepare_run
+from utils.entrypoint import run_main
 
 
 def main():

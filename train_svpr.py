@@ -4,7 +4,8 @@
     python train_svpr.py --config_file configs/CP2108/svpr_reid.yml MODEL.PRETRAIN_PATH ViT-B-16.pt
     torchrun --nproc_per_node=4 train_svpr.py --config_file ...
 """
-from utils.cli import build_parser, prepare_run, run_main
+from processor.launch import build_parser, prepare_run
+from utils.entrypoint import run_main
 
 
 def main():

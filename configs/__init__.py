@@ -13,7 +13,6 @@ from utils.errors import ConfigError
 # Keys whose value must be one of a fixed set.
 _CHOICES = {
     "MODEL.DEVICE": None,  # checked by _check_device: auto, cpu, cuda or cuda:N
-    "MODEL.ARCH_NAME": ("CLIP_SVPR_ReID", "CLIP_ReID", "CLIP_baseline"),
     "MODEL.IF_LABELSMOOTH": ("on", "off"),
     "MODEL.IF_WITH_CENTER": ("yes", "no"),
     "MODEL.METRIC_LOSS_TYPE": ("triplet", "triplet_center"),

@@ -3,14 +3,14 @@ their evaluation protocols, the synthetic SynthAG benchmark, transforms, identit
 """
 from .bases import AERIAL, GROUND, Protocol, ReIDDataset, Sample, format_statistics
 from .loader import DataBundle, ImageDataset, collate, make_dataloaders
-from .registry import available_datasets, build_dataset, get_dataset_class, register_dataset
+from .registry import DATASETS, build_dataset, register_dataset
 from .samplers import ContiguousShardSampler, DistributedRandomIdentitySampler, RandomIdentitySampler
 from .synthetic import SynthConfig, generate_synthag
 from .transforms import build_test_transform, build_train_transform, read_image
 
 __all__ = [
     "AERIAL", "GROUND", "Protocol", "ReIDDataset", "Sample", "format_statistics", "DataBundle", "ImageDataset",
-    "collate", "make_dataloaders", "available_datasets", "build_dataset", "get_dataset_class", "register_dataset",
+    "collate", "make_dataloaders", "DATASETS", "build_dataset", "register_dataset",
     "ContiguousShardSampler", "DistributedRandomIdentitySampler", "RandomIdentitySampler", "SynthConfig",
     "generate_synthag", "build_test_transform", "build_train_transform", "read_image",
 ]

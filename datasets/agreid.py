@@ -11,6 +11,7 @@ import re
 
 import numpy as np
 
+from text import prompts
 from utils.errors import DataError
 
 from .bases import AERIAL, GROUND, Protocol, ReIDDataset, Sample, list_images
@@ -150,16 +151,16 @@ class AGReIDBase(ReIDDataset):
 
     def annotate(self, sample, split):
         if split != "train":
-            return f"{self.prompt}. Attributes are unknown.", None
+            return prompts.test_caption(self.num_prompt_words, prompts.ATTRIBUTES_UNKNOWN), None
         labels = self.attribute_labels.get(sample.pid) if self.attribute_labels is not None else None
         if self.attribute_labels is not None and labels is None:
             raise DataError(f"attribute file '{self.attribute_path}' has no row for identity {sample.pid} "
                             f"(image '{sample.path}')")
         text = None
         if self.use_text:
-            described = ", ".join(f"{name} is {classes[label]}"
-                                  for (name, classes), label in zip(QUT_ATTRIBUTES, labels))
-            text = f"{self.prompt} with the following attributes: {described}."
+            described = prompts.describe_attributes(
+                (name, classes[label]) for (name, classes), label in zip(QUT_ATTRIBUTES, labels))
+            text = prompts.attribute_caption(self.num_prompt_words, described)
         return text, labels
 
 

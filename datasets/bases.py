@@ -43,11 +43,6 @@ class Protocol:
     view_mode: str = "mix"
 
 
-def text_prompt_stub(num_prompt_words):
-    """``"A photo of a X X X X  person"`` with ``num_prompt_words`` learnable X words (double space kept)."""
-    return f"A photo of a {'X ' * num_prompt_words} person"
-
-
 def list_images(folder):
     """Sorted absolute paths of every image below ``folder`` (recursive)."""
     found = []
@@ -86,7 +81,7 @@ class ReIDDataset:
         self.use_text = bool(use_text)
         self.use_attr = bool(use_attr)
         self.text_type = text_type
-        self.prompt = text_prompt_stub(text_prompt)
+        self.num_prompt_words = text_prompt
         self.name = self.registry_name or type(self).__name__
         self.view_mode = self.protocol.view_mode
 

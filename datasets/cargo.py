@@ -6,6 +6,7 @@ cameras 1-5 are aerial, 6-13 ground. CARGO has no attribute annotations.
 import os
 import re
 
+from text import prompts
 from utils.errors import DataError
 
 from .bases import AERIAL, GROUND, Protocol, ReIDDataset, Sample, list_images
@@ -44,7 +45,7 @@ class CARGOBase(ReIDDataset):
         return [Sample(path, *parse_cargo_name(path)) for path in list_images(folder)]
 
     def annotate(self, sample, split):
-        return f"{self.prompt}. Attributes are not available.", None
+        return prompts.test_caption(self.num_prompt_words, prompts.ATTRIBUTES_NOT_AVAILABLE), None
 
 
 @register_dataset("CARGO")

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 
+from text import prompts
 from utils.errors import DataError
 
 from .bases import AERIAL, GROUND, Protocol, ReIDDataset, Sample
@@ -197,13 +198,14 @@ class CP2108Format(ReIDDataset):
         text = None
         if self.use_text:
             if split != "train":
-                text = f"{self.prompt}."
+                text = prompts.test_caption(self.num_prompt_words)
             elif self.text_type == "captions":
-                text = f"{self.prompt} with the following attributes: " \
-                       f"{self.captions.lookup(sample.pid, sample.viewid, sample.timeid)}"
+                caption = self.captions.lookup(sample.pid, sample.viewid, sample.timeid)
+                text = prompts.attribute_caption(self.num_prompt_words, caption)
             else:
-                described = ", ".join(f"{name.replace(' ', '_')} is {values[name]}" for name in self.attribute_names)
-                text = f"{self.prompt} with the following attributes: {described}."
+                described = prompts.describe_attributes(
+                    (name.replace(" ", "_"), values[name]) for name in self.attribute_names)
+                text = prompts.attribute_caption(self.num_prompt_words, described)
         return text, attrs
 
 

@@ -8,20 +8,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
+from text import tokenize
 from utils import distributed
 from utils.device import resolve_device
 from utils.errors import ConfigError, DataError
 
-from .registry import build_dataset, get_dataset_class
+from .registry import DATASETS, build_dataset
 from .samplers import ContiguousShardSampler, RandomIdentitySampler
 from .transforms import build_test_transform, build_train_transform, read_image
-
-
-def clip_tokenize(texts, context_length, truncate=True):
-    """CLIP's tokenizer (``model.clip.tokenize``), imported only when texts are used."""
-    from model.clip import tokenize
-
-    return tokenize(texts, context_length=context_length, truncate=truncate)
 
 
 class ImageDataset(Dataset):
@@ -31,7 +25,7 @@ class ImageDataset(Dataset):
     Items are dicts; :func:`collate` turns a list of them into a batch.
     """
 
-    def __init__(self, samples, transform, tokenizer=clip_tokenize, text_len=77):
+    def __init__(self, samples, transform, tokenizer=tokenize, text_len=77):
         self.samples = list(samples)
         self.transform = transform
         has_text = {s.text is not None for s in self.samples}
@@ -107,14 +101,14 @@ def _per_rank(total, world_size, key):
     return total // world_size
 
 
-def make_dataloaders(cfg, dataset_name=None, tokenizer=clip_tokenize):
+def make_dataloaders(cfg, dataset_name=None, tokenizer=tokenize):
     """Build the dataset ``dataset_name`` (default ``DATASETS.NAMES``) and its loaders (see :class:`DataBundle`).
 
     Under torchrun the P x K batches and the evaluation set are shared between the processes.
     ``tokenizer`` turns texts into (N, MODEL.TEXT_LEN) token ids (default: CLIP's).
     """
     name = dataset_name or cfg.DATASETS.NAMES
-    get_dataset_class(name).prepare(cfg.DATASETS.ROOT_DIR, cfg)
+    DATASETS.get(name).prepare(cfg.DATASETS.ROOT_DIR, cfg)
     dataset = build_dataset(name, cfg.DATASETS.ROOT_DIR, version=cfg.DATASETS.VERSION, use_text=cfg.MODEL.USE_TEXT,
                             use_attr=cfg.MODEL.USE_ATTR, text_type=cfg.MODEL.TEXT_TYPE,
                             text_prompt=cfg.MODEL.TEXT_PROMPT, verbose=distributed.is_main_process())

@@ -1,6 +1,7 @@
-"""Models: the CLIP backbone and tokenizer (``model/clip``), the SVPR-ReID components (``model/svpr``),
-the CLIP-ReID baselines, and a registry that builds any of them by ``MODEL.ARCH_NAME``.
+"""Models: the CLIP backbone (``model/clip``), the SVPR-ReID components (``model/svpr``), the CLIP-ReID
+baselines, the model contract (``model/contract.py``) and the registry that builds them by ``MODEL.ARCH_NAME``.
 """
-from model.registry import available_models, build_model, register_model
+from model.contract import LossSpec, ModelOutput, ReIDModel
+from model.registry import MODELS, build_model, register_model
 
-__all__ = ["available_models", "build_model", "register_model"]
+__all__ = ["LossSpec", "MODELS", "ModelOutput", "ReIDModel", "build_model", "register_model"]

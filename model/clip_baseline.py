@@ -5,17 +5,19 @@ sees CLIP-ReID's three features (penultimate CLS, CLS, projected CLS); retrieval
 pre-BN CLS and projected CLS (C + D).
 """
 import torch
-from torch import nn
 
 from model.backbone import build_clip_from_config
 from model.clip import SideInfoEmbedding
+from model.contract import LossSpec, ModelOutput, ReIDModel
 from model.heads import BNNeckHead
 from model.registry import register_model
 
 
 @register_model("CLIP_baseline")
-class CLIP_baseline(nn.Module):
+class CLIP_baseline(ReIDModel):
     """CLIP image encoder with optional side-information embedding (SIE) and two BNNeck heads."""
+
+    batch_inputs = ("camids", "viewids")
 
     def __init__(self, cfg, num_classes, num_cameras=1, num_views=1, attributes=()):
         super().__init__()
@@ -30,7 +32,12 @@ class CLIP_baseline(nn.Module):
         self.head_cls = BNNeckHead(width, num_classes)
         self.head_proj = BNNeckHead(proj_dim, num_classes)
         self.embedding_dim = width + proj_dim
-        self.feature_dim = width  # width of triplet_feats[0], the center loss' feature
+        self.feature_dim = width
+
+    def loss_specs(self, cfg):
+        """Identity and triplet losses summed over the branches."""
+        return [LossSpec("id", cfg.MODEL.ID_LOSS_WEIGHT, {"reduction": "sum"}),
+                LossSpec("triplet", cfg.MODEL.TRIPLET_LOSS_WEIGHT, {"reduction": "sum"})]
 
     def _attach_backbone(self, clip):
         # Only the image tower is kept: unused text parameters would idle in the optimiser and break DDP.
@@ -46,12 +53,12 @@ class CLIP_baseline(nn.Module):
         feats = self.visual.forward_features(images, side_embed=self._side_embedding(camids, viewids))
         return feats.penultimate[:, 0], feats.tokens[:, 0], feats.projected[:, 0]
 
-    def forward(self, images, camids=None, viewids=None, text_tokens=None):
-        """Training: dict with ``id_logits`` and ``triplet_feats``; eval: (B, C + D) embedding."""
+    def forward(self, images, camids=None, viewids=None):
+        """Training: ``ModelOutput`` (logits of the CLS and projected-CLS heads; triplet features penultimate
+        CLS, CLS, projected CLS); eval: (B, C + D) embedding."""
         penultimate_cls, cls, proj_cls = self.image_features(images, camids, viewids)
         if not self.training:
             return torch.cat([cls, proj_cls], dim=1)
-        logits_cls, _ = self.head_cls(cls)
-        logits_proj, _ = self.head_proj(proj_cls)
-        return {"id_logits": [logits_cls, logits_proj],
-                "triplet_feats": [penultimate_cls, cls, proj_cls]}
+        logits = {"cls": self.head_cls(cls)[0], "proj": self.head_proj(proj_cls)[0]}
+        features = {"penultimate": penultimate_cls, "cls": cls, "proj": proj_cls}
+        return ModelOutput(logits, features)

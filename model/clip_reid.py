@@ -10,27 +10,28 @@ CLIP-ReID: neither normalisation nor a logit scale).
 import torch
 from torch import nn
 
-from model.clip import tokenize
+from text import prompts, tokenize
 from model.clip_baseline import CLIP_baseline
+from model.contract import LossSpec
 from model.registry import register_model
 
-PROMPT_PREFIX = "A photo of a"
-PROMPT_TEMPLATE = "A photo of a X X X X person."
-NUM_CONTEXT_TOKENS = 4  # the four "X" words of the template
+NUM_CONTEXT_TOKENS = prompts.CLIP_REID_CONTEXT_WORDS
 
 
 @register_model("CLIP_ReID")
 class CLIP_ReID(CLIP_baseline):
     """The CLIP-ReID image side (as ``CLIP_baseline``) plus the frozen text tower and per-identity prompts."""
 
+    training_phases = ("prompt_learning",)
+
     def __init__(self, cfg, num_classes, num_cameras=1, num_views=1, attributes=()):
         super().__init__(cfg, num_classes, num_cameras, num_views, attributes)
         context_length = self.clip.context_length
         # The template is tokenized at the backbone's own context length, so any MODEL.TEXT_LEN works.
-        self.register_buffer("prompt_tokens", tokenize(PROMPT_TEMPLATE, context_length=context_length),
+        self.register_buffer("prompt_tokens", tokenize(prompts.CLIP_REID_TEMPLATE, context_length=context_length),
                              persistent=False)  # (1, L)
         # The prefix's EOT index is the number of tokens before the first X (SOT included).
-        self.context_start = int(tokenize(PROMPT_PREFIX, context_length=context_length).argmax(-1))
+        self.context_start = int(tokenize(prompts.CLIP_REID_PREFIX, context_length=context_length).argmax(-1))
         self.cls_ctx = nn.Parameter(torch.empty(num_classes, NUM_CONTEXT_TOKENS, self.clip.text_width))
         nn.init.normal_(self.cls_ctx, std=0.02)
         # Stage 2's fixed text features of every identity; a buffer so that checkpoints carry them.
@@ -41,6 +42,10 @@ class CLIP_ReID(CLIP_baseline):
 
     def _attach_backbone(self, clip):
         self.clip = clip
+
+    def loss_specs(self, cfg):
+        """CLIP_baseline's losses plus the image-to-text cross-entropy."""
+        return CLIP_baseline.loss_specs(self, cfg) + [LossSpec("i2t", cfg.MODEL.I2T_LOSS_WEIGHT)]
 
     @property
     def visual(self):
@@ -96,14 +101,14 @@ class CLIP_ReID(CLIP_baseline):
                          and id(param) not in prompt_ids)
             param.requires_grad_(trainable)
 
-    def forward(self, images, camids=None, viewids=None, text_tokens=None):
-        """As ``CLIP_baseline`` plus ``i2t_logits`` (B, num_classes) in training mode."""
+    def forward(self, images, camids=None, viewids=None):
+        """As ``CLIP_baseline`` plus ``aux["i2t_logits"]`` (B, num_classes) in training mode."""
         outputs = super().forward(images, camids, viewids)
         if not self.training:
             return outputs
         if not self._class_text_features_set:
             raise RuntimeError("CLIP_ReID: call set_class_text_features() (stage 2 text features of all "
                                "identities) before training forward passes")
-        proj_cls = outputs["triplet_feats"][-1]
-        outputs["i2t_logits"] = proj_cls @ self.class_text_features.to(proj_cls.dtype).t()
+        proj_cls = outputs.features["proj"]
+        outputs.aux["i2t_logits"] = proj_cls @ self.class_text_features.to(proj_cls.dtype).t()
         return outputs

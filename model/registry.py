@@ -1,33 +1,13 @@
-"""Model registry: every model is built by its ``MODEL.ARCH_NAME``.
+"""Model registry: ``MODEL.ARCH_NAME`` -> model class (see ``model/contract.py``).
 
-Built-in models live in their own modules and are imported on first use; a new model registers itself
-with ``@register_model("Name")`` in one file (import that file before calling ``build_model``).
+A new model registers itself in its own file with ``@MODELS.register("Name")``; the built-in model
+modules below are imported on the first lookup.
 """
-import importlib
+from utils.registry import Registry
 
-from utils.errors import ConfigError
-
-_MODELS = {}
-# Built-in architecture -> module that registers it.
-_BUILTIN_MODULES = {
-    "CLIP_baseline": "model.clip_baseline",
-    "CLIP_ReID": "model.clip_reid",
-    "CLIP_SVPR_ReID": "model.svpr",
-}
-
-
-def register_model(name):
-    """Class decorator adding a model class to the registry under ``name``."""
-
-    def wrap(cls):
-        _MODELS[name] = cls
-        return cls
-
-    return wrap
-
-
-def available_models():
-    return sorted(set(_MODELS) | set(_BUILTIN_MODULES))
+MODELS = Registry("model", "MODEL.ARCH_NAME",
+                  builtin_modules=("model.clip_baseline", "model.clip_reid", "model.svpr"))
+register_model = MODELS.register
 
 
 def build_model(cfg, num_classes, num_cameras=1, num_views=1, attributes=()):
@@ -36,10 +16,6 @@ def build_model(cfg, num_classes, num_cameras=1, num_views=1, attributes=()):
     ``attributes`` is a sequence of ``(attribute_name, number_of_classes)`` pairs in label order (the
     dataset's annotation; empty for datasets without attributes).
     """
-    name = cfg.MODEL.ARCH_NAME
-    if name not in _MODELS and name in _BUILTIN_MODULES:
-        importlib.import_module(_BUILTIN_MODULES[name])
-    if name not in _MODELS:
-        raise ConfigError(f"config key MODEL.ARCH_NAME = {name!r}: expected one of {', '.join(available_models())}")
-    return _MODELS[name](cfg, num_classes=num_classes, num_cameras=num_cameras, num_views=num_views,
-                         attributes=tuple(attributes))
+    model_class = MODELS.get(cfg.MODEL.ARCH_NAME)
+    return model_class(cfg, num_classes=num_classes, num_cameras=num_cameras, num_views=num_views,
+                       attributes=tuple(tuple(item) for item in attributes))

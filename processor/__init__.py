@@ -1,5 +1,5 @@
-"""Training and evaluation loops: CLIP-ReID stage 1 (prompt learning), stage 2 / single-stage ReID
-fine-tuning, and inference over the test protocols.
+"""The engine: training phases (e.g. CLIP-ReID's prompt learning), the training loop with its hooks, and
+inference over the test protocols.
 
 ``run_training`` and ``run_testing`` are what ``train_svpr.py`` and ``test_svpr.py`` call.
 """
@@ -8,39 +8,17 @@ import os
 
 from datasets import make_dataloaders
 from loss import build_criterion
-from model.checkpoint_fit import load_model_weights
+from processor.hooks import BEST_CHECKPOINT, FINAL_CHECKPOINT, LAST_CHECKPOINT, weights_file
 from processor.inference import evaluate
 from processor.model_io import build_from_args, load_trained_model, model_args_from_dataset
-from processor.stage1 import compute_class_text_features, train_stage1
-from processor.trainer import BEST_CHECKPOINT, FINAL_CHECKPOINT, LAST_CHECKPOINT, Trainer, weights_file
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from processor.phases import PHASES
+from processor.trainer import Trainer
+from utils.checkpoint import save_checkpoint
 from utils.distributed import barrier, is_main_process
 from utils.errors import ConfigError
 from utils.report import format_table, write_results
 
 logger = logging.getLogger(__name__)
-
-STAGE1_CHECKPOINT = "stage1.pth"
-
-
-def _prepare_clip_reid(cfg, model, bundle, device, resume):
-    """Stage 1 (or its saved result) and the class text features stage 2 needs."""
-    stage1_path = os.path.join(cfg.OUTPUT_DIR, STAGE1_CHECKPOINT)
-    if resume and os.path.isfile(stage1_path):
-        model.load_state_dict(load_checkpoint(stage1_path, map_location=device)["model"])
-        logger.info("stage 1: loaded this run's result from %s", stage1_path)
-    elif cfg.SOLVER.STAGE1.TRAIN:
-        train_stage1(cfg, model, bundle.train_loader_stage1, device)
-        if is_main_process():
-            save_checkpoint({"model": model.state_dict()}, stage1_path)
-    elif cfg.SOLVER.STAGE1.PRETRAIN_PATH:
-        state = load_checkpoint(cfg.SOLVER.STAGE1.PRETRAIN_PATH, map_location=device)
-        load_model_weights(model, state.get("model", state), cfg)
-        logger.info("stage 1: loaded prompts from %s", cfg.SOLVER.STAGE1.PRETRAIN_PATH)
-    else:
-        raise ConfigError("MODEL.ARCH_NAME CLIP_ReID needs SOLVER.STAGE1.TRAIN True or a "
-                          "SOLVER.STAGE1.PRETRAIN_PATH with stage-1 weights")
-    model.set_class_text_features(compute_class_text_features(cfg, model, bundle.dataset.num_train_pids, device))
 
 
 def _eval_data(cfg, name, bundle=None):
@@ -79,9 +57,9 @@ def run_training(cfg, device, resume=False, config_file=None):
     model = build_from_args(cfg, model_args, device)
     last_path = os.path.join(cfg.OUTPUT_DIR, LAST_CHECKPOINT)
     resume = resume and os.path.isfile(last_path)
-    if cfg.MODEL.ARCH_NAME == "CLIP_ReID":
-        _prepare_clip_reid(cfg, model, bundle, device, resume)
-    criterion = build_criterion(cfg, model_args["num_classes"], feat_dim=model.feature_dim).to(device)
+    for phase in model.training_phases:
+        PHASES.get(phase)(cfg, model, bundle, device).run(resume)
+    criterion = build_criterion(cfg, model, model_args["num_classes"]).to(device)
     first_test = cfg.DATASETS.TESTS[0]
     trainer = Trainer(cfg, model, criterion, bundle.train_loader, (*_eval_data(cfg, first_test, bundle), first_test),
                       device, model_args)

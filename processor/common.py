@@ -34,8 +34,3 @@ def to_device(batch, device):
 def show_progress(rank):
     """tqdm bars only on rank 0 and only when stderr is a terminal."""
     return rank == 0 and sys.stderr.isatty()
-
-
-def model_inputs(batch):
-    """Keyword arguments of a model's forward taken from a batch dict."""
-    return {"camids": batch["camids"], "viewids": batch["viewids"], "text_tokens": batch.get("text_tokens")}

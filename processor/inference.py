@@ -7,8 +7,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets import ImageDataset, Sample, build_test_transform, collate
-from datasets.bases import text_prompt_stub
-from processor.common import autocast, model_inputs, show_progress, to_device, unwrap
+from text import prompts
+from processor.common import autocast, show_progress, to_device, unwrap
 from processor.model_io import load_trained_model
 from utils.distributed import get_rank
 from utils.metrics import ReIDEvaluator
@@ -30,7 +30,7 @@ def evaluate(cfg, model, val_loader, num_query, device, view_mode="mix", desc="e
     for batch in batches:
         batch = to_device(batch, device)
         with autocast(cfg, device):
-            features = model(batch["images"], **model_inputs(batch))
+            features = model(batch["images"], **unwrap(model).forward_inputs(batch))
         evaluator.update(features.float(), batch["pids"], batch["camids"], batch["viewids"], batch["timeids"],
                          index=batch["index"], paths=batch.get("paths"))
         num_images += batch["pids"].numel()
@@ -55,7 +55,7 @@ class FeatureExtractor:
         self.device = device or torch.device("cpu")
         self.model, self.epoch = load_trained_model(cfg, weight, self.device)
         self.transform = build_test_transform(cfg)
-        self.text = f"{text_prompt_stub(cfg.MODEL.TEXT_PROMPT)}." if cfg.MODEL.USE_TEXT else None
+        self.text = prompts.test_caption(cfg.MODEL.TEXT_PROMPT) if cfg.MODEL.USE_TEXT else None
 
     @torch.no_grad()
     def __call__(self, paths, viewid=0, batch_size=64):
@@ -66,5 +66,5 @@ class FeatureExtractor:
         for batch in loader:
             batch = to_device(batch, self.device)
             with autocast(self.cfg, self.device):
-                features.append(self.model(batch["images"], **model_inputs(batch)).float().cpu())
+                features.append(self.model(batch["images"], **self.model.forward_inputs(batch)).float().cpu())
         return torch.cat(features) if features else torch.empty(0, self.model.embedding_dim)

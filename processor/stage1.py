@@ -1,18 +1,24 @@
-"""CLIP-ReID stage 1: learn identity-specific text prompts against frozen image and text encoders.
+"""CLIP-ReID stage 1 as the training phase "prompt_learning": learn identity-specific text prompts against
+frozen image and text encoders, then fix every identity's text feature for stage 2.
 
 Image features never change in this stage (both encoders are frozen and in eval mode), so they are
 computed once and cached; every epoch then only runs the text encoder over the prompts of a batch.
 """
 import logging
+import os
 import time
 
 import torch
 from tqdm import tqdm
 
 from loss import SupConLoss
+from model.checkpoint_fit import load_model_weights
 from processor.common import autocast, make_grad_scaler, show_progress, to_device, unwrap
+from processor.phases import register_phase
 from solver import make_stage1_optimizer, make_stage1_scheduler
-from utils.distributed import all_gather_tensor, get_rank
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.distributed import all_gather_tensor, get_rank, is_main_process
+from utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -86,3 +92,36 @@ def compute_class_text_features(cfg, model, num_classes, device):
         with autocast(cfg, device):
             chunks.append(model.text_features(labels).float())
     return torch.cat(chunks)
+
+
+STAGE1_CHECKPOINT = "stage1.pth"
+
+
+@register_phase("prompt_learning")
+class PromptLearning:
+    """Stage 1 of CLIP-ReID: train the prompts (SOLVER.STAGE1.TRAIN), or load them from
+    SOLVER.STAGE1.PRETRAIN_PATH, or (resuming) from this run's ``stage1.pth``; then set the class text
+    features stage 2 classifies against."""
+
+    def __init__(self, cfg, model, data, device):
+        self.cfg, self.model, self.data, self.device = cfg, model, data, device
+        self.path = os.path.join(cfg.OUTPUT_DIR, STAGE1_CHECKPOINT)
+
+    def run(self, resume=False):
+        cfg, model, device = self.cfg, self.model, self.device
+        if resume and os.path.isfile(self.path):
+            model.load_state_dict(load_checkpoint(self.path, map_location=device)["model"])
+            logger.info("stage 1: loaded this run's result from %s", self.path)
+        elif cfg.SOLVER.STAGE1.TRAIN:
+            train_stage1(cfg, model, self.data.train_loader_stage1, device)
+            if is_main_process():
+                save_checkpoint({"model": model.state_dict()}, self.path)
+        elif cfg.SOLVER.STAGE1.PRETRAIN_PATH:
+            state = load_checkpoint(cfg.SOLVER.STAGE1.PRETRAIN_PATH, map_location=device)
+            load_model_weights(model, state.get("model", state), cfg)
+            logger.info("stage 1: loaded prompts from %s", cfg.SOLVER.STAGE1.PRETRAIN_PATH)
+        else:
+            raise ConfigError(f"MODEL.ARCH_NAME {cfg.MODEL.ARCH_NAME} learns prompts first: set SOLVER.STAGE1.TRAIN "
+                              "True or give SOLVER.STAGE1.PRETRAIN_PATH with stage-1 weights")
+        model.set_class_text_features(compute_class_text_features(cfg, model, self.data.dataset.num_train_pids,
+                                                                  device))

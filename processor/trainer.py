@@ -1,8 +1,11 @@
-"""Stage-2 (ReID fine-tuning) training loop with periodic evaluation, checkpoints and exact resume.
+"""The training loop (ReID fine-tuning) with hooks for evaluation and checkpoints, and exact resume.
 
-``checkpoint_last.pth`` is written atomically after every epoch and holds everything needed to continue
-exactly: model, optimisers, scheduler, gradient scaler, epoch, best score, RNG states and the config.
-Ctrl-C saves the state of the epoch in progress first; resuming then continues with the next batch.
+``Trainer.fit`` is a plain epoch/batch loop; what happens around it is a list of hooks
+(``processor/hooks.py``): by default ``EvalHook`` (periodic evaluation, best weights) and
+``CheckpointHook`` (``checkpoint_last.pth`` after every epoch, periodic weights). ``checkpoint_last.pth``
+holds everything needed to continue exactly: model, optimisers, scheduler, gradient scaler, epoch, best
+score, RNG states and the config. Ctrl-C saves the state of the epoch in progress first; resuming then
+continues with the next batch.
 """
 import logging
 import os
@@ -11,8 +14,8 @@ import time
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from processor.common import autocast, make_grad_scaler, model_inputs, show_progress, to_device, unwrap
-from processor.inference import evaluate
+from processor.common import autocast, make_grad_scaler, show_progress, to_device, unwrap
+from processor.hooks import LAST_CHECKPOINT, CheckpointHook, EvalHook
 from solver import make_optimizer, make_scheduler
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.distributed import barrier, get_rank, get_world_size, is_initialized, is_main_process
@@ -20,21 +23,12 @@ from utils.seed import get_rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 
-LAST_CHECKPOINT = "checkpoint_last.pth"
-BEST_CHECKPOINT = "model_best.pth"
-FINAL_CHECKPOINT = "model_final.pth"
-
-
-def weights_file(cfg, model, model_args, epoch, **extra):
-    """The content of a weights-only file (model_best/model_final/periodic): enough for test_svpr.py."""
-    return {"model": unwrap(model).state_dict(), "model_args": model_args, "epoch": epoch,
-            "config": cfg.dump(), **extra}
-
 
 class Trainer:
-    """Runs stage 2 for ``model`` on ``train_loader``, evaluating on ``eval_data`` (loader, num_query, view mode)."""
+    """Trains ``model`` with ``criterion`` on ``train_loader``; ``eval_data`` is (loader, num_query, view mode,
+    protocol name) of the periodic evaluation. ``hooks`` default to evaluation + checkpoints."""
 
-    def __init__(self, cfg, model, criterion, train_loader, eval_data, device, model_args):
+    def __init__(self, cfg, model, criterion, train_loader, eval_data, device, model_args, hooks=None):
         self.cfg = cfg
         self.device = device
         self.model_args = model_args
@@ -52,11 +46,23 @@ class Trainer:
         self.best = {"mAP": -1.0, "epoch": 0}
         self.last_eval = (None, None)  # (epoch, metrics) of the latest evaluation on the first test protocol
         self.output_dir = cfg.OUTPUT_DIR
+        self.hooks = []
+        for hook in (hooks if hooks is not None else [EvalHook(), CheckpointHook()]):
+            self.register_hook(hook)
         self.train_model = model
         if is_initialized():
             # Some parameters get no gradient in a given configuration (e.g. CLIP's unused projection).
             self.train_model = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    def register_hook(self, hook):
+        """Add ``hook`` (a ``processor.hooks.HookBase``) after the existing ones."""
+        hook.trainer = self
+        self.hooks.append(hook)
+
+    def _call_hooks(self, stage, *args):
+        for hook in self.hooks:
+            getattr(hook, stage)(*args)
 
     # ------------------------------------------------------------------ state
     def state_dict(self, epoch, iteration=0):
@@ -94,7 +100,8 @@ class Trainer:
                     f" + {self.skip_iterations} batches" if self.skip_iterations else "",
                     100 * max(self.best["mAP"], 0), self.best["epoch"])
 
-    def _save(self, name, content):
+    def save(self, name, content):
+        """Write ``content`` atomically to ``OUTPUT_DIR/name`` (rank 0 only)."""
         if is_main_process():
             save_checkpoint(content, os.path.join(self.output_dir, name))
 
@@ -119,6 +126,7 @@ class Trainer:
         if rng_state is not None and not self.skip_iterations:
             set_rng_state(rng_state)
             rng_state = None
+        self._call_hooks("before_train")
         for epoch in range(self.start_epoch, max_epochs + 1):
             self._seed_epoch(epoch)
             epoch_done = False
@@ -128,36 +136,15 @@ class Trainer:
                 rng_state = None
                 self.skip_iterations = 0
                 self.scheduler.step()
-                if epoch % cfg.SOLVER.EVAL_PERIOD == 0 or epoch == max_epochs:
-                    self.evaluate_and_keep_best(epoch)
+                self._call_hooks("after_epoch", epoch)
             except KeyboardInterrupt:
                 logger.warning("interrupted: saving %s before exiting", LAST_CHECKPOINT)
                 state = self.state_dict(epoch) if epoch_done else self.state_dict(epoch - 1, self._iteration)
-                self._save(LAST_CHECKPOINT, state)
+                self.save(LAST_CHECKPOINT, state)
                 raise
-            # Saved after evaluation: evaluation draws from the RNGs too, and a resumed run must
-            # continue from the same RNG state as the uninterrupted one.
-            self._save(LAST_CHECKPOINT, self.state_dict(epoch))
-            if epoch % cfg.SOLVER.CHECKPOINT_PERIOD == 0:
-                self._save(f"{cfg.MODEL.NAME}_{epoch}.pth", weights_file(cfg, self.model, self.model_args, epoch))
             barrier()
+        self._call_hooks("after_train")
         return max_epochs
-
-    def evaluate_and_keep_best(self, epoch):
-        loader, num_query, view_mode, name = self.eval_data
-        metrics = evaluate(self.cfg, self.model, loader, num_query, self.device, view_mode, desc=f"eval {name}")
-        self.last_eval = (epoch, metrics)
-        improved = metrics["mAP"] > self.best["mAP"]
-        if improved:
-            self.best = {"mAP": metrics["mAP"], "epoch": epoch}
-            self._save(BEST_CHECKPOINT, weights_file(self.cfg, self.model, self.model_args, epoch,
-                                                     mAP=metrics["mAP"]))
-        logger.info("epoch %d %s: mAP %.2f%%  R1 %.2f%%  R5 %.2f%%  R10 %.2f%%  mINP %.2f%%%s", epoch, name,
-                    100 * metrics["mAP"], 100 * metrics["cmc"][0], 100 * metrics["cmc"][4],
-                    100 * metrics["cmc"][9], 100 * metrics["mINP"],
-                    "  (best so far)" if improved else f"  (best {100 * self.best['mAP']:.2f}% at epoch "
-                                                       f"{self.best['epoch']})")
-        return metrics
 
     def train_one_epoch(self, epoch, rng_state=None):
         cfg = self.cfg
@@ -183,8 +170,8 @@ class Trainer:
             if self.center_optimizer:
                 self.center_optimizer.zero_grad(set_to_none=True)
             with autocast(cfg, self.device):
-                outputs = self.train_model(batch["images"], **model_inputs(batch))
-                terms = self.criterion(outputs, batch["pids"], viewids=batch["viewids"], attrs=batch.get("attrs"))
+                outputs = self.train_model(batch["images"], **unwrap(self.model).forward_inputs(batch))
+                terms = self.criterion(outputs, batch)
                 loss = sum(terms.values())
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -202,7 +189,7 @@ class Trainer:
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             count += 1
-            correct = correct + (outputs["id_logits"][0].argmax(1) == batch["pids"]).sum()
+            correct = correct + (next(iter(outputs.id_logits.values())).argmax(1) == batch["pids"]).sum()
             seen += batch["pids"].numel()
             bar.update(1)
             if iteration % log_period == 0 or iteration == num_batches:

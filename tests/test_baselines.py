@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from configs import get_cfg_defaults, load_config
 from model import build_model
 from model.checkpoint_fit import load_model_weights
-from model.clip import tokenize
+from text import tokenize
 from tests.conftest import REPO_ROOT
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import CheckpointError
@@ -68,14 +68,15 @@ def test_training_outputs_follow_the_contract(arch, images, pids):
     if arch == "CLIP_ReID":
         model.set_class_text_features(torch.randn(NUM_CLASSES, EMBED_DIM))
     out = model(images)
-    assert len(out["id_logits"]) == 2
-    assert all(tuple(logits.shape) == (BATCH, NUM_CLASSES) for logits in out["id_logits"])
-    assert [tuple(f.shape) for f in out["triplet_feats"]] == [(BATCH, WIDTH), (BATCH, WIDTH), (BATCH, EMBED_DIM)]
+    assert list(out.id_logits) == ["cls", "proj"]
+    assert all(tuple(logits.shape) == (BATCH, NUM_CLASSES) for logits in out.id_logits.values())
+    assert {k: tuple(f.shape) for k, f in out.features.items()} == {
+        "penultimate": (BATCH, WIDTH), "cls": (BATCH, WIDTH), "proj": (BATCH, EMBED_DIM)}
     # The penultimate CLS is taken before the last block and ln_post, so it differs from the final CLS.
-    assert not torch.allclose(out["triplet_feats"][0], out["triplet_feats"][1])
-    assert ("i2t_logits" in out) == (arch == "CLIP_ReID")
+    assert not torch.allclose(out.features["penultimate"], out.features["cls"])
+    assert ("i2t_logits" in out.aux) == (arch == "CLIP_ReID")
     if arch == "CLIP_ReID":
-        assert tuple(out["i2t_logits"].shape) == (BATCH, NUM_CLASSES)
+        assert tuple(out.aux["i2t_logits"].shape) == (BATCH, NUM_CLASSES)
 
 
 @pytest.mark.parametrize("arch", ["CLIP_baseline", "CLIP_ReID"])
@@ -85,8 +86,8 @@ def test_gradients_of_id_and_triplet_terms_reach_the_visual_encoder(arch, images
         model.unfreeze_for_stage2()
         model.set_class_text_features(torch.randn(NUM_CLASSES, EMBED_DIM))
     out = model(images)
-    loss = sum(F.cross_entropy(logits, pids) for logits in out["id_logits"])
-    loss = loss + sum(f.pow(2).mean() for f in out["triplet_feats"])
+    loss = sum(F.cross_entropy(logits, pids) for logits in out.id_logits.values())
+    loss = loss + sum(f.pow(2).mean() for f in out.features.values())
     loss.backward()
     visual = dict(model.visual.named_parameters())
     assert visual and all(p.grad is not None for p in visual.values())
@@ -153,14 +154,14 @@ def test_class_text_features_feed_i2t_logits_and_travel_in_checkpoints(images, t
         class_feats = model.text_features(torch.arange(NUM_CLASSES))
     model.set_class_text_features(class_feats)
     out = model(images)
-    torch.testing.assert_close(out["i2t_logits"], out["triplet_feats"][2] @ class_feats.t())
+    torch.testing.assert_close(out.aux["i2t_logits"], out.features["proj"] @ class_feats.t())
 
     path = str(tmp_path / "clipreid.pth")
     save_checkpoint(model.state_dict(), path)
     restored = build("CLIP_ReID", seed=5).train()
     load_model_weights(restored, load_checkpoint(path), tiny_cfg("CLIP_ReID"))
     torch.testing.assert_close(restored.class_text_features, class_feats)
-    torch.testing.assert_close(restored(images)["i2t_logits"], out["i2t_logits"])
+    torch.testing.assert_close(restored(images).aux["i2t_logits"], out.aux["i2t_logits"])
 
 
 def test_stage1_trains_only_prompts_and_stage2_only_the_image_side(images, pids):
@@ -274,7 +275,7 @@ def test_overlapping_patches_follow_the_stride(images, pids):
     model = build("CLIP_baseline", **{"MODEL.STRIDE_SIZE": [12, 12]}).train()
     assert model.visual.grid_size == ((64 - 16) // 12 + 1, (32 - 16) // 12 + 1)
     out = model(images)
-    assert [tuple(f.shape) for f in out["triplet_feats"]] == [(BATCH, WIDTH), (BATCH, WIDTH), (BATCH, EMBED_DIM)]
+    assert [tuple(f.shape) for f in out.features.values()] == [(BATCH, WIDTH), (BATCH, WIDTH), (BATCH, EMBED_DIM)]
 
 
 def test_clipreid_stages_run_under_bfloat16_autocast(images, pids):
@@ -293,7 +294,7 @@ def test_clipreid_stages_run_under_bfloat16_autocast(images, pids):
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(images)
-    assert tuple(out["i2t_logits"].shape) == (BATCH, NUM_CLASSES) and torch.isfinite(out["i2t_logits"]).all()
+    assert tuple(out.aux["i2t_logits"].shape) == (BATCH, NUM_CLASSES) and torch.isfinite(out.aux["i2t_logits"]).all()
 
 
 def test_load_model_weights_names_the_architecture_for_another_model():

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from configs.defaults import get_cfg_defaults
 from model.backbone import build_clip_from_config
-from model.clip import load_clip, tokenize
+from model.clip import load_clip
+from text import tokenize
 from model.clip.loader import METADATA_KEYS
 from utils.errors import CheckpointError
 from tests.conftest import openai_clip_module

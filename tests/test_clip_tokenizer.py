@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from model.clip import tokenize
-from model.clip.tokenizer import TokenizerLengthError, get_tokenizer
+from text import tokenize
+from text.tokenizer import TokenizerLengthError, get_tokenizer
 from utils.errors import UserError
 from tests.conftest import openai_clip_module
 

@@ -207,15 +207,15 @@ def test_loss_goes_down_on_a_fixed_batch(config, synth_root, tmp_path):
     bundle = make_dataloaders(cfg)
     data = bundle.dataset
     model = build_model(cfg, data.num_train_pids, data.num_train_cams, data.num_train_views, data.attributes)
-    criterion = build_criterion(cfg, data.num_train_pids, feat_dim=model.feature_dim)
+    criterion = build_criterion(cfg, model, data.num_train_pids)
     optimizer, _ = make_optimizer(cfg, model)
     batch = next(iter(bundle.train_loader))
     model.train()
     losses = []
     for _ in range(12):
         optimizer.zero_grad()
-        outputs = model(batch["images"], batch["camids"], batch["viewids"], batch["text_tokens"])
-        loss = sum(criterion(outputs, batch["pids"], viewids=batch["viewids"], attrs=batch["attrs"]).values())
+        outputs = model(batch["images"], **model.forward_inputs(batch))
+        loss = sum(criterion(outputs, batch).values())
         loss.backward()
         optimizer.step()
         losses.append(loss.item())

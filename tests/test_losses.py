@@ -1,13 +1,18 @@
 """Losses and the training criterion, each checked against a loop-based definition written from its paper
-or from SPEC section 6."""
+or from the reference's loss (docs/method.md)."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from configs import get_cfg_defaults
-from loss import (CenterLoss, CrossEntropyLabelSmooth, ReIDCriterion, SupConLoss, TripletLoss,
-                  build_criterion)
+from loss import CenterLoss, Criterion, CrossEntropyLabelSmooth, SupConLoss, TripletLoss, build_criterion
+from model import LossSpec, ModelOutput
+from model.clip_baseline import CLIP_baseline
+from model.clip_reid import CLIP_ReID
+from model.svpr import CLIPSVPRReID
+from utils.errors import ConfigError
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,22 +232,21 @@ def cfg_opts(**overrides):
 
 
 def random_outputs(num_id=3, num_feats=4, view=True, attr=True, i2t=False, seed=0):
+    """A ModelOutput of random leaf tensors and the batch (labels) to score it against."""
     gen = torch.Generator().manual_seed(seed)
     batch = 8
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen, requires_grad=True)
 
-    outputs = {
-        "id_logits": [rand(batch, NUM_CLASSES) for _ in range(num_id)],
-        "triplet_feats": [rand(batch, FEAT_DIM) for _ in range(num_feats)],
-    }
+    outputs = ModelOutput({f"b{i}": rand(batch, NUM_CLASSES) for i in range(num_id)},
+                          {f"f{i}": rand(batch, FEAT_DIM) for i in range(num_feats)})
     if view:
-        outputs.update(view_logits=rand(batch, 3), view_feat=rand(batch, FEAT_DIM), inv_feat=rand(batch, FEAT_DIM))
+        outputs.aux.update(view_logits=rand(batch, 3), view_feat=rand(batch, FEAT_DIM), inv_feat=rand(batch, FEAT_DIM))
     if attr:
-        outputs["attr_logits"] = [rand(batch, n) for n in ATTR_SIZES]
+        outputs.aux["attr_logits"] = [rand(batch, n) for n in ATTR_SIZES]
     if i2t:
-        outputs["i2t_logits"] = rand(batch, NUM_CLASSES)
+        outputs.aux["i2t_logits"] = rand(batch, NUM_CLASSES)
     labels = {
         "pids": pk_labels(NUM_CLASSES, 2),
         "viewids": torch.randint(3, (batch,), generator=gen),
@@ -251,27 +255,41 @@ def random_outputs(num_id=3, num_feats=4, view=True, attr=True, i2t=False, seed=
     return outputs, labels
 
 
-def test_svpr_total_matches_spec_formula():
-    """SPEC 6.4 with the shipped weights: L = 0.25 [CE(s_inv) + (CE(s_cvpr) + CE(s_local)) / 2]
+def svpr_like(vdfe=True, asmoe=True):
+    """An object with SVPR-ReID's real ``loss_specs`` (branches switched by ``vdfe``/``asmoe``)."""
+    stub = SimpleNamespace(vdfe=object() if vdfe else None, asmoe=object() if asmoe else None, feature_dim=FEAT_DIM)
+    stub.loss_specs = lambda cfg: CLIPSVPRReID.loss_specs(stub, cfg)
+    return stub
+
+
+def baseline_like(arch):
+    """An object with CLIP_baseline's or CLIP_ReID's real ``loss_specs``."""
+    stub = SimpleNamespace(feature_dim=FEAT_DIM)
+    cls = CLIP_ReID if arch == "CLIP_ReID" else CLIP_baseline
+    stub.loss_specs = lambda cfg: cls.loss_specs(stub, cfg)
+    return stub
+
+
+def test_svpr_total_matches_reference_formula():
+    """The reference's SVPR loss with the shipped weights: L = 0.25 [CE(s_inv) + (CE(s_cvpr) + CE(s_local)) / 2]
     + [T(f_inv) + (T(f_cvpr) + T(f_local) + T(x11)) / 3] + CE'(s_view) + mean|cos(f_inv, f_view)|
     + 0.05 sum_a CE(attr_a)."""
-    cfg = make_cfg(**cfg_opts(MODEL__ARCH_NAME="CLIP_SVPR_ReID", MODEL__ID_LOSS_WEIGHT=0.25,
-                              MODEL__TRIPLET_LOSS_WEIGHT=1.0))
+    cfg = make_cfg(**cfg_opts(MODEL__ID_LOSS_WEIGHT=0.25, MODEL__TRIPLET_LOSS_WEIGHT=1.0))
     outputs, labels = random_outputs()
-    terms = build_criterion(cfg, NUM_CLASSES, FEAT_DIM)(outputs, labels["pids"], labels["viewids"],
-                                                        labels["attrs"])
+    terms = build_criterion(cfg, svpr_like(), NUM_CLASSES)(outputs, labels)
     assert sorted(terms) == ["attr", "id", "triplet", "view"]
 
     pids = labels["pids"]
-    ce = [ref_smoothed_ce(s, pids, 0.1) for s in outputs["id_logits"]]
-    tri = [ref_triplet(f, pids, None) for f in outputs["triplet_feats"]]
+    ce = [ref_smoothed_ce(s, pids, 0.1) for s in outputs.id_logits.values()]
+    tri = [ref_triplet(f, pids, None) for f in outputs.features.values()]
+    aux = outputs.aux
     expected = {
         "id": 0.25 * (ce[0] + (ce[1] + ce[2]) / 2),
         "triplet": 1.0 * (tri[0] + (tri[1] + tri[2] + tri[3]) / 3),
-        "view": ref_smoothed_ce(outputs["view_logits"], labels["viewids"], 0.1)
-        + ref_abs_cos(outputs["inv_feat"], outputs["view_feat"]),
+        "view": ref_smoothed_ce(aux["view_logits"], labels["viewids"], 0.1)
+        + ref_abs_cos(aux["inv_feat"], aux["view_feat"]),
         "attr": 0.05 * sum(ref_smoothed_ce(s, labels["attrs"][:, a], 0.0)
-                           for a, s in enumerate(outputs["attr_logits"])),
+                           for a, s in enumerate(aux["attr_logits"])),
     }
     for name, value in expected.items():
         assert terms[name].item() == pytest.approx(value, rel=1e-5), name
@@ -279,76 +297,85 @@ def test_svpr_total_matches_spec_formula():
     assert total.item() == pytest.approx(sum(expected.values()), rel=1e-5)
 
     total.backward()
-    for name in ("id_logits", "triplet_feats", "attr_logits"):
-        assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in outputs[name]), name
+    for tensors in (outputs.id_logits.values(), outputs.features.values(), aux["attr_logits"]):
+        assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in tensors)
     for name in ("view_logits", "view_feat", "inv_feat"):
-        assert outputs[name].grad.abs().sum() > 0, name
+        assert aux[name].grad.abs().sum() > 0, name
 
 
 def test_svpr_single_branch_has_no_mean_term():
-    cfg = make_cfg(**cfg_opts(MODEL__ARCH_NAME="CLIP_SVPR_ReID", MODEL__ID_LOSS_WEIGHT=0.5))
+    cfg = make_cfg(**cfg_opts(MODEL__ID_LOSS_WEIGHT=0.5))
     outputs, labels = random_outputs(num_id=1, num_feats=1, view=False, attr=False)
-    terms = build_criterion(cfg, NUM_CLASSES, FEAT_DIM)(outputs, labels["pids"])
+    terms = build_criterion(cfg, svpr_like(vdfe=False, asmoe=False), NUM_CLASSES)(outputs, labels)
     assert sorted(terms) == ["id", "triplet"]
-    assert terms["id"].item() == pytest.approx(0.5 * ref_smoothed_ce(outputs["id_logits"][0], labels["pids"], 0.1),
+    assert terms["id"].item() == pytest.approx(0.5 * ref_smoothed_ce(outputs.id_logits["b0"], labels["pids"], 0.1),
                                                rel=1e-5)
-    assert terms["triplet"].item() == pytest.approx(ref_triplet(outputs["triplet_feats"][0], labels["pids"], None),
+    assert terms["triplet"].item() == pytest.approx(ref_triplet(outputs.features["f0"], labels["pids"], None),
                                                     rel=1e-5)
 
 
 def test_baselines_sum_branches_and_use_config_switches():
     """CLIP-ReID stage 2: summed branches, plain CE without smoothing, margin triplet, weighted i2t."""
-    cfg = make_cfg(**cfg_opts(MODEL__ARCH_NAME="CLIP_ReID", MODEL__IF_LABELSMOOTH="off", MODEL__NO_MARGIN=False,
+    cfg = make_cfg(**cfg_opts(MODEL__IF_LABELSMOOTH="off", MODEL__NO_MARGIN=False,
                               SOLVER__MARGIN=0.2, MODEL__ID_LOSS_WEIGHT=0.7, MODEL__TRIPLET_LOSS_WEIGHT=0.9,
                               MODEL__I2T_LOSS_WEIGHT=1.5))
     outputs, labels = random_outputs(num_id=2, num_feats=3, view=False, attr=False, i2t=True, seed=4)
     pids = labels["pids"]
-    terms = build_criterion(cfg, NUM_CLASSES, FEAT_DIM)(outputs, pids)
+    terms = build_criterion(cfg, baseline_like("CLIP_ReID"), NUM_CLASSES)(outputs, labels)
     assert sorted(terms) == ["i2t", "id", "triplet"]
     assert terms["id"].item() == pytest.approx(
-        0.7 * sum(ref_smoothed_ce(s, pids, 0.0) for s in outputs["id_logits"]), rel=1e-5)
+        0.7 * sum(ref_smoothed_ce(s, pids, 0.0) for s in outputs.id_logits.values()), rel=1e-5)
     assert terms["triplet"].item() == pytest.approx(
-        0.9 * sum(ref_triplet(f, pids, 0.2) for f in outputs["triplet_feats"]), rel=1e-5)
-    assert terms["i2t"].item() == pytest.approx(1.5 * ref_smoothed_ce(outputs["i2t_logits"], pids, 0.0), rel=1e-5)
+        0.9 * sum(ref_triplet(f, pids, 0.2) for f in outputs.features.values()), rel=1e-5)
+    assert terms["i2t"].item() == pytest.approx(1.5 * ref_smoothed_ce(outputs.aux["i2t_logits"], pids, 0.0),
+                                                rel=1e-5)
 
 
-def test_softmax_sampler_drops_triplet_and_missing_attrs_drop_attr():
-    cfg = make_cfg(**cfg_opts(MODEL__ARCH_NAME="CLIP_baseline", DATALOADER__SAMPLER="softmax",
-                              MODEL__SVPR__VIEW_LOSS_WEIGHT=0.1))
-    outputs, labels = random_outputs(num_id=1, num_feats=1, view=True, attr=True)
-    terms = build_criterion(cfg, NUM_CLASSES, FEAT_DIM)(outputs, labels["pids"], labels["viewids"], attrs=None)
+def test_softmax_sampler_drops_triplet_and_view_weight_applies():
+    cfg = make_cfg(**cfg_opts(DATALOADER__SAMPLER="softmax", MODEL__SVPR__VIEW_LOSS_WEIGHT=0.1))
+    outputs, labels = random_outputs(num_id=1, num_feats=1, view=True, attr=False)
+    terms = build_criterion(cfg, svpr_like(asmoe=False), NUM_CLASSES)(outputs, labels)
     assert sorted(terms) == ["id", "view"]
-    expected_view = 0.1 * (ref_smoothed_ce(outputs["view_logits"], labels["viewids"], 0.1)
-                           + ref_abs_cos(outputs["inv_feat"], outputs["view_feat"]))
+    expected_view = 0.1 * (ref_smoothed_ce(outputs.aux["view_logits"], labels["viewids"], 0.1)
+                           + ref_abs_cos(outputs.aux["inv_feat"], outputs.aux["view_feat"]))
     assert terms["view"].item() == pytest.approx(expected_view, rel=1e-5)
 
 
-def test_view_logits_without_view_labels_is_an_error():
-    outputs, labels = random_outputs(attr=False)
-    with pytest.raises(ValueError, match="viewids"):
-        build_criterion(make_cfg(), NUM_CLASSES, FEAT_DIM)(outputs, labels["pids"])
+def test_missing_model_output_or_labels_is_an_error():
+    outputs, labels = random_outputs(view=False, attr=True)
+    with pytest.raises(ValueError, match="view loss needs the model output"):
+        build_criterion(make_cfg(), svpr_like(asmoe=False), NUM_CLASSES)(outputs, labels)
+    with pytest.raises(ValueError, match="attribute labels"):
+        build_criterion(make_cfg(), svpr_like(vdfe=False), NUM_CLASSES)(outputs, dict(labels, attrs=None))
+
+
+def test_unknown_loss_term_names_close_matches():
+    model = SimpleNamespace(feature_dim=FEAT_DIM, loss_specs=lambda cfg: [LossSpec("tripplet", 1.0)])
+    with pytest.raises(ConfigError, match="did you mean 'triplet'"):
+        build_criterion(make_cfg(), model, NUM_CLASSES)
 
 
 @pytest.mark.parametrize("opts", [{"MODEL.METRIC_LOSS_TYPE": "triplet_center"}, {"MODEL.IF_WITH_CENTER": "yes"}])
 def test_center_term_and_its_parameters_follow_the_criterion(opts):
     cfg = make_cfg(**opts, **{"SOLVER.CENTER_LOSS_WEIGHT": 0.01})
-    criterion = build_criterion(cfg, NUM_CLASSES, FEAT_DIM)
-    assert isinstance(criterion, ReIDCriterion) and isinstance(criterion.center_loss, CenterLoss)
-    assert list(criterion.state_dict()) == ["center_loss.centers"]
+    criterion = build_criterion(cfg, baseline_like("CLIP_baseline"), NUM_CLASSES)
+    assert isinstance(criterion, Criterion) and isinstance(criterion.center_loss, CenterLoss)
+    assert list(criterion.state_dict()) == ["terms.center.center_loss.centers"]
     criterion.to(torch.float64)
     assert criterion.center_loss.centers.dtype == torch.float64
 
     outputs, labels = random_outputs(view=False, attr=False, seed=2)
-    outputs = {key: [t.detach().double().requires_grad_() for t in value] for key, value in outputs.items()}
-    terms = criterion(outputs, labels["pids"])
+    outputs = ModelOutput({k: t.detach().double().requires_grad_() for k, t in outputs.id_logits.items()},
+                          {k: t.detach().double().requires_grad_() for k, t in outputs.features.items()})
+    terms = criterion(outputs, labels)
     assert sorted(terms) == ["center", "id", "triplet"]
-    expected = 0.01 * ref_center(outputs["triplet_feats"][0], labels["pids"], criterion.center_loss.centers)
+    expected = 0.01 * ref_center(outputs.features["f0"], labels["pids"], criterion.center_loss.centers)
     assert terms["center"].item() == pytest.approx(expected, rel=1e-9)
     sum(terms.values()).backward()
     assert criterion.center_loss.centers.grad.abs().sum() > 0
 
 
 def test_no_center_loss_by_default():
-    criterion = build_criterion(make_cfg(), NUM_CLASSES, FEAT_DIM)
+    criterion = build_criterion(make_cfg(), baseline_like("CLIP_baseline"), NUM_CLASSES)
     assert criterion.center_loss is None
     assert list(criterion.parameters()) == []

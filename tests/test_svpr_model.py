@@ -8,7 +8,7 @@ from torch import nn
 
 from configs import load_config
 from model import build_model
-from model.clip import tokenize
+from text import tokenize
 from model.svpr.asmoe import AttributeScatterMoE, MixtureOfExperts
 from model.svpr.cvpr import ContextVisionProgressiveRefinement, gather_tokens, scatter_tokens
 from model.svpr.layers import SingleKeyAttention
@@ -61,12 +61,14 @@ def test_full_model_shapes_and_every_trainable_parameter_gets_a_gradient():
     model = tiny_model()
     images, viewids, tokens = batch()
     out = model(images, camids=torch.zeros(6, dtype=torch.long), viewids=viewids, text_tokens=tokens)
-    assert [t.shape for t in out["id_logits"]] == [(6, 5)] * 3
-    assert [t.shape for t in out["triplet_feats"]] == [(6, WIDTH)] * 4
-    assert out["view_logits"].shape == (6, 2) and out["view_feat"].shape == out["inv_feat"].shape == (6, WIDTH)
-    assert [t.shape for t in out["attr_logits"]] == [(6, 2), (6, 4), (6, 2)]
-    loss = sum(t.logsumexp(-1).mean() for t in out["id_logits"] + out["attr_logits"] + [out["view_logits"]])
-    loss = loss + sum(t.square().mean() for t in out["triplet_feats"] + [out["view_feat"]])
+    assert {name: t.shape for name, t in out.id_logits.items()} == {name: (6, 5) for name in ("inv", "cvpr", "local")}
+    assert list(out.features) == ["inv", "cvpr", "local", "penultimate"]
+    assert all(t.shape == (6, WIDTH) for t in out.features.values())
+    aux = out.aux
+    assert aux["view_logits"].shape == (6, 2) and aux["view_feat"].shape == aux["inv_feat"].shape == (6, WIDTH)
+    assert [t.shape for t in aux["attr_logits"]] == [(6, 2), (6, 4), (6, 2)]
+    loss = sum(t.logsumexp(-1).mean() for t in [*out.id_logits.values(), *aux["attr_logits"], aux["view_logits"]])
+    loss = loss + sum(t.square().mean() for t in [*out.features.values(), aux["view_feat"]])
     loss.backward()
     missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
@@ -96,8 +98,8 @@ def test_each_switch_removes_its_branch(switch, module):
     images, viewids, tokens = batch()
     out = reduced(images, viewids=viewids, text_tokens=tokens)
     expected_heads = 3 - (switch in ("CVPR", "LOCAL"))
-    assert len(out["id_logits"]) == expected_heads and len(out["triplet_feats"]) == expected_heads + 1
-    assert ("view_logits" in out) == (switch != "VDFE") and ("attr_logits" in out) == (switch != "ASMOE")
+    assert len(out.id_logits) == expected_heads and len(out.features) == expected_heads + 1
+    assert ("view_logits" in out.aux) == (switch != "VDFE") and ("attr_logits" in out.aux) == (switch != "ASMOE")
     reduced.eval()
     with torch.no_grad():
         assert reduced(images, viewids=viewids, text_tokens=tokens).shape == (6, reduced.embedding_dim)
@@ -108,7 +110,7 @@ def test_all_switches_off_is_the_cls_baseline():
     model = tiny_model(*[v for name in off for v in (name, "False")])
     images, viewids, tokens = batch()
     out = model(images, viewids=viewids, text_tokens=tokens)
-    assert set(out) == {"id_logits", "triplet_feats"} and len(out["id_logits"]) == 1
+    assert not out.aux and list(out.id_logits) == ["inv"]
     model.eval()
     with torch.no_grad():
         embedding = model(images)
@@ -132,7 +134,7 @@ def test_missing_text_tokens_drop_the_caption_query_without_crashing():
     model = tiny_model()
     images, viewids, tokens = batch()
     without = model(images, viewids=viewids)
-    assert [t.shape for t in without["attr_logits"]] == [(6, 2), (6, 4), (6, 2)]
+    assert [t.shape for t in without.aux["attr_logits"]] == [(6, 2), (6, 4), (6, 2)]
     model.eval()
     with torch.no_grad():
         assert not torch.allclose(model(images, viewids=viewids), model(images, viewids=viewids, text_tokens=tokens))
@@ -145,7 +147,7 @@ def test_no_attributes_or_no_use_attr_builds_no_asmoe():
     images, viewids, tokens = batch()
     for model in (tiny_model(attributes=()), tiny_model("MODEL.USE_ATTR", "False")):
         assert model.asmoe is None and model.attribute_text is None
-        assert "attr_logits" not in model(images, viewids=viewids, text_tokens=tokens)
+        assert "attr_logits" not in model(images, viewids=viewids, text_tokens=tokens).aux
 
 
 def test_vdfe_needs_view_ids_and_a_known_number_of_views():

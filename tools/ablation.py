@@ -13,11 +13,10 @@ import subprocess
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
 
-from configs import load_config  # noqa: E402
-from utils.cli import run_main  # noqa: E402
-from utils.errors import DataError, UserError  # noqa: E402
+from configs import load_config
+from utils.entrypoint import run_main
+from utils.errors import DataError, UserError
 
 COMPONENTS = ("VDFE", "ASMOE", "CVPR", "LOCAL")
 # (row name, components switched on), each row adding one component to the previous.

@@ -16,10 +16,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model.clip import load_clip  # noqa: E402
-from model.clip.model import patch_grid  # noqa: E402
+from model.clip import load_clip
+from model.clip.model import patch_grid
 
 
 def import_openai_clip_model():

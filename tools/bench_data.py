@@ -4,21 +4,18 @@
     python tools/bench_data.py --root ./data --name CP2108_ALL --num-images 2000
 """
 import argparse
-import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-import torchvision.transforms as T  # noqa: E402
-from PIL import Image  # noqa: E402
-from timm.data.random_erasing import RandomErasing  # noqa: E402
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from timm.data.random_erasing import RandomErasing
 
-from configs import load_config  # noqa: E402
-from datasets import SynthConfig, build_dataset, build_train_transform, generate_synthag, read_image  # noqa: E402
-from utils.cli import run_main  # noqa: E402
+from configs import load_config
+from datasets import SynthConfig, build_dataset, build_train_transform, generate_synthag, read_image
+from utils.entrypoint import run_main
 
 
 def reference_transform(cfg):

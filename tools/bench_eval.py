@@ -19,9 +19,8 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.metrics import evaluate_rank  # noqa: E402
+from utils.metrics import evaluate_rank
 
 
 def build_fastreid_cython(build_dir):

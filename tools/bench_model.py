@@ -8,21 +8,18 @@ fp32. The two models' timed steps alternate. The last line printed is one JSON o
 """
 import argparse
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from configs import load_config  # noqa: E402
-from loss import build_criterion  # noqa: E402
-from model import build_model  # noqa: E402
-from model.clip import tokenize  # noqa: E402
-from solver import make_optimizer  # noqa: E402
-from utils.cli import run_main  # noqa: E402
-from utils.errors import ConfigError  # noqa: E402
+from configs import load_config
+from loss import build_criterion
+from model import build_model
+from text import tokenize
+from solver import make_optimizer
+from utils.entrypoint import run_main
+from utils.errors import ConfigError
 
 # A CP2108-like attribute annotation (12 attributes) for configs that use attributes.
 BENCH_ATTRIBUTES = tuple((f"attribute {i}", 2 + i % 4) for i in range(12))
@@ -59,16 +56,13 @@ def make_steps(cfg, batch, num_classes, num_views, device):
     amp = device.type == "cuda" and cfg.SOLVER.AMP
     dtype = torch.bfloat16 if cfg.SOLVER.AMP_DTYPE == "bfloat16" else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)
-    inputs = dict(camids=batch["camids"], viewids=batch["viewids"], text_tokens=batch["text_tokens"])
-    criterion = None
+    inputs = model.forward_inputs(batch)
+    criterion = build_criterion(cfg, model, num_classes).to(device)
 
     def train_step():
-        nonlocal criterion
         with torch.autocast(device.type, dtype=dtype, enabled=amp):
             outputs = model(batch["images"], **inputs)
-            if criterion is None:
-                criterion = build_criterion(cfg, num_classes, outputs["triplet_feats"][0].shape[1]).to(device)
-            loss = sum(criterion(outputs, batch["pids"], viewids=batch["viewids"], attrs=batch["attrs"]).values())
+            loss = sum(criterion(outputs, batch).values())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -3,20 +3,17 @@
     python tools/dataset_stats.py --root ./data SynthAG_ALL SynthAG_AG CP2108_AGAG
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets import available_datasets, build_dataset, format_statistics  # noqa: E402
-from utils.cli import run_main  # noqa: E402
+from datasets import DATASETS, build_dataset, format_statistics
+from utils.entrypoint import run_main
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True, help="folder holding CP2108/, CARGO/, AGReID/, AGReID.v2/, SynthAG/")
     parser.add_argument("--version", type=int, default=100, help="CP2108 split version")
-    parser.add_argument("names", nargs="+", metavar="NAME", help=f"one of: {', '.join(available_datasets())}")
+    parser.add_argument("names", nargs="+", metavar="NAME", help=f"one of: {', '.join(DATASETS.names())}")
     args = parser.parse_args()
     for name in args.names:
         dataset = build_dataset(name, args.root, version=args.version, verbose=False)

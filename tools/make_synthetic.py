@@ -4,15 +4,12 @@
     python tools/make_synthetic.py --out /tmp/d --num-ids 20 --images-per-id 10 --seed 3
 """
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs.defaults import get_cfg_defaults  # noqa: E402
-from datasets.synthetic import SynthConfig, generate_synthag  # noqa: E402
-from utils.cli import run_main  # noqa: E402
+from configs.defaults import get_cfg_defaults
+from datasets.synthetic import SynthConfig, generate_synthag
+from utils.entrypoint import run_main
 
 
 def main():

@@ -7,19 +7,17 @@ Prints the ranked gallery for every query and writes one rank-list picture per q
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import load_config  # noqa: E402
-from datasets.bases import list_images  # noqa: E402
-from processor.inference import FeatureExtractor  # noqa: E402
-from utils.cli import run_main  # noqa: E402
-from utils.device import resolve_device  # noqa: E402
-from utils.errors import DataError  # noqa: E402
-from utils.logger import setup_logger  # noqa: E402
-from utils.metrics import compute_distance  # noqa: E402
-from utils.report import draw_rank_list  # noqa: E402
+from configs import load_config
+from datasets.bases import list_images
+from processor.inference import FeatureExtractor
+from utils.entrypoint import run_main
+from utils.device import resolve_device
+from utils.errors import DataError
+from utils.logger import setup_logger
+from utils.metrics import compute_distance
+from utils.report import draw_rank_list
 
 
 def image_paths(path, what):

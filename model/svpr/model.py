@@ -2,10 +2,10 @@
 import logging
 
 import torch
-from torch import nn
 
 from model.backbone import build_clip_from_config
 from model.clip import SideInfoEmbedding
+from model.contract import LossSpec, ModelOutput, ReIDModel
 from model.heads import BNNeckHead
 from model.registry import register_model
 from model.svpr.asmoe import AttributeScatterMoE
@@ -18,19 +18,21 @@ logger = logging.getLogger(__name__)
 
 
 @register_model("CLIP_SVPR_ReID")
-class CLIPSVPRReID(nn.Module):
-    """SVPR-ReID (SPEC 4) on a CLIP ViT; ``MODEL.SVPR.{VDFE, ASMOE, CVPR, LOCAL}`` remove whole branches.
+class CLIPSVPRReID(ReIDModel):
+    """SVPR-ReID (docs/method.md) on a CLIP ViT; ``MODEL.SVPR.{VDFE, ASMOE, CVPR, LOCAL}`` remove whole branches.
 
-    ``forward(images (B, 3, H, W), camids=None, viewids=None, text_tokens=None)``: in training mode a dict
-    (see the model output contract: ``id_logits`` [inv, cvpr, local], ``triplet_feats`` [inv, cvpr, local,
-    penultimate CLS], plus ``view_logits``/``view_feat``/``inv_feat`` with VDFE and ``attr_logits`` with
-    ASMOE); in eval mode the (B, embedding_dim) concatenation of the enabled features
+    ``forward(images (B, 3, H, W), camids=None, viewids=None, text_tokens=None)``: in training mode a
+    ``ModelOutput`` with identity logits of the branches [inv, cvpr, local], triplet features [inv, cvpr,
+    local, penultimate], and ``aux`` ``view_logits``/``view_feat``/``inv_feat`` (VDFE) and ``attr_logits``
+    (ASMOE); in eval mode the (B, embedding_dim) concatenation of the enabled features
     [f_inv, f_cvpr, f_local, f_asmoe]. With every switch off it is the CLIP CLS-feature baseline.
 
     VDFE needs ``viewids``. ASMOE needs MODEL.USE_ATTR and a dataset with attributes (otherwise it is not
     built); its caption query needs MODEL.USE_TEXT and ``text_tokens`` (without them ASMOE runs without
     the caption term).
     """
+
+    batch_inputs = ("camids", "viewids", "text_tokens")
 
     def __init__(self, cfg, num_classes, num_cameras=1, num_views=1, attributes=()):
         super().__init__()
@@ -79,11 +81,22 @@ class CLIPSVPRReID(nn.Module):
             name for name, module in (("cvpr", self.cvpr), ("local", self.local), ("asmoe", self.asmoe))
             if module is not None]
         self.embedding_dim = dim * len(parts)
-        self.feature_dim = dim  # width of triplet_feats[0], the center loss' feature
+        self.feature_dim = dim
         logger.info("CLIP_SVPR_ReID: VDFE %s, ASMOE %s (caption query %s), CVPR %s, LOCAL %s; retrieval "
                     "embedding %d-d = [%s]", self.vdfe is not None, self.asmoe is not None,
                     self.attribute_text is not None, self.cvpr is not None, self.local is not None,
                     self.embedding_dim, ", ".join(parts))
+
+    def loss_specs(self, cfg):
+        """Main branch + mean of the other branches for ID and triplet (as the paper's code weighs them),
+        the view loss with VDFE, the summed attribute cross-entropies with ASMOE."""
+        specs = [LossSpec("id", cfg.MODEL.ID_LOSS_WEIGHT, {"reduction": "first_plus_mean"}),
+                 LossSpec("triplet", cfg.MODEL.TRIPLET_LOSS_WEIGHT, {"reduction": "first_plus_mean"})]
+        if self.vdfe is not None:
+            specs.append(LossSpec("view", cfg.MODEL.SVPR.VIEW_LOSS_WEIGHT))
+        if self.asmoe is not None:
+            specs.append(LossSpec("attr", cfg.MODEL.SVPR.ATTR_LOSS_WEIGHT))
+        return specs
 
     def _freeze_unused_backbone_parts(self):
         # These never receive a gradient here; freezing them changes nothing numerically (optimisers skip
@@ -107,33 +120,33 @@ class CLIPSVPRReID(nn.Module):
         tokens = feats.tokens  # (B, 1 + N [+ 1], C)
         f_cls = tokens[:, 0]
         patches = tokens[:, 1:1 + self.num_patches]  # (B, N, C)
-        outputs = {}
+        aux = {}
 
         f_inv = f_cls
         if self.vdfe is not None:
             f_inv, f_view, view_logits = self.vdfe(f_cls, tokens[:, 1 + self.num_patches])
-            outputs.update(view_logits=view_logits, view_feat=f_view, inv_feat=f_inv)
+            aux.update(view_logits=view_logits, view_feat=f_view, inv_feat=f_inv)
 
         f_asmoe = None
         if self.asmoe is not None:
             text = None
             if self.attribute_text is not None and text_tokens is not None:
                 text = self.attribute_text(self.backbone, text_tokens)
-            f_asmoe, outputs["attr_logits"] = self.asmoe(f_inv, patches, text)
+            f_asmoe, aux["attr_logits"] = self.asmoe(f_inv, patches, text)
 
-        features = [f_inv]
+        branches = {"inv": (f_inv, self.head)}
         if self.cvpr is not None:
             f_cvpr, refined = self.cvpr(f_inv, patches, f_asmoe)
             patches = patches + self.patch_update * refined
-            features.append(f_cvpr)
+            branches["cvpr"] = (f_cvpr, self.head_cvpr)
         if self.local is not None:
-            features.append(self.local(patches))
+            branches["local"] = (self.local(patches), self.head_local)
 
         if not self.training:
+            features = [feature for feature, _ in branches.values()]
             return torch.cat(features + ([f_asmoe] if f_asmoe is not None else []), dim=1)
 
-        heads = [self.head] + ([self.head_cvpr] if self.cvpr is not None else []) + (
-            [self.head_local] if self.local is not None else [])
-        outputs["id_logits"] = [head(feature)[0] for head, feature in zip(heads, features)]
-        outputs["triplet_feats"] = features + [feats.penultimate[:, 0]]
-        return outputs
+        logits = {name: head(feature)[0] for name, (feature, head) in branches.items()}
+        features = {name: feature for name, (feature, _) in branches.items()}
+        features["penultimate"] = feats.penultimate[:, 0]
+        return ModelOutput(logits, features, aux)

@@ -3,8 +3,7 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
-# Token position of the first learnable "X" in "A photo of a X X X X ..." (0 is the start-of-text token).
-PROMPT_START = 5
+from text.prompts import PROMPT_START
 
 
 def encode_unique(encode, keys):

@@ -4,10 +4,11 @@ import math
 import torch
 from torch import nn
 
-from model.clip import tokenize
+from text import prompts, tokenize
 from model.heads import BNNeckHead
 from model.svpr.layers import SingleKeyAttention, init_linear_trunc_normal
-from model.svpr.text import PROMPT_START, encode_unique, inverse_net, trim_to_text
+from model.svpr.text import encode_unique, inverse_net, trim_to_text
+from text.prompts import PROMPT_START
 from utils.errors import ConfigError
 
 # One word per view id, by the dataset's number of views: CP2108 / CARGO / AG-ReID use 0 ground, 1 aerial;
@@ -31,7 +32,7 @@ def _view_captions(words, num_prompts, context_length):
 
     L' ends at the longest caption's end-of-text token (see ``trim_to_text``).
     """
-    prefix = "A photo of a " + " ".join(["X"] * num_prompts) + " person from"
+    prefix = prompts.view_caption(num_prompts, "")[:-len(" view.")].rstrip()
     prefix_len = int((tokenize(prefix, context_length=context_length, truncate=True) != 0).sum()) - 1  # no EOT
     tokens, weights = [], []
     for word in words:
@@ -39,7 +40,7 @@ def _view_captions(words, num_prompts, context_length):
         if prefix_len + word_len + 3 > context_length:
             raise ConfigError(f"MODEL.TEXT_LEN = {context_length} is too short for the view caption with "
                               f"MODEL.VIEW_PROMPT = {num_prompts} prompts")
-        tokens.append(tokenize(f"{prefix} {word} view.", context_length=context_length)[0])
+        tokens.append(tokenize(prompts.view_caption(num_prompts, word), context_length=context_length)[0])
         weight = torch.zeros(context_length)
         weight[prefix_len:prefix_len + word_len] = 1.0 / word_len
         weights.append(weight)
@@ -80,9 +81,9 @@ class ViewTextEncoder(nn.Module):
         prompt = self.view_prompt.to(embeds.dtype).expand(len(view_ids), -1, -1)
         embeds = torch.cat([embeds[:, :PROMPT_START], prompt, embeds[:, end:]], dim=1)
         feats = clip_model.encode_text(tokens, token_embeds=embeds, return_all=True)  # (U, L, D)
-        prompts = feats[:, PROMPT_START:end]  # (U, n, D)
+        prompt_feats = feats[:, PROMPT_START:end]  # (U, n, D)
         word = torch.einsum("ul,uld->ud", self.word_weights[view_ids].to(feats.dtype), feats)  # (U, D)
-        fused = prompts + self.word_to_prompt(word)[:, None]  # (U, n, D)
+        fused = prompt_feats + self.word_to_prompt(word)[:, None]  # (U, n, D)
         return self.fusion(fused.flatten(1))
 
     def forward(self, clip_model, viewids):

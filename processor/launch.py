@@ -1,13 +1,15 @@
-"""Shared command-line plumbing of ``train_svpr.py`` and ``test_svpr.py``."""
+"""Command-line plumbing shared by ``train_svpr.py``, ``test_svpr.py`` and the tools: parse, configure,
+check the names the config uses against the registries, set up logging, devices and processes."""
 import argparse
 import logging
 import os
 import sys
 
 from configs import load_config
+from datasets import DATASETS
+from model import MODELS
 from utils.device import resolve_device
 from utils.distributed import get_rank, init_distributed, is_main_process
-from utils.errors import UserError
 from utils.logger import setup_logger
 from utils.seed import set_seed
 
@@ -26,9 +28,18 @@ def build_parser(description):
     return parser
 
 
+def check_registered_names(cfg):
+    """Every model and dataset the config names exists (a ``ConfigError`` with close matches otherwise)."""
+    MODELS.get(cfg.MODEL.ARCH_NAME)
+    DATASETS.get(cfg.DATASETS.NAMES, "DATASETS.NAMES")
+    for name in cfg.DATASETS.TESTS:
+        DATASETS.get(name, "DATASETS.TESTS")
+
+
 def prepare_run(args, log_file):
     """Config, device, process group, logger, seed and ``OUTPUT_DIR/config.yaml`` for one run."""
     cfg = load_config(args.config_file, args.opts)
+    check_registered_names(cfg)
     device = resolve_device(cfg.MODEL.DEVICE)
     init_distributed(device)
     setup_logger(cfg.OUTPUT_DIR, log_file, rank=get_rank())
@@ -43,15 +54,3 @@ def prepare_run(args, log_file):
     # Each rank gets its own stream so that augmentations differ across ranks; samplers share the seed.
     set_seed(cfg.SOLVER.SEED + get_rank())
     return cfg, device
-
-
-def run_main(main):
-    """Call ``main()``; turn a ``UserError`` into one ``error:`` line and exit code 2."""
-    try:
-        main()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)

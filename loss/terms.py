@@ -1,0 +1,119 @@
+"""The loss terms a model can name in its ``loss_specs``; each reads what it needs from the model output.
+
+A term is built as ``Term(cfg, num_classes, feature_dim, **options)`` and called as
+``term(outputs, batch) -> scalar`` with ``outputs`` a ``model.ModelOutput`` and ``batch`` the batch dict.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loss.center_loss import CenterLoss
+from loss.registry import register_loss
+from loss.softmax_loss import CrossEntropyLabelSmooth
+from loss.triplet_loss import TripletLoss
+
+LABEL_SMOOTHING = 0.1
+
+
+def _reduce(losses, reduction):
+    """Combine per-branch losses: ``sum``, or ``first_plus_mean`` (main branch + mean of the others)."""
+    if reduction == "sum":
+        return torch.stack(losses).sum()
+    if reduction == "first_plus_mean":
+        return losses[0] if len(losses) == 1 else losses[0] + torch.stack(losses[1:]).mean()
+    raise ValueError(f"unknown branch reduction {reduction!r}; expected 'sum' or 'first_plus_mean'")
+
+
+def label_smoothing(cfg):
+    """The identity/view cross-entropy smoothing of MODEL.IF_LABELSMOOTH."""
+    return LABEL_SMOOTHING if cfg.MODEL.IF_LABELSMOOTH == "on" else 0.0
+
+
+def _aux(outputs, key, term):
+    if key not in outputs.aux:
+        raise ValueError(f"the {term} loss needs the model output aux[{key!r}]")
+    return outputs.aux[key]
+
+
+@register_loss("id")
+class IdentityLoss(nn.Module):
+    """Label-smoothed cross-entropy of every identity-logit branch, combined by ``reduction``."""
+
+    def __init__(self, cfg, num_classes, feature_dim, reduction="sum"):
+        super().__init__()
+        self.xent = CrossEntropyLabelSmooth(label_smoothing(cfg))
+        self.reduction = reduction
+
+    def forward(self, outputs, batch):
+        if not outputs.id_logits:
+            raise ValueError("the id loss needs identity logits in the model output")
+        return _reduce([self.xent(logits, batch["pids"]) for logits in outputs.id_logits.values()], self.reduction)
+
+
+@register_loss("triplet")
+class TripletTerm(nn.Module):
+    """Batch-hard triplet loss of every feature branch (soft margin unless MODEL.NO_MARGIN is False)."""
+
+    def __init__(self, cfg, num_classes, feature_dim, reduction="sum"):
+        super().__init__()
+        self.triplet = TripletLoss(None if cfg.MODEL.NO_MARGIN else cfg.SOLVER.MARGIN)
+        self.reduction = reduction
+
+    def forward(self, outputs, batch):
+        if not outputs.features:
+            raise ValueError("the triplet loss needs features in the model output")
+        return _reduce([self.triplet(f, batch["pids"]) for f in outputs.features.values()], self.reduction)
+
+
+@register_loss("view")
+class ViewLoss(nn.Module):
+    """View classification (label-smoothed CE of ``aux["view_logits"]``) plus the decoupling penalty
+    ``mean |cos(aux["inv_feat"], aux["view_feat"])|``."""
+
+    def __init__(self, cfg, num_classes, feature_dim):
+        super().__init__()
+        self.xent = CrossEntropyLabelSmooth(label_smoothing(cfg))
+
+    def forward(self, outputs, batch):
+        decoupling = F.cosine_similarity(_aux(outputs, "inv_feat", "view"), _aux(outputs, "view_feat", "view"),
+                                         dim=1).abs().mean()
+        return self.xent(_aux(outputs, "view_logits", "view"), batch["viewids"]) + decoupling
+
+
+@register_loss("attr")
+class AttributeLoss(nn.Module):
+    """Sum over attributes of the plain cross-entropy of ``aux["attr_logits"][a]`` against ``attrs[:, a]``."""
+
+    def __init__(self, cfg, num_classes, feature_dim):
+        super().__init__()
+
+    def forward(self, outputs, batch):
+        attr_logits, attrs = _aux(outputs, "attr_logits", "attr"), batch.get("attrs")
+        if attrs is None or attrs.dim() != 2 or attrs.shape[1] != len(attr_logits):
+            raise ValueError(f"the attr loss needs attribute labels (B, {len(attr_logits)}) in the batch, got "
+                             f"{None if attrs is None else tuple(attrs.shape)}")
+        return torch.stack([F.cross_entropy(logits, attrs[:, a]) for a, logits in enumerate(attr_logits)]).sum()
+
+
+@register_loss("i2t")
+class ImageToTextLoss(nn.Module):
+    """Label-smoothed cross-entropy of the image-to-text logits ``aux["i2t_logits"]`` (CLIP-ReID stage 2)."""
+
+    def __init__(self, cfg, num_classes, feature_dim):
+        super().__init__()
+        self.xent = CrossEntropyLabelSmooth(label_smoothing(cfg))
+
+    def forward(self, outputs, batch):
+        return self.xent(_aux(outputs, "i2t_logits", "i2t"), batch["pids"])
+
+
+@register_loss("center")
+class CenterTerm(nn.Module):
+    """Center loss of the first feature branch; its centres are trained by their own SGD optimiser."""
+
+    def __init__(self, cfg, num_classes, feature_dim):
+        super().__init__()
+        self.center_loss = CenterLoss(num_classes, feature_dim)
+
+    def forward(self, outputs, batch):
+        return self.center_loss(next(iter(outputs.features.values())), batch["pids"])

@@ -1,0 +1,83 @@
+"""The model contract: what a registered model takes from a batch, returns in training, and trains with.
+
+A model is a ``ReIDModel`` subclass registered with ``@MODELS.register("Name")`` and built as
+``Model(cfg, num_classes, num_cameras, num_views, attributes)``. It declares
+
+* ``batch_inputs``: the batch entries its ``forward`` takes as keywords besides the images
+  (``camids``, ``viewids``, ``timeids``, ``text_tokens``, ``attrs``);
+* in training mode, ``forward`` returns a :class:`ModelOutput` (named identity logits and metric features
+  per branch, plus model-specific tensors for its loss terms); in eval mode the ``(B, embedding_dim)``
+  test-time feature that evaluation ranks with;
+* ``loss_specs(cfg)``: the loss terms (names in ``loss.LOSSES``) and their weights, the one place a
+  model's loss weights are read from the config;
+* ``training_phases``: names of engine phases (``processor.phases.PHASES``) to run before the main
+  training loop, e.g. CLIP-ReID's prompt learning;
+* ``from_reference_state_dict`` / ``to_reference_state_dict``: the mapping between this model's
+  parameter names and those of the authors' code (identity unless the layouts differ).
+
+docs/architecture.md shows how a batch flows through these pieces.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+BATCH_KEYS = ("camids", "viewids", "timeids", "text_tokens", "attrs")
+
+
+@dataclass
+class ModelOutput:
+    """Training-mode output of a model.
+
+    ``id_logits``: branch name -> (B, num_classes) identity logits; the first branch is the main one
+    (training accuracy). ``features``: branch name -> (B, C) features for the metric losses (triplet; the
+    center loss uses the first). ``aux``: model-specific tensors read by its loss terms, e.g.
+    ``view_logits`` (B, V), ``view_feat``/``inv_feat`` (B, C), ``attr_logits`` (list of (B, n_a)),
+    ``i2t_logits`` (B, num_classes).
+    """
+
+    id_logits: Dict[str, torch.Tensor]
+    features: Dict[str, torch.Tensor]
+    aux: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One loss term of a model: its registry ``name``, its ``weight`` and constructor ``options``."""
+
+    name: str
+    weight: float
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+class ReIDModel(nn.Module):
+    """Base class of every registered model (see the module docstring for the contract)."""
+
+    batch_inputs = ()
+    training_phases = ()
+    #: Width of the test-time feature and of the first training feature; set by the constructor.
+    embedding_dim = 0
+    feature_dim = 0
+
+    def loss_specs(self, cfg):
+        """The model's loss terms (list of :class:`LossSpec`)."""
+        raise NotImplementedError
+
+    def forward_inputs(self, batch):
+        """Keyword arguments of ``forward`` taken from a batch dict."""
+        unknown = [key for key in self.batch_inputs if key not in BATCH_KEYS]
+        if unknown:
+            raise ValueError(f"{type(self).__name__}.batch_inputs names unknown batch entries {unknown}; "
+                             f"expected some of {BATCH_KEYS}")
+        return {key: batch.get(key) for key in self.batch_inputs}
+
+    @classmethod
+    def from_reference_state_dict(cls, state_dict, cfg):
+        """This model's state dict from a state dict of the authors' code (``module.`` already stripped)."""
+        return dict(state_dict)
+
+    @classmethod
+    def to_reference_state_dict(cls, state_dict, cfg):
+        """The authors' state-dict layout of this model's ``state_dict``."""
+        return dict(state_dict)
