@@ -1,8 +1,8 @@
 """Trainer hooks: code that runs around the training loop at fixed points (detectron2-style).
 
-A hook subclasses ``HookBase`` and overrides any of ``before_train``, ``after_epoch(epoch)`` and
-``after_train``; ``self.trainer`` is the ``processor.trainer.Trainer`` it is registered with. Hooks run in
-registration order.
+A hook subclasses ``HookBase`` and overrides any of ``before_train``, ``after_log(info)``,
+``after_epoch(epoch)`` and ``after_train``; ``self.trainer`` is the ``processor.trainer.Trainer`` it is
+registered with. Hooks run in registration order.
 """
 import logging
 
@@ -30,8 +30,14 @@ class HookBase:
     def before_train(self):
         """Before the first epoch of this run (also after a resume)."""
 
+    def after_log(self, info):
+        """Every SOLVER.LOG_PERIOD iterations and at the end of an epoch, with ``info``: ``epoch``,
+        ``iteration``, ``num_iterations``, ``losses`` ({term: mean since the epoch began}, floats), ``loss``
+        (their sum), ``accuracy``, ``lr``, ``images_per_second``."""
+
     def after_epoch(self, epoch):
-        """After ``epoch`` was trained and the learning rate stepped."""
+        """After ``epoch`` was trained and the learning rate stepped (``trainer.last_eval`` holds
+        ``(epoch, metrics)`` of the latest evaluation)."""
 
     def after_train(self):
         """After the last epoch."""

@@ -194,10 +194,15 @@ class Trainer:
             bar.update(1)
             if iteration % log_period == 0 or iteration == num_batches:
                 elapsed = time.time() - start
-                parts = ", ".join(f"{name} {float(total) / count:.3f}" for name, total in sums.items())
+                losses = {name: float(total) / count for name, total in sums.items()}
+                info = {"epoch": epoch, "iteration": iteration, "num_iterations": num_batches, "losses": losses,
+                        "loss": sum(losses.values()), "accuracy": float(correct) / max(seen, 1), "lr": lr,
+                        "images_per_second": seen * get_world_size() / max(elapsed, 1e-9)}
+                parts = ", ".join(f"{name} {value:.3f}" for name, value in losses.items())
                 logger.info("epoch %d iter %d/%d: loss %.3f (%s), acc %.3f, lr %.2e, %.1f img/s", epoch,
-                            iteration, num_batches, float(sum(sums.values())) / count, parts,
-                            float(correct) / max(seen, 1), lr, seen * get_world_size() / max(elapsed, 1e-9))
+                            iteration, num_batches, info["loss"], parts, info["accuracy"], lr,
+                            info["images_per_second"])
+                self._call_hooks("after_log", info)
         bar.close()
         if count:
             elapsed = time.time() - start
