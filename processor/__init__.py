@@ -16,37 +16,34 @@ from processor.trainer import Trainer
 from utils.checkpoint import save_checkpoint
 from utils.distributed import barrier, is_main_process
 from utils.errors import ConfigError
-from utils.report import format_table, write_results
+from evaluation.protocols import build_test_protocol
+from evaluation.report import evaluation_settings, format_table, write_results
 
 logger = logging.getLogger(__name__)
 
 
-def _eval_data(cfg, name, bundle=None):
-    """(query+gallery loader, number of queries, view mode) of protocol ``name`` (reusing ``bundle``'s)."""
-    if bundle is None or bundle.dataset.name != name:
-        bundle = make_dataloaders(cfg, name)
-    return bundle.val_loader, bundle.num_query, bundle.dataset.view_mode
-
-
-def evaluate_protocols(cfg, model, device, train_bundle=None, known=None):
+def evaluate_protocols(cfg, model, device, train_data=None, known=None):
     """Evaluate ``model`` on every protocol of ``DATASETS.TESTS``; return ``{name: metrics}``.
 
-    ``known`` maps protocols already evaluated with these exact weights to their metrics.
+    ``known`` maps protocols already evaluated with these exact weights to their metrics. Each result
+    carries the ``benchmark`` it was measured on (cross-dataset tests name another one than training).
     """
     known, results = known or {}, {}
     for name in cfg.DATASETS.TESTS:
+        protocol = build_test_protocol(cfg, name, train_data)
         if name in known:
-            results[name] = known[name]
-            continue
-        loader, num_query, view_mode = _eval_data(cfg, name, train_bundle)
-        results[name] = evaluate(cfg, model, loader, num_query, device, view_mode, desc=f"test {name}")
+            metrics = known[name]
+        else:
+            metrics = evaluate(cfg, model, protocol.loader, protocol.num_query, device, protocol.view_mode,
+                               desc=f"test {name}")
+        results[name] = dict(metrics, benchmark=protocol.benchmark)
     return results
 
 
-def _report(cfg, results, checkpoint, config_file, epoch):
+def _report(cfg, results, checkpoint, config_file, epoch, trained_on=None):
     if is_main_process():
         logger.info("results (%s, epoch %s):\n%s", checkpoint, epoch, format_table(results))
-        write_results(cfg.OUTPUT_DIR, checkpoint, config_file, epoch, results)
+        write_results(cfg.OUTPUT_DIR, checkpoint, config_file, epoch, results, evaluation_settings(cfg, trained_on))
         logger.info("wrote %s and results.csv", os.path.join(cfg.OUTPUT_DIR, "results.json"))
 
 
@@ -60,9 +57,8 @@ def run_training(cfg, device, resume=False, config_file=None):
     for phase in model.training_phases:
         PHASES.get(phase)(cfg, model, bundle, device).run(resume)
     criterion = build_criterion(cfg, model, model_args["num_classes"]).to(device)
-    first_test = cfg.DATASETS.TESTS[0]
-    trainer = Trainer(cfg, model, criterion, bundle.train_loader, (*_eval_data(cfg, first_test, bundle), first_test),
-                      device, model_args)
+    first_test = build_test_protocol(cfg, cfg.DATASETS.TESTS[0], bundle)
+    trainer = Trainer(cfg, model, criterion, bundle.train_loader, first_test, device, model_args)
     if resume:
         trainer.resume(last_path)
     elif os.path.isfile(last_path):
@@ -73,12 +69,12 @@ def run_training(cfg, device, resume=False, config_file=None):
         save_checkpoint(weights_file(cfg, model, model_args, last_epoch), final_path)
     barrier()
     logger.info("best %s mAP during training: %.2f%% at epoch %d (%s); final results use the last epoch's "
-                "weights (%s)", first_test, 100 * trainer.best["mAP"], trainer.best["epoch"], BEST_CHECKPOINT,
+                "weights (%s)", first_test.name, 100 * trainer.best["mAP"], trainer.best["epoch"], BEST_CHECKPOINT,
                 FINAL_CHECKPOINT)
     eval_epoch, metrics = trainer.last_eval
-    known = {first_test: metrics} if eval_epoch == last_epoch else None
+    known = {first_test.name: metrics} if eval_epoch == last_epoch else None
     results = evaluate_protocols(cfg, model, device, bundle, known)
-    _report(cfg, results, final_path, config_file, last_epoch)
+    _report(cfg, results, final_path, config_file, last_epoch, trained_on=cfg.DATASETS.NAMES)
     return results
 
 
@@ -89,7 +85,7 @@ def run_testing(cfg, device, config_file=None):
                           "TEST.WEIGHT outputs/<run>/model_final.pth")
     model, epoch = load_trained_model(cfg, cfg.TEST.WEIGHT, device)
     results = evaluate_protocols(cfg, model, device)
-    _report(cfg, results, cfg.TEST.WEIGHT, config_file, epoch)
+    _report(cfg, results, cfg.TEST.WEIGHT, config_file, epoch, trained_on=cfg.DATASETS.NAMES)
     return results
 
 

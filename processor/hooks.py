@@ -52,8 +52,10 @@ class EvalHook(HookBase):
         cfg = trainer.cfg
         if epoch % cfg.SOLVER.EVAL_PERIOD and epoch != cfg.SOLVER.MAX_EPOCHS:
             return
-        loader, num_query, view_mode, name = trainer.eval_data
-        metrics = evaluate(cfg, trainer.model, loader, num_query, trainer.device, view_mode, desc=f"eval {name}")
+        protocol = trainer.eval_data
+        name = protocol.name
+        metrics = evaluate(cfg, trainer.model, protocol.loader, protocol.num_query, trainer.device,
+                           protocol.view_mode, desc=f"eval {name}")
         trainer.last_eval = (epoch, metrics)
         improved = metrics["mAP"] > trainer.best["mAP"]
         if improved:

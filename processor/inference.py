@@ -11,7 +11,7 @@ from text import prompts
 from processor.common import autocast, show_progress, to_device, unwrap
 from processor.model_io import load_trained_model
 from utils.distributed import get_rank
-from utils.metrics import ReIDEvaluator
+from evaluation import ReIDEvaluator
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,9 @@ logger = logging.getLogger(__name__)
 
 
 class Trainer:
-    """Trains ``model`` with ``criterion`` on ``train_loader``; ``eval_data`` is (loader, num_query, view mode,
-    protocol name) of the periodic evaluation. ``hooks`` default to evaluation + checkpoints."""
+    """Trains ``model`` with ``criterion`` on ``train_loader``; ``eval_data`` is the
+    ``evaluation.protocols.TestProtocol`` of the periodic evaluation. ``hooks`` default to evaluation +
+    checkpoints."""
 
     def __init__(self, cfg, model, criterion, train_loader, eval_data, device, model_args, hooks=None):
         self.cfg = cfg

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from utils.errors import DataError
-from utils.metrics import NoValidQueryError, ReIDEvaluator, compute_distance, evaluate_rank
+from evaluation import NoValidQueryError, ReIDEvaluator, compute_distance, evaluate_rank
 
 
 def load_fastreid_rank():

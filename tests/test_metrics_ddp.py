@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from utils.metrics import ReIDEvaluator, compute_distance, evaluate_rank
+from evaluation import ReIDEvaluator, compute_distance, evaluate_rank
 
 
 def data():

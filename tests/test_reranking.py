@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.metrics import compute_distance
-from utils.reranking import re_ranking
+from evaluation import compute_distance
+from evaluation import re_ranking
 
 
 def reference_re_ranking(qf, gf, k1, k2, lam):

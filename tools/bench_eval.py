@@ -1,4 +1,4 @@
-"""Benchmark ``utils.metrics.evaluate_rank`` against fast-reid's Cython Market-1501 evaluator.
+"""Benchmark ``evaluation.evaluate_rank`` against fast-reid's Cython Market-1501 evaluator.
 
 Builds ``rank_cy.pyx`` from the installed ``fastreid`` package into a temporary folder (Cython + the C
 compiler), ranks the same random distance matrix with both, checks that CMC/mAP/mINP agree and prints
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 
-from utils.metrics import evaluate_rank
+from evaluation import evaluate_rank
 
 
 def build_fastreid_cython(build_dir):
@@ -84,7 +84,7 @@ def compare(args):
     print(f"case: {args.queries} x {args.gallery} distances, {args.ids} ids, {args.cams} cameras, "
           f"max_rank {args.max_rank}, torch threads {torch.get_num_threads()}, best of {args.repeats}")
     print(f"fast-reid Cython evaluate_cy : {cy_time:.3f} s")
-    print(f"utils.metrics.evaluate_rank  : {our_time:.3f} s")
+    print(f"evaluation.evaluate_rank  : {our_time:.3f} s")
     print(f"speed-up                     : {cy_time / our_time:.2f}x")
     print(f"mAP {ours['mAP']:.6f} mINP {ours['mINP']:.6f} rank1 {ours['cmc'][0]:.6f} valid queries "
           f"{ours['num_valid_queries']}; max |diff| cmc {cmc_diff:.2e} mAP {map_diff:.2e} mINP {inp_diff:.2e}")

@@ -16,8 +16,8 @@ from utils.entrypoint import run_main
 from utils.device import resolve_device
 from utils.errors import DataError
 from utils.logger import setup_logger
-from utils.metrics import compute_distance
-from utils.report import draw_rank_list
+from evaluation import compute_distance
+from evaluation.report import draw_rank_list
 
 
 def image_paths(path, what):

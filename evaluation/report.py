@@ -1,39 +1,76 @@
-"""Result tables: per-protocol rows printed, written to ``results.json``/``results.csv`` and read back;
-rank-list images for chosen queries."""
+"""Result reports: per-protocol rows printed, written to ``results.json``/``results.csv`` (read back with
+``read_results``); rank-list images for chosen queries."""
 import csv
 import io
 import json
 import os
+import subprocess
 import tempfile
+
+import torch
 
 from PIL import Image, ImageDraw, ImageOps
 
 METRIC_COLUMNS = ("mAP", "rank1", "rank5", "rank10", "mINP")
-CSV_COLUMNS = ("protocol",) + METRIC_COLUMNS + ("num_query", "num_gallery", "epoch", "checkpoint", "config")
+CSV_COLUMNS = ("protocol", "benchmark") + METRIC_COLUMNS + ("num_query", "num_gallery", "epoch", "checkpoint", "config")
 
 
 def summarize(result):
     """Row of percentages (2 decimals) + counts from an evaluator result (``cmc``, ``mAP``, ``mINP``,
-    ``num_query``, ``num_gallery``)."""
+    ``num_query``, ``num_gallery``; ``benchmark``, the data it was measured on, is kept when present)."""
     cmc = result["cmc"]
     if len(cmc) < 10:
         raise ValueError(f"the CMC curve has {len(cmc)} ranks; the report needs rank-10 (TEST.MAX_RANK >= 10)")
     row = {"mAP": result["mAP"], "rank1": cmc[0], "rank5": cmc[4], "rank10": cmc[9], "mINP": result["mINP"]}
     row = {name: round(float(value) * 100, 2) for name, value in row.items()}
     row.update(num_query=int(result["num_query"]), num_gallery=int(result["num_gallery"]))
+    if "benchmark" in result:
+        row["benchmark"] = str(result["benchmark"])
     return row
 
 
 def format_table(protocols):
-    """Fixed-width text table of ``{protocol: result}``."""
+    """Fixed-width text table of ``{protocol: result}`` (with the benchmark each was measured on)."""
     rows = {name: summarize(result) for name, result in protocols.items()}
     width = max([len("protocol")] + [len(name) for name in rows])
-    header = f"{'protocol':<{width}}" + "".join(f"{c:>9}" for c in METRIC_COLUMNS) + f"{'#query':>9}{'#gallery':>10}"
+    data_width = max([len("data")] + [len(row.get("benchmark", "")) for row in rows.values()])
+    header = (f"{'protocol':<{width}}  {'data':<{data_width}}" + "".join(f"{c:>9}" for c in METRIC_COLUMNS)
+              + f"{'#query':>9}{'#gallery':>10}")
     lines = [header, "-" * len(header)]
     for name, row in rows.items():
-        lines.append(f"{name:<{width}}" + "".join(f"{row[c]:>9.2f}" for c in METRIC_COLUMNS)
+        lines.append(f"{name:<{width}}  {row.get('benchmark', ''):<{data_width}}"
+                     + "".join(f"{row[c]:>9.2f}" for c in METRIC_COLUMNS)
                      + f"{row['num_query']:>9d}{row['num_gallery']:>10d}")
     return "\n".join(lines)
+
+
+def _git_commit():
+    """The framework's git commit (with "+dirty" for local changes), or None outside a git checkout."""
+    folder = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
+                                timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode:
+        return None
+    return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
+def evaluation_settings(cfg, trained_on=None):
+    """Every setting besides the weights that changes the reported numbers, for ``results.json``."""
+    test = cfg.TEST
+    return {
+        "trained_on": trained_on, "test_protocols": list(cfg.DATASETS.TESTS),
+        "re_ranking": bool(test.RE_RANKING), "re_ranking_k1": int(test.RR_K1), "re_ranking_k2": int(test.RR_K2),
+        "re_ranking_lambda": float(test.RR_LAMBDA), "time_mode": test.TIME_MODE, "feat_norm": test.FEAT_NORM,
+        "distance": test.DIST_METRIC, "max_rank": int(test.MAX_RANK), "image_size": list(cfg.INPUT.SIZE_TEST),
+        "pixel_mean": list(cfg.INPUT.PIXEL_MEAN), "pixel_std": list(cfg.INPUT.PIXEL_STD),
+        "amp": bool(cfg.SOLVER.AMP) and cfg.SOLVER.AMP_DTYPE, "seed": int(cfg.SOLVER.SEED),
+        "framework_commit": _git_commit(), "torch": torch.__version__,
+    }
 
 
 def _write_atomic(path, text):
@@ -48,18 +85,20 @@ def _write_atomic(path, text):
         raise
 
 
-def write_results(output_dir, checkpoint, config, epoch, protocols):
+def write_results(output_dir, checkpoint, config, epoch, protocols, settings=None):
     """Write ``results.json`` and ``results.csv`` (atomically) for ``{protocol: result}``; returns the
-    JSON document."""
+    JSON document. ``settings``: everything else that changes the numbers (recorded in the JSON)."""
     os.makedirs(output_dir, exist_ok=True)
     document = {"checkpoint": checkpoint, "config": config, "epoch": None if epoch is None else int(epoch),
+                "settings": dict(settings or {}),
                 "protocols": {name: summarize(result) for name, result in protocols.items()}}
     _write_atomic(os.path.join(output_dir, "results.json"), json.dumps(document, indent=2) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for name, row in document["protocols"].items():
-        writer.writerow([name] + [row[c] for c in METRIC_COLUMNS + ("num_query", "num_gallery")]
+        writer.writerow([name, row.get("benchmark", "")]
+                        + [row[c] for c in METRIC_COLUMNS + ("num_query", "num_gallery")]
                         + ["" if epoch is None else int(epoch), checkpoint, config])
     _write_atomic(os.path.join(output_dir, "results.csv"), buffer.getvalue())
     return document
@@ -69,19 +108,6 @@ def read_results(output_dir):
     """The ``results.json`` document of ``output_dir``."""
     with open(os.path.join(output_dir, "results.json")) as stream:
         return json.load(stream)
-
-
-def read_results_csv(output_dir):
-    """``{protocol: row}`` from ``results.csv`` with numbers typed (metrics float, counts/epoch int)."""
-    rows = {}
-    with open(os.path.join(output_dir, "results.csv"), newline="") as stream:
-        for record in csv.DictReader(stream):
-            row = {c: float(record[c]) for c in METRIC_COLUMNS}
-            row.update(num_query=int(record["num_query"]), num_gallery=int(record["num_gallery"]),
-                       epoch=int(record["epoch"]) if record["epoch"] else None,
-                       checkpoint=record["checkpoint"], config=record["config"])
-            rows[record["protocol"]] = row
-    return rows
 
 
 def draw_rank_list(query_path, gallery_paths, matches, out_path, tile=(64, 128), border=4):

@@ -8,7 +8,7 @@ N = Q + G samples: only the k-nearest-neighbour lists, a sparse V and the (Q x G
 """
 import torch
 
-from utils.metrics import compute_distance
+from evaluation.distance import compute_distance
 
 # Rows of an (rows x N) distance block, and (query, gallery) pairs per Jaccard step.
 DEFAULT_BLOCK_ROWS = 1024
