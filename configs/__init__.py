@@ -1,14 +1,22 @@
 """Configuration: documented YACS defaults (``defaults.py``) and the YAML files of each benchmark.
 
 ``load_config(config_file, opts)`` merges a YAML file and ``KEY VALUE`` overrides into the defaults,
-checks the values, and returns a frozen config; any mistake raises a one-line ``ConfigError``.
+checks the values, and returns a frozen config; any mistake raises a one-line ``ConfigError`` (an unknown
+key names the closest existing ones). Keys of the reference code that have no effect are ignored with one
+warning (``configs/compat.py``).
 """
+import difflib
+import logging
 import os
 
 import yaml
+from yacs.config import CfgNode
 
+from configs.compat import REFERENCE_ONLY_KEYS, split_reference_only
 from configs.defaults import get_cfg_defaults
 from utils.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 # Keys whose value must be one of a fixed set.
 _CHOICES = {
@@ -69,37 +77,115 @@ def _short(exc):
     return " ".join(text.split())
 
 
-def load_config(config_file=None, opts=(), freeze=True):
-    """Merge ``config_file`` and ``opts`` (``[KEY, VALUE, ...]``) into the defaults and check them."""
+def _all_keys(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, CfgNode):
+            yield from _all_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def _unknown_key_message(where, dotted, defaults):
+    """One line naming an unknown key and the closest existing keys."""
+    known = list(_all_keys(defaults))
+    close = difflib.get_close_matches(dotted, known, n=3, cutoff=0.6)
+    if not close:  # a misspelt section, or a key under the wrong section: match on the last part
+        last = dotted.split(".")[-1]
+        close = [key for key in known if key.split(".")[-1] == last][:3] or \
+            difflib.get_close_matches(last, known, n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"{where}: unknown config key {dotted}{hint}"
+
+
+def _find_unknown(data, defaults, prefix=""):
+    """The first dotted key of the nested dict ``data`` that the defaults do not define, or None."""
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in defaults:
+            return dotted
+        if isinstance(value, dict) and isinstance(defaults[key], CfgNode):
+            found = _find_unknown(value, defaults[key], dotted + ".")
+            if found:
+                return found
+    return None
+
+
+def _read_yaml(config_file):
+    """The mapping of a YAML config file (YAML only: a config file never runs code)."""
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"config file not found: {config_file}")
+    if not config_file.lower().endswith((".yml", ".yaml")):
+        raise ConfigError(f"config file {config_file}: expected a YAML file (.yml or .yaml); Python config files "
+                          f"are not accepted because loading them would run their code")
+    try:
+        with open(config_file, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"config file {config_file}{where}: not valid YAML: "
+                          f"{getattr(exc, 'problem', None) or _short(exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {config_file}: cannot be read ({_short(exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {config_file}: expected a mapping of config sections (MODEL:, SOLVER:, ...) "
+                          f"at the top level, got a {type(data).__name__}")
+    return data
+
+
+def read_config(config_file=None, opts=(), freeze=True):
+    """Merge ``config_file`` and ``opts`` (``[KEY, VALUE, ...]``) into the defaults and check them.
+
+    Returns ``(cfg, ignored)``: ``ignored`` lists the reference-only keys (``configs/compat.py``) that
+    were given and skipped. Any mistake raises a one-line ``ConfigError``.
+    """
     cfg = get_cfg_defaults()
+    ignored = []
     if config_file:
-        if not os.path.isfile(config_file):
-            raise ConfigError(f"config file not found: {config_file}")
+        data = _read_yaml(config_file)
+        ignored.extend(split_reference_only(data))
+        unknown = _find_unknown(data, cfg)
+        if unknown:
+            raise ConfigError(_unknown_key_message(f"config file {config_file}", unknown, cfg))
         try:
-            cfg.merge_from_file(config_file)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark is not None else ""
-            raise ConfigError(f"config file {config_file}{where}: not valid YAML: "
-                              f"{getattr(exc, 'problem', None) or _short(exc)}") from None
-        except KeyError as exc:
-            raise ConfigError(f"config file {config_file}: {_short(exc)} (misspelt or unknown key)") from None
-        except (ValueError, AssertionError, TypeError) as exc:
+            cfg.merge_from_other_cfg(CfgNode(data))
+        except (KeyError, ValueError, AssertionError, TypeError) as exc:
             raise ConfigError(f"config file {config_file}: {_short(exc)}") from None
     opts = list(opts or ())
     if len(opts) % 2:
         raise ConfigError(f"command-line overrides must be KEY VALUE pairs; got an odd number: {' '.join(opts)}")
     for key, value in zip(opts[0::2], opts[1::2]):
+        if key in REFERENCE_ONLY_KEYS:
+            ignored.append(key)
+            continue
+        try:
+            config_value(cfg, key)
+        except (KeyError, TypeError):
+            raise ConfigError(_unknown_key_message("command-line override", key, cfg)) from None
         try:
             cfg.merge_from_list([key, value])
-        except KeyError:
-            raise ConfigError(f"command-line override {key}: unknown config key (misspelt?)") from None
-        except (ValueError, AssertionError, TypeError) as exc:
+        except (KeyError, ValueError, AssertionError, TypeError) as exc:
             raise ConfigError(f"command-line override {key} {value}: {_short(exc)}") from None
     _check_values(cfg)
     if freeze:
         cfg.freeze()
+    return cfg, ignored
+
+
+def load_config(config_file=None, opts=(), freeze=True):
+    """``read_config`` without the list of ignored keys (logged as one warning instead)."""
+    cfg, ignored = read_config(config_file, opts, freeze)
+    if ignored:
+        logger.warning(ignored_keys_message(ignored))
     return cfg
 
 
-__all__ = ["config_value", "get_cfg_defaults", "load_config"]
+def ignored_keys_message(ignored):
+    """The one warning about reference-only keys that were given."""
+    return (f"ignored {len(ignored)} config key(s) of the reference code that have no effect: "
+            f"{', '.join(sorted(set(ignored)))} (see configs/compat.py)")
+
+
+__all__ = ["config_value", "get_cfg_defaults", "ignored_keys_message", "load_config", "read_config"]

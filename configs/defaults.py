@@ -1,8 +1,8 @@
 """Every configuration key of the framework, with its default and meaning.
 
-Key names follow the reference SVPR-ReID / CLIP-ReID code so that its YAML files merge unchanged.
-A few reference keys have no effect in the reference either; they are accepted so that those files load,
-and are marked "(compatibility; no effect)". Override any key from a YAML file (``--config_file``) or
+Key names follow the reference SVPR-ReID / CLIP-ReID code so that its YAML files merge unchanged. The
+reference's keys that have no effect there either are not defined here: ``configs/compat.py`` lists them,
+and loading ignores them with one warning. Override any key from a YAML file (``--config_file``) or
 from the command line (``KEY VALUE`` pairs after the options).
 """
 from yacs.config import CfgNode as CN
@@ -15,35 +15,23 @@ _C = CN()
 _C.MODEL = CN()
 # Where to run: "auto" (CUDA if available, else CPU), "cuda" (falls back to CPU with a warning), "cpu".
 _C.MODEL.DEVICE = "auto"
-# (compatibility; no effect) The reference pinned GPUs with it; use CUDA_VISIBLE_DEVICES instead.
-_C.MODEL.DEVICE_ID = "0"
 # Backbone name: "ViT-B-16" (CLIP ViT-B/16). Also the prefix of periodic checkpoint files.
 _C.MODEL.NAME = "ViT-B-16"
 # Model class in the model registry: "CLIP_SVPR_ReID", "CLIP_ReID" or "CLIP_baseline".
 _C.MODEL.ARCH_NAME = "CLIP_SVPR_ReID"
-# (compatibility; no effect) ResNet last stride of the reference's ResNet models.
-_C.MODEL.LAST_STRIDE = 1
 # OpenAI CLIP checkpoint (TorchScript archive such as ViT-B-16.pt, or a plain state dict). Required
 # unless MODEL.RANDOM_INIT is True.
 _C.MODEL.PRETRAIN_PATH = ""
 # Build the CLIP backbone from MODEL.CLIP.* with random weights instead of loading PRETRAIN_PATH
 # (tests, benchmarks and the synthetic quickstart).
 _C.MODEL.RANDOM_INIT = False
-# (compatibility; no effect) Neck type; every model here uses a BNNeck head.
-_C.MODEL.NECK = "bnneck"
-# (compatibility; no effect) Distributed training is switched on by launching with torchrun.
-_C.MODEL.DIST_TRAIN = False
 # Triplet loss without margin (soft-margin form log(1 + exp(d_ap - d_an))). The reference's effective
 # default is True, so SOLVER.MARGIN only matters when this is False.
 _C.MODEL.NO_MARGIN = True
 # Label smoothing (epsilon 0.1) in the identity and view cross-entropy losses: "on" or "off".
 _C.MODEL.IF_LABELSMOOTH = "on"
-# (compatibility; no effect) Cosine classifier layer.
-_C.MODEL.COS_LAYER = False
 # Add the center loss to the metric loss: "yes" or "no" (same as "center" in METRIC_LOSS_TYPE).
 _C.MODEL.IF_WITH_CENTER = "no"
-# (compatibility; no effect) Identity loss type; always softmax cross-entropy here.
-_C.MODEL.ID_LOSS_TYPE = "softmax"
 # Weight of the identity (classification) loss.
 _C.MODEL.ID_LOSS_WEIGHT = 1.0
 # Weight of the triplet loss.
@@ -56,8 +44,6 @@ _C.MODEL.I2T_LOSS_WEIGHT = 1.0
 _C.MODEL.DROP_PATH = 0.1
 _C.MODEL.DROP_OUT = 0.0
 _C.MODEL.ATT_DROP_RATE = 0.0
-# (compatibility; no effect) The reference's timm transformer type.
-_C.MODEL.TRANSFORMER_TYPE = "vit_base_patch16_224"
 # Patch-embedding stride (rows, columns); smaller than the patch size gives overlapping patches.
 _C.MODEL.STRIDE_SIZE = [16, 16]
 # Side-information embedding (SIE): scale, and whether camera and/or view ids are embedded.
@@ -75,16 +61,10 @@ _C.MODEL.TEXT_PROMPT = 4
 _C.MODEL.TEXT_LEN = 77
 # CP2108 text source: "attribute" (text built from the attribute labels) or "captions" (caption JSON).
 _C.MODEL.TEXT_TYPE = "attribute"
-# (compatibility; no effect) Text format switch of the reference.
-_C.MODEL.TEXT_FORMAT = "depart"
 # Use the attribute labels (SVPR's attribute loss and ASMOE).
 _C.MODEL.USE_ATTR = False
-# (compatibility; no effect) Visual prompt switch of the reference.
-_C.MODEL.VISUAL_PROMPT = 0
 # Number of learnable "X" prompt tokens in SVPR's view caption ("A photo of a X X X X person from X view.").
 _C.MODEL.VIEW_PROMPT = 4
-# (compatibility; no effect) Head switch of the reference.
-_C.MODEL.HEAD_UNIFORM = False
 # Recompute transformer blocks in the backward pass to save memory (slower).
 _C.MODEL.GRAD_CHECKPOINT = False
 
@@ -176,8 +156,6 @@ _C.DATALOADER.NUM_WORKERS = 8
 _C.DATALOADER.SAMPLER = "softmax_triplet"
 # Identity sampler class (only "RandomIdentitySampler"; its distributed twin is chosen automatically).
 _C.DATALOADER.SAMPLER_NAME = "RandomIdentitySampler"
-# (compatibility; no effect) Augmentation switch of the reference.
-_C.DATALOADER.AUG = False
 # Images per identity (K) in a P x K batch.
 _C.DATALOADER.NUM_INSTANCE = 16
 
@@ -201,16 +179,6 @@ _C.SOLVER.BIAS_LR_FACTOR = 2
 _C.SOLVER.MOMENTUM = 0.9
 # Triplet margin (only with MODEL.NO_MARGIN False).
 _C.SOLVER.MARGIN = 0.3
-# (compatibility; no effect) Unused hyper-parameters of the reference.
-_C.SOLVER.CLUSTER_MARGIN = 0.3
-_C.SOLVER.RANGE_K = 2
-_C.SOLVER.RANGE_MARGIN = 0.3
-_C.SOLVER.RANGE_ALPHA = 0
-_C.SOLVER.RANGE_BETA = 1
-_C.SOLVER.RANGE_LOSS_WEIGHT = 1
-_C.SOLVER.COSINE_MARGIN = 0.5
-_C.SOLVER.COSINE_SCALE = 30
-_C.SOLVER.LR_MIN = 1.6e-5
 # Center loss: SGD learning rate of the centres and weight of the loss.
 _C.SOLVER.CENTER_LR = 0.5
 _C.SOLVER.CENTER_LOSS_WEIGHT = 0.0005
@@ -248,18 +216,10 @@ _C.SOLVER.STAGE1.MAX_EPOCHS = 100  # stage-1 epochs
 _C.SOLVER.STAGE1.BASE_LR = 0.0003  # stage-1 learning rate
 _C.SOLVER.STAGE1.MOMENTUM = 0.9  # stage-1 SGD momentum
 _C.SOLVER.STAGE1.WEIGHT_DECAY = 0.0005  # stage-1 weight decay
-_C.SOLVER.STAGE1.WEIGHT_DECAY_BIAS = 0.0005  # stage-1 bias weight decay
-_C.SOLVER.STAGE1.WARMUP_FACTOR = 0.01  # (compatibility; no effect)
 _C.SOLVER.STAGE1.WARMUP_EPOCHS = 5  # linear warm-up epochs of the stage-1 cosine schedule
 _C.SOLVER.STAGE1.WARMUP_LR_INIT = 0.00001  # learning rate at the start of the warm-up
 _C.SOLVER.STAGE1.LR_MIN = 1e-6  # final learning rate of the cosine schedule
-_C.SOLVER.STAGE1.WARMUP_ITERS = 500  # (compatibility; no effect)
-_C.SOLVER.STAGE1.WARMUP_METHOD = "linear"  # (compatibility; no effect)
-_C.SOLVER.STAGE1.COSINE_MARGIN = 0.5  # (compatibility; no effect)
-_C.SOLVER.STAGE1.COSINE_SCALE = 30  # (compatibility; no effect)
-_C.SOLVER.STAGE1.CHECKPOINT_PERIOD = 10  # stage-1 checkpoint period in epochs
 _C.SOLVER.STAGE1.LOG_PERIOD = 100  # stage-1 log period in iterations
-_C.SOLVER.STAGE1.EVAL_PERIOD = 10  # (compatibility; no effect)
 
 # ---------------------------------------------------------------------------------------------------
 # TEST
@@ -274,12 +234,8 @@ _C.TEST.RR_K2 = 6
 _C.TEST.RR_LAMBDA = 0.3
 # Checkpoint evaluated by test_svpr.py (full training checkpoint or bare state dict).
 _C.TEST.WEIGHT = ""
-# (compatibility; no effect) Neck feature choice; every model documents its retrieval embedding.
-_C.TEST.NECK_FEAT = "before"
 # L2-normalise features before computing distances: "yes" or "no".
 _C.TEST.FEAT_NORM = "yes"
-# (compatibility; no effect) Distance-matrix file name of the reference.
-_C.TEST.DIST_MAT = "dist_mat.npy"
 # Distance: "euclidean" (squared Euclidean, as the reference) or "cosine" (1 - cosine similarity).
 _C.TEST.DIST_METRIC = "euclidean"
 # Time filter: "mix" (all), "cross" (only gallery from another time), "same" (only the same time).

@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 
-from configs import load_config
+from configs import ignored_keys_message, read_config
 from datasets import DATASETS
 from model import MODELS
 from utils.device import resolve_device
@@ -38,7 +38,7 @@ def check_registered_names(cfg):
 
 def prepare_run(args, log_file):
     """Config, device, process group, logger, seed and ``OUTPUT_DIR/config.yaml`` for one run."""
-    cfg = load_config(args.config_file, args.opts)
+    cfg, ignored = read_config(args.config_file, args.opts)
     check_registered_names(cfg)
     device = resolve_device(cfg.MODEL.DEVICE)
     init_distributed(device)
@@ -46,6 +46,8 @@ def prepare_run(args, log_file):
     logger = logging.getLogger("svpr")
     logger.info("command: %s", " ".join(sys.argv))
     logger.info("config file: %s", args.config_file)
+    if ignored:
+        logger.warning(ignored_keys_message(ignored))
     if is_main_process():
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w", encoding="utf-8") as handle:

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from configs import get_cfg_defaults, load_config
+from configs import config_value, get_cfg_defaults, load_config, read_config
+from configs.compat import REFERENCE_ONLY_KEYS
 from tests.conftest import REPO_ROOT, run_script
 from utils.errors import ConfigError
 
@@ -65,6 +66,54 @@ def test_bad_key_in_yaml_names_file_and_key(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(str(path))
     assert str(path) in str(info.value) and "SOLVER.MAX_EPOCHZ" in str(info.value)
+
+
+def test_unknown_keys_name_the_closest_existing_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"SOLVER\.MAX_EPOCH; did you mean SOLVER\.MAX_EPOCHS"):
+        load_config(None, ["SOLVER.MAX_EPOCH", "3"])
+    path = tmp_path / "misplaced.yml"
+    path.write_text("MODEL:\n  MAX_EPOCHS: 3\n")  # right key, wrong section
+    with pytest.raises(ConfigError, match=r"MODEL\.MAX_EPOCHS; did you mean SOLVER\.MAX_EPOCHS"):
+        load_config(str(path))
+
+
+def test_reference_only_keys_are_ignored_with_one_warning(tmp_path, caplog):
+    """A YAML file in the reference's style (keys the reference never reads) loads; one warning names them."""
+    path = tmp_path / "reference_style.yml"
+    path.write_text("MODEL:\n  DEVICE_ID: ('1')\n  NECK: 'bnneck'\n  COS_LAYER: False\n"
+                    "SOLVER:\n  LR_MIN: 1.6e-5\n  STAGE1:\n    COSINE_SCALE: 30\n  MAX_EPOCHS: 3\n"
+                    "TEST:\n  NECK_FEAT: 'before'\n")
+    cfg, ignored = read_config(str(path), ["DATALOADER.AUG", "True"])
+    assert cfg.SOLVER.MAX_EPOCHS == 3
+    assert sorted(ignored) == ["DATALOADER.AUG", "MODEL.COS_LAYER", "MODEL.DEVICE_ID", "MODEL.NECK",
+                               "SOLVER.LR_MIN", "SOLVER.STAGE1.COSINE_SCALE", "TEST.NECK_FEAT"]
+    for key in REFERENCE_ONLY_KEYS:
+        with pytest.raises(KeyError):
+            config_value(get_cfg_defaults(), key)
+    with caplog.at_level("WARNING"):
+        load_config(str(path))
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "MODEL.DEVICE_ID" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("config.py", "import os\nos.system('touch pwned')\n", "expected a YAML file"),
+    ("list.yml", "- MODEL\n- SOLVER\n", "expected a mapping"),
+])
+def test_non_yaml_or_non_mapping_config_is_refused(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(path))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_saved_config_reloads_to_the_same_config(tmp_path):
+    """``OUTPUT_DIR/config.yaml`` (``cfg.dump()``) loads back to an identical config."""
+    cfg = load_config(os.path.join(REPO_ROOT, "configs", "CP2108", "svpr_reid.yml"), ["SOLVER.MAX_EPOCHS", "7"])
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.dump())
+    assert load_config(str(path)) == cfg
 
 
 def _assert_one_line_error(result, *needles):
