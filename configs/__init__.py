@@ -26,7 +26,6 @@ _CHOICES = {
     "MODEL.METRIC_LOSS_TYPE": ("triplet", "triplet_center"),
     "MODEL.TEXT_TYPE": ("attribute", "captions"),
     "DATALOADER.SAMPLER": ("softmax_triplet", "softmax"),
-    "DATALOADER.SAMPLER_NAME": ("RandomIdentitySampler",),
     "SOLVER.WARMUP_METHOD": ("linear", "constant"),
     "SOLVER.AMP_DTYPE": ("float16", "bfloat16"),
     "TEST.FEAT_NORM": ("yes", "no"),

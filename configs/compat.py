@@ -8,8 +8,9 @@ REFERENCE_ONLY_KEYS = (
     # ID loss type, timm type string, text format, visual prompt, uniform heads, DDP flag: torchrun decides).
     "MODEL.LAST_STRIDE", "MODEL.NECK", "MODEL.COS_LAYER", "MODEL.ID_LOSS_TYPE", "MODEL.TRANSFORMER_TYPE",
     "MODEL.TEXT_FORMAT", "MODEL.VISUAL_PROMPT", "MODEL.HEAD_UNIFORM", "MODEL.DIST_TRAIN",
-    # Unused augmentation switch.
-    "DATALOADER.AUG",
+    # Unused augmentation switch; the sampler class name (the P x K identity sampler is the only one, and
+    # DATALOADER.SAMPLER chooses between it and plain shuffling).
+    "DATALOADER.AUG", "DATALOADER.SAMPLER_NAME",
     # Hyper-parameters of losses and schedules the reference defines but never uses.
     "SOLVER.CLUSTER_MARGIN", "SOLVER.RANGE_K", "SOLVER.RANGE_MARGIN", "SOLVER.RANGE_ALPHA", "SOLVER.RANGE_BETA",
     "SOLVER.RANGE_LOSS_WEIGHT", "SOLVER.COSINE_MARGIN", "SOLVER.COSINE_SCALE", "SOLVER.LR_MIN",

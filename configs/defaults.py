@@ -154,8 +154,6 @@ _C.DATALOADER = CN()
 _C.DATALOADER.NUM_WORKERS = 8
 # "softmax_triplet" (identity-balanced P x K batches) or "softmax" (plain shuffling).
 _C.DATALOADER.SAMPLER = "softmax_triplet"
-# Identity sampler class (only "RandomIdentitySampler"; its distributed twin is chosen automatically).
-_C.DATALOADER.SAMPLER_NAME = "RandomIdentitySampler"
 # Images per identity (K) in a P x K batch.
 _C.DATALOADER.NUM_INSTANCE = 16
 

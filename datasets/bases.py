@@ -105,7 +105,6 @@ class ReIDDataset:
 
         all_samples = self.train + self.query + self.gallery
         self.num_train_pids = len({s.pid for s in self.train})
-        self.num_train_imgs = len(self.train)
         # Sized to the largest id of any split so that camera/view embeddings can index every image.
         self.num_train_cams = max(s.camid for s in all_samples) + 1
         self.num_train_views = max(s.viewid for s in all_samples) + 1

@@ -60,7 +60,7 @@ def ref_triplet(features, labels, margin):
 
 
 def ref_supcon(queries, keys, query_labels, key_labels, temperature=1.0):
-    """SPEC 6.6: logits minus the row max, log-prob, mean over positives, minus mean over rows."""
+    """CLIP-ReID stage 1 (Li et al.): logits minus the row max, log-prob, mean over positives, minus mean over rows."""
     queries, keys = queries.detach().double(), keys.detach().double()
     row_losses = []
     for i in range(len(queries)):

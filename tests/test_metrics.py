@@ -1,5 +1,5 @@
 """evaluate_rank, compute_distance and ReIDEvaluator against fast-reid's evaluator and a per-query
-definition (SPEC section 9)."""
+definition of the Market-1501 protocol."""
 import importlib.util
 import os
 import warnings
