@@ -1,14 +1,42 @@
 """Evaluate a checkpoint on every protocol of DATASETS.TESTS and write results.json / results.csv.
 
-    python test_svpr.py --config_file configs/CP2108/svpr_reid.yml TEST.WEIGHT outputs/cp2108_svpr/model_best.pth
+    python test_svpr.py --weights outputs/cp2108_svpr_reid/model_final.pth            # config from the checkpoint
+    python test_svpr.py --weights W.pth DATASETS.TESTS "('CP2108_AG',)" TEST.RE_RANKING True
+    python test_svpr.py --config_file configs/CP2108/svpr_reid.yml TEST.WEIGHT W.pth   # explicit config wins
+
+Results go to <folder of the checkpoint>/test/ (or OUTPUT_DIR when given), never over a training run's files.
 """
+import os
+
 from processor.launch import build_parser, prepare_run
+from utils.checkpoint import load_checkpoint
 from utils.entrypoint import run_main
+from utils.errors import CheckpointError
+
+
+def stored_config(weights):
+    """The config YAML a checkpoint written by this framework carries."""
+    state = load_checkpoint(weights, map_location="cpu")
+    config = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(config, str):
+        raise CheckpointError(f"checkpoint {weights} stores no config (a bare state dict?): pass --config_file "
+                              f"with the config it was trained with")
+    return config
 
 
 def main():
-    args = build_parser(__doc__.splitlines()[0]).parse_args()
-    cfg, device = prepare_run(args, "test.log")
+    parser = build_parser(__doc__.splitlines()[0])
+    parser.add_argument("--weights", help="checkpoint to evaluate; its stored config is used unless --config_file "
+                                          "is given (same as TEST.WEIGHT)")
+    args = parser.parse_args()
+    base = None
+    if args.weights:
+        if args.config_file is None:
+            base = stored_config(args.weights)
+        # Before the user's overrides, so that an explicit OUTPUT_DIR still wins.
+        args.opts = ["TEST.WEIGHT", args.weights,
+                     "OUTPUT_DIR", os.path.join(os.path.dirname(os.path.abspath(args.weights)), "test"), *args.opts]
+    cfg, device = prepare_run(args, "test.log", base_config=base)
     from processor import run_testing
 
     run_testing(cfg, device, config_file=args.config_file)

@@ -109,6 +109,15 @@ def _find_unknown(data, defaults, prefix=""):
     return None
 
 
+def _mapping(data, where):
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of config sections (MODEL:, SOLVER:, ...) at the top level, "
+                          f"got a {type(data).__name__}")
+    return data
+
+
 def _read_yaml(config_file):
     """The mapping of a YAML config file (YAML only: a config file never runs code)."""
     if not os.path.isfile(config_file):
@@ -126,16 +135,24 @@ def _read_yaml(config_file):
                           f"{getattr(exc, 'problem', None) or _short(exc)}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {config_file}: cannot be read ({_short(exc)})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {config_file}: expected a mapping of config sections (MODEL:, SOLVER:, ...) "
-                          f"at the top level, got a {type(data).__name__}")
-    return data
+    return _mapping(data, f"config file {config_file}")
 
 
-def read_config(config_file=None, opts=(), freeze=True):
-    """Merge ``config_file`` and ``opts`` (``[KEY, VALUE, ...]``) into the defaults and check them.
+def _merge_mapping(cfg, data, where, ignored):
+    """Merge a nested dict of config values into ``cfg`` (reference-only keys skipped into ``ignored``)."""
+    ignored.extend(split_reference_only(data))
+    unknown = _find_unknown(data, cfg)
+    if unknown:
+        raise ConfigError(_unknown_key_message(where, unknown, cfg))
+    try:
+        cfg.merge_from_other_cfg(CfgNode(data))
+    except (KeyError, ValueError, AssertionError, TypeError) as exc:
+        raise ConfigError(f"{where}: {_short(exc)}") from None
+
+
+def read_config(config_file=None, opts=(), freeze=True, base_yaml=None):
+    """Merge ``config_file`` (or the YAML text ``base_yaml``, e.g. a checkpoint's stored config) and ``opts``
+    (``[KEY, VALUE, ...]``) into the defaults and check them.
 
     Returns ``(cfg, ignored)``: ``ignored`` lists the reference-only keys (``configs/compat.py``) that
     were given and skipped. Any mistake raises a one-line ``ConfigError``.
@@ -143,15 +160,13 @@ def read_config(config_file=None, opts=(), freeze=True):
     cfg = get_cfg_defaults()
     ignored = []
     if config_file:
-        data = _read_yaml(config_file)
-        ignored.extend(split_reference_only(data))
-        unknown = _find_unknown(data, cfg)
-        if unknown:
-            raise ConfigError(_unknown_key_message(f"config file {config_file}", unknown, cfg))
+        _merge_mapping(cfg, _read_yaml(config_file), f"config file {config_file}", ignored)
+    elif base_yaml:
         try:
-            cfg.merge_from_other_cfg(CfgNode(data))
-        except (KeyError, ValueError, AssertionError, TypeError) as exc:
-            raise ConfigError(f"config file {config_file}: {_short(exc)}") from None
+            data = _mapping(yaml.safe_load(base_yaml), "stored config")
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"stored config: not valid YAML: {_short(exc)}") from None
+        _merge_mapping(cfg, data, "stored config", ignored)
     opts = list(opts or ())
     if len(opts) % 2:
         raise ConfigError(f"command-line overrides must be KEY VALUE pairs; got an odd number: {' '.join(opts)}")

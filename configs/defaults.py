@@ -240,6 +240,11 @@ _C.TEST.DIST_METRIC = "euclidean"
 _C.TEST.TIME_MODE = "mix"
 # Largest rank of the reported CMC curve.
 _C.TEST.MAX_RANK = 50
+# Mixed precision at test time. False (the reference) embeds in fp32 even when training used AMP.
+_C.TEST.AMP = False
+# Write each protocol's query and gallery features with their ids, cameras, views, times and image paths
+# to OUTPUT_DIR/features_<protocol>.npz.
+_C.TEST.SAVE_FEATURES = False
 
 # Output folder: logs, config.yaml, checkpoints, results.json/results.csv.
 _C.OUTPUT_DIR = "./outputs/default"

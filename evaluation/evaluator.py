@@ -1,5 +1,6 @@
 """The evaluator: accumulates retrieval features and labels batch by batch (all ranks), then ranks one
 protocol's queries against its gallery."""
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -59,6 +60,7 @@ class ReIDEvaluator:
         self._has_paths = None
         self.distmat = None
         self.paths = None
+        self.features = None
         self._last = None
 
     def update(self, features, pids, camids, viewids=None, timeids=None, paths=None, index=None):
@@ -127,6 +129,7 @@ class ReIDEvaluator:
         for column, mode_name, mode in ((4, "view_mode", view_mode), (5, "time_mode", time_mode)):
             if mode != "mix" and not bool(labels[:, column].all()):
                 raise ValueError(f"{mode_name}={mode!r} needs view/time ids in every ReIDEvaluator.update()")
+        self.features = (feats, labels, paths)
         if self.feat_norm:
             feats = F.normalize(feats, dim=1)
         qf, gf = feats[: self.num_query], feats[self.num_query:]
@@ -144,6 +147,22 @@ class ReIDEvaluator:
         self.distmat, self.paths = distmat, paths
         self._last = (labels, view_mode, time_mode)
         return result
+
+    def save_features(self, path):
+        """Write the last ``compute()``'s features (before normalisation) and labels to an ``.npz`` file:
+        ``query_features``/``gallery_features`` (Q, E)/(G, E) and ``query_``/``gallery_`` ``pids``, ``camids``,
+        ``viewids``, ``timeids`` and ``paths``."""
+        if self.features is None:
+            raise ValueError("save_features() needs a compute() first")
+        feats, labels, paths = self.features
+        arrays = {}
+        for side, rows in (("query", slice(0, self.num_query)), ("gallery", slice(self.num_query, None))):
+            arrays[f"{side}_features"] = feats[rows].numpy()
+            for column, name in enumerate(("pids", "camids", "viewids", "timeids")):
+                arrays[f"{side}_{name}"] = labels[rows, column].numpy()
+            arrays[f"{side}_paths"] = np.array(paths[rows] if paths is not None else [], dtype=str)
+        np.savez(path, **arrays)
+        return path
 
     def rank_list(self, query, topk=10):
         """(query_path, gallery_paths, matches) of the ``topk`` best kept gallery samples of query number

@@ -31,11 +31,11 @@ def evaluate_protocols(cfg, model, device, train_data=None, known=None):
     known, results = known or {}, {}
     for name in cfg.DATASETS.TESTS:
         protocol = build_test_protocol(cfg, name, train_data)
-        if name in known:
+        if name in known and not cfg.TEST.SAVE_FEATURES:
             metrics = known[name]
         else:
             metrics = evaluate(cfg, model, protocol.loader, protocol.num_query, device, protocol.view_mode,
-                               desc=f"test {name}")
+                               desc=f"test {name}", name=name)
         results[name] = dict(metrics, benchmark=protocol.benchmark)
     return results
 

@@ -1,26 +1,39 @@
-"""Inference: feature extraction over a query+gallery loader and evaluation of one protocol."""
+"""Inference: feature extraction over a query+gallery loader and evaluation of one protocol, and the
+``FeatureExtractor`` for using a trained checkpoint from Python code."""
+import contextlib
 import logging
+import os
 import time
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from configs import read_config
 from datasets import ImageDataset, Sample, build_test_transform, collate
-from text import prompts
+from evaluation import ReIDEvaluator
 from processor.common import autocast, show_progress, to_device, unwrap
 from processor.model_io import load_trained_model
-from utils.distributed import get_rank
-from evaluation import ReIDEvaluator
+from text import prompts
+from utils.checkpoint import load_checkpoint
+from utils.device import resolve_device
+from utils.distributed import get_rank, is_main_process
+from utils.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 
+def test_autocast(cfg, device):
+    """Autocast for embedding test images: only with TEST.AMP (the reference embeds in fp32)."""
+    return autocast(cfg, device) if cfg.TEST.AMP else contextlib.nullcontext()
+
+
 @torch.no_grad()
-def evaluate(cfg, model, val_loader, num_query, device, view_mode="mix", desc="eval"):
+def evaluate(cfg, model, val_loader, num_query, device, view_mode="mix", desc="eval", name=None):
     """Embed every query and gallery image and return the protocol's metrics (fractions in [0, 1]).
 
-    Features from all ranks are gathered by the evaluator; every rank returns the same dictionary.
+    Features from all ranks are gathered by the evaluator; every rank returns the same dictionary. With
+    TEST.SAVE_FEATURES the features are written to OUTPUT_DIR/features_<name>.npz.
     """
     was_training = model.training
     model.eval()
@@ -29,13 +42,17 @@ def evaluate(cfg, model, val_loader, num_query, device, view_mode="mix", desc="e
     batches = tqdm(val_loader, desc=desc, leave=False, disable=not show_progress(get_rank()))
     for batch in batches:
         batch = to_device(batch, device)
-        with autocast(cfg, device):
+        with test_autocast(cfg, device):
             features = model(batch["images"], **unwrap(model).forward_inputs(batch))
         evaluator.update(features.float(), batch["pids"], batch["camids"], batch["viewids"], batch["timeids"],
                          index=batch["index"], paths=batch.get("paths"))
         num_images += batch["pids"].numel()
     extract_seconds = time.time() - start
     metrics = evaluator.compute(view_mode=view_mode, time_mode=cfg.TEST.TIME_MODE)
+    if cfg.TEST.SAVE_FEATURES and name and is_main_process():
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        path = evaluator.save_features(os.path.join(cfg.OUTPUT_DIR, f"features_{name}.npz"))
+        logger.info("wrote %s", path)
     logger.info("%s: embedded %d images (%d-d) in %.1f s on rank %d", desc, num_images,
                 unwrap(model).embedding_dim, extract_seconds, get_rank())
     model.train(was_training)
@@ -43,28 +60,48 @@ def evaluate(cfg, model, val_loader, num_query, device, view_mode="mix", desc="e
 
 
 class FeatureExtractor:
-    """Retrieval embeddings of image files with a trained checkpoint, for use from Python code.
+    """Test-time features of image files with a trained checkpoint, for use from Python code.
 
-    ``FeatureExtractor(cfg, weight)(paths, viewid=0) -> (N, E)`` float tensor on the CPU. SVPR-ReID is told
-    the platform of the images (``viewid``: 0 ground, 1 aerial; 0/1/2 CCTV/wearable/UAV on AG-ReID.v2) and
-    reads the generic test caption, as in evaluation.
+    ``FeatureExtractor.from_checkpoint("model_final.pth")(paths, viewids)`` returns the (N, E) float tensor
+    (on the CPU) that evaluation ranks with: same model, pre-processing, precision (TEST.AMP) and test
+    caption. ``viewids`` is one view id per image (or one for all): 0 ground / 1 aerial, or 0 CCTV /
+    1 wearable / 2 UAV on AG-ReID.v2 — SVPR-ReID is told the platform. Images are embedded in batches of
+    TEST.IMS_PER_BATCH in the given order, as evaluation batches them: in the reference's SVPR-ReID
+    (``MODEL.FIXES`` off) a feature depends on the other images of its batch.
+    ``normalize=True`` L2-normalises the features (evaluation does with TEST.FEAT_NORM "yes").
     """
 
     def __init__(self, cfg, weight, device=None):
         self.cfg = cfg
-        self.device = device or torch.device("cpu")
+        self.device = device or resolve_device(cfg.MODEL.DEVICE)
         self.model, self.epoch = load_trained_model(cfg, weight, self.device)
         self.transform = build_test_transform(cfg)
         self.text = prompts.test_caption(cfg.MODEL.TEXT_PROMPT) if cfg.MODEL.USE_TEXT else None
 
+    @classmethod
+    def from_checkpoint(cls, path, device=None, opts=()):
+        """An extractor for a checkpoint written by this framework, configured by the config stored in it
+        (``opts``: ``KEY VALUE`` overrides, e.g. ``["MODEL.DEVICE", "cpu"]``)."""
+        state = load_checkpoint(path, map_location="cpu")
+        config = state.get("config") if isinstance(state, dict) else None
+        if not isinstance(config, str):
+            raise CheckpointError(f"checkpoint {path} stores no config: build FeatureExtractor(cfg, path) instead")
+        cfg, _ = read_config(None, list(opts), base_yaml=config)
+        return cls(cfg, path, device=torch.device(device) if isinstance(device, str) else device)
+
     @torch.no_grad()
-    def __call__(self, paths, viewid=0, batch_size=64):
-        samples = [Sample(path, -1, 0, viewid, 0, self.text, None) for path in paths]
+    def __call__(self, paths, viewids=0, batch_size=None, normalize=False):
+        paths = list(paths)
+        viewids = [viewids] * len(paths) if isinstance(viewids, int) else list(viewids)
+        if len(viewids) != len(paths):
+            raise ValueError(f"got {len(viewids)} view ids for {len(paths)} images")
+        samples = [Sample(path, -1, 0, int(viewid), 0, self.text, None) for path, viewid in zip(paths, viewids)]
         loader = DataLoader(ImageDataset(samples, self.transform, text_len=self.cfg.MODEL.TEXT_LEN),
-                            batch_size=batch_size, collate_fn=collate)
+                            batch_size=batch_size or self.cfg.TEST.IMS_PER_BATCH, collate_fn=collate)
         features = []
         for batch in loader:
             batch = to_device(batch, self.device)
-            with autocast(self.cfg, self.device):
+            with test_autocast(self.cfg, self.device):
                 features.append(self.model(batch["images"], **self.model.forward_inputs(batch)).float().cpu())
-        return torch.cat(features) if features else torch.empty(0, self.model.embedding_dim)
+        features = torch.cat(features) if features else torch.empty(0, self.model.embedding_dim)
+        return torch.nn.functional.normalize(features, dim=1) if normalize else features

@@ -1,6 +1,7 @@
 """Command-line plumbing shared by ``train_svpr.py``, ``test_svpr.py`` and the tools: parse, configure,
 check the names the config uses against the registries, set up logging, devices and processes."""
 import argparse
+import glob
 import logging
 import os
 import sys
@@ -14,17 +15,54 @@ from utils.logger import setup_logger
 from utils.seed import set_seed
 
 DEFAULT_CONFIG = "configs/Synthetic/svpr_reid.yml"
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shipped_configs():
+    """The YAML files under configs/, relative to the repository (for ``--help``)."""
+    paths = glob.glob(os.path.join(REPO_ROOT, "configs", "*", "*.yml"))
+    return sorted(os.path.relpath(path, REPO_ROOT) for path in paths)
+
+
+class ConfigArgumentParser(argparse.ArgumentParser):
+    """``--options`` and ``KEY VALUE`` overrides in any order; ``opts`` collects the overrides.
+
+    Argparse alone cannot mix them: an override value such as ``-3`` looks like an option to it, and
+    everything after the first override would be swallowed. Tokens that are not options of this parser
+    (or their values) are overrides.
+    """
+
+    def parse_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        options, overrides = [], []
+        takes_value = {string: action.nargs != 0 for action in self._actions for string in action.option_strings}
+        index = 0
+        while index < len(args):
+            token = args[index]
+            name = token.split("=", 1)[0]
+            if name in takes_value:
+                options.append(token)
+                if takes_value[name] and "=" not in token and index + 1 < len(args):
+                    options.append(args[index + 1])
+                    index += 1
+            else:
+                overrides.append(token)
+            index += 1
+        namespace = super().parse_args(options, namespace)
+        namespace.opts = overrides
+        return namespace
 
 
 def build_parser(description):
-    """Parser with ``--config_file`` and trailing ``KEY VALUE`` overrides."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config_file", default=DEFAULT_CONFIG,
+    """Parser with ``--config_file`` (alias ``--config-file``) and ``KEY VALUE`` overrides in any order."""
+    epilog = "shipped configs:\n  " + "\n  ".join(shipped_configs())
+    parser = ConfigArgumentParser(description=description, epilog=epilog,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  usage="%(prog)s [--config_file FILE] [options] [KEY VALUE ...]")
+    parser.add_argument("--config_file", "--config-file", default=None,
                         help=f"YAML config merged into configs/defaults.py (default: {DEFAULT_CONFIG})")
     # Accepted for launchers that still pass it (torch.distributed.launch); torchrun uses LOCAL_RANK.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
-                        help="config overrides as KEY VALUE pairs, e.g. SOLVER.MAX_EPOCHS 10")
     return parser
 
 
@@ -36,16 +74,22 @@ def check_registered_names(cfg):
         DATASETS.get(name, "DATASETS.TESTS")
 
 
-def prepare_run(args, log_file):
-    """Config, device, process group, logger, seed and ``OUTPUT_DIR/config.yaml`` for one run."""
-    cfg, ignored = read_config(args.config_file, args.opts)
+def prepare_run(args, log_file, base_config=None):
+    """Config, device, process group, logger, seed and ``OUTPUT_DIR/config.yaml`` for one run.
+
+    ``base_config`` (YAML text, e.g. the config stored in a checkpoint) replaces the default config file
+    when ``--config_file`` is not given.
+    """
+    if args.config_file is None and base_config is None:
+        args.config_file = DEFAULT_CONFIG
+    cfg, ignored = read_config(args.config_file, args.opts, base_yaml=None if args.config_file else base_config)
     check_registered_names(cfg)
     device = resolve_device(cfg.MODEL.DEVICE)
     init_distributed(device)
     setup_logger(cfg.OUTPUT_DIR, log_file, rank=get_rank())
     logger = logging.getLogger("svpr")
     logger.info("command: %s", " ".join(sys.argv))
-    logger.info("config file: %s", args.config_file)
+    logger.info("config file: %s", args.config_file or "(stored in the checkpoint)")
     if ignored:
         logger.warning(ignored_keys_message(ignored))
     if is_main_process():

@@ -48,8 +48,8 @@ def main():
     setup_logger()
     queries, gallery = image_paths(args.query, "query"), image_paths(args.gallery, "gallery")
     extract = FeatureExtractor(cfg, args.weight, resolve_device(cfg.MODEL.DEVICE))
-    query_features = extract(queries, viewid=args.query_view)
-    gallery_features = extract(gallery, viewid=args.gallery_view)
+    query_features = extract(queries, viewids=args.query_view)
+    gallery_features = extract(gallery, viewids=args.gallery_view)
     distances = compute_distance(query_features, gallery_features, metric=cfg.TEST.DIST_METRIC,
                                  normalize=cfg.TEST.FEAT_NORM == "yes")
     topk = min(args.topk, len(gallery))
