@@ -1,0 +1,37 @@
+"""Cross-dataset evaluation: train on one benchmark, test on the protocols of another, each with its own
+view mode, and the results say which data every row was measured on."""
+import json
+import os
+import shutil
+
+import pytest
+
+from datasets.synthetic import SynthConfig, generate_synthag
+from tests.conftest import run_script
+from tests.test_engine import BASELINE, check_ok, tiny
+
+pytestmark = pytest.mark.slow
+
+
+def test_train_on_one_tree_and_test_on_another(tmp_path):
+    """SynthAG and a second SynthAG tree (another seed) stored as CP2108: train on the first, test on both."""
+    root = str(tmp_path / "data")
+    generate_synthag(root, SynthConfig(num_ids=12, images_per_id=10, height=64, width=32, seed=1), num_workers=1)
+    other = str(tmp_path / "other")
+    generate_synthag(other, SynthConfig(num_ids=12, images_per_id=10, height=64, width=32, seed=2), num_workers=1)
+    shutil.move(os.path.join(other, "SynthAG"), os.path.join(root, "CP2108"))
+    out = str(tmp_path / "run")
+    result = run_script(["train_svpr.py", "--config_file", BASELINE, *tiny(root, out, epochs=1),
+                         "DATASETS.TESTS", "('SynthAG_ALL', 'CP2108_AG', 'CP2108_AGAG')"])
+    check_ok(result)
+    with open(os.path.join(out, "results.json"), encoding="utf-8") as handle:
+        document = json.load(handle)
+    rows = document["protocols"]
+    assert {name: row["benchmark"] for name, row in rows.items()} == {
+        "SynthAG_ALL": "SynthAG", "CP2108_AG": "CP2108", "CP2108_AGAG": "CP2108"}
+    assert document["settings"]["trained_on"] == "SynthAG_ALL"
+    # Aerial queries against a ground gallery of the other tree: fewer queries and gallery images than ALL.
+    assert rows["CP2108_AG"]["num_query"] < rows["CP2108_AGAG"]["num_query"]
+    assert rows["CP2108_AG"]["num_gallery"] < rows["CP2108_AGAG"]["num_gallery"]
+    table = [line for line in result.stdout.splitlines() if line.startswith("CP2108_AG ")]
+    assert table and "CP2108" in table[0].split()[1]
