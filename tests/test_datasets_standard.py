@@ -109,12 +109,17 @@ def test_texts_are_the_plain_caption(tmp_path, name, subject):
     assert {s.text for s in ds.train + ds.query + ds.gallery} == {caption}
 
 
-def test_missing_folder_names_every_folder_tried(tmp_path):
+@pytest.mark.parametrize("name,folders", [
+    *[(name, folders) for name, (folders, _, _) in BENCHMARKS.items()],
+    ("msmt17", ["MSMT17", "MSMT17_V2", "MSMT17_V1", "msmt17/MSMT17_V2", "msmt17/MSMT17_V1"]),
+    ("VehicleID", ["VehicleID_V1.0/image"]),
+])
+def test_missing_folder_names_every_folder_tried(tmp_path, name, folders):
     with pytest.raises(DataError) as err:
-        build_dataset("dukemtmc", tmp_path, verbose=False)
+        build_dataset(name, tmp_path, verbose=False)
     message = str(err.value)
     assert "\n" not in message
-    assert all(f in message for f in BENCHMARKS["dukemtmc"][0])
+    assert all(f in message for f in folders)
 
 
 def test_missing_split_folder(tmp_path):
