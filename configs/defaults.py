@@ -146,8 +146,7 @@ _C.INPUT.PIXEL_STD = [0.229, 0.224, 0.225]
 # DATASETS
 # ---------------------------------------------------------------------------------------------------
 _C.DATASETS = CN()
-# Dataset (protocol) to train on, by registry name, e.g. "CP2108_ALL", "CARGO", "AGReID", "SynthAG_ALL",
-# "market1501", "dukemtmc", "occ_duke", "msmt17", "veri", "VehicleID".
+# Dataset (protocol) to train on, by registry name, e.g. "CP2108_ALL", "CARGO", "AGReID", "SynthAG_ALL".
 _C.DATASETS.NAMES = "SynthAG_ALL"
 # Folder holding the dataset folders (CP2108/, CARGO/, AGReID/, AGReID.v2/, SynthAG/).
 _C.DATASETS.ROOT_DIR = "./data"
