@@ -137,6 +137,12 @@ _C.DATASETS.TESTS = ("SynthAG_ALL",)
 _C.DATASETS.VERSION = 100
 # Generate the synthetic benchmark under ROOT_DIR when it is missing (SynthAG datasets only).
 _C.DATASETS.AUTO_GENERATE = True
+# VehicleID: test set size, picks train_test_split/test_list_<size>.txt (800, 1600 or 2400).
+_C.DATASETS.VEHICLEID_TEST_SIZE = 800
+# VehicleID: number of random query/gallery draws (trials) the results are averaged over.
+_C.DATASETS.VEHICLEID_TRIALS = 10
+# VehicleID: seed of the gallery draws; trial t draws with (seed, t), so a seed fixes every trial.
+_C.DATASETS.VEHICLEID_SEED = 0
 
 # Synthetic aerial-ground benchmark generator settings (used when it is generated).
 _C.DATASETS.SYNTH = CN()

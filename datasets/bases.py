@@ -66,6 +66,9 @@ class ReIDDataset:
     registry_name = None
     view_names = {GROUND: "ground", AERIAL: "aerial"}
     protocol = Protocol()
+    # Evaluation trials: a benchmark whose protocol draws its gallery at random (VehicleID) is evaluated
+    # on ``num_trials`` draws, selected with :meth:`select_trial`, and the results are averaged.
+    num_trials = 1
 
     def __init__(self, root, version=100, use_text=False, use_attr=False, text_type="attribute", text_prompt=4,
                  verbose=True):
@@ -115,6 +118,19 @@ class ReIDDataset:
     @classmethod
     def prepare(cls, root, cfg):
         """Make the dataset available under ``root`` before it is read (default: nothing to do)."""
+
+    @classmethod
+    def options_from_config(cls, cfg):
+        """Dataset-specific constructor keyword arguments taken from ``cfg`` (default: none)."""
+        return {}
+
+    def select_trial(self, trial):
+        """Set ``query``/``gallery`` to those of evaluation trial ``trial`` (0 <= trial < ``num_trials``).
+
+        One fixed split by default, so trial 0 leaves them unchanged.
+        """
+        if not 0 <= trial < self.num_trials:
+            raise IndexError(f"dataset {self.name}: trial {trial} out of range [0, {self.num_trials})")
 
     @property
     def dataset_dir(self):

@@ -16,7 +16,7 @@ from text import prompts
 from utils.errors import DataError
 
 from .bases import AERIAL, GROUND, Protocol, ReIDDataset, Sample
-from .registry import register_dataset
+from .registry import DATASETS, register_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -267,3 +267,23 @@ class CP2108AAGG(CP2108Format):
     """CP2108, all vs all, only same-view matches count."""
 
     protocol = PROTOCOLS["AAGG"]
+
+
+def _register_old_name(cls):
+    """Register ``cls`` again under its old name ``CP2000_*``, logging a notice when it is used."""
+    new_name = cls.registry_name
+    old_name = new_name.replace("CP2108", "CP2000", 1)
+
+    def __init__(self, *args, **kwargs):
+        logger.info("%s is the old name of %s", old_name, new_name)
+        cls.__init__(self, *args, **kwargs)
+
+    # A subclass, so that the registry holds one class per name; it keeps the new registry_name, under
+    # which the dataset then reports itself.
+    alias = type(cls.__name__ + "OldName", (cls,), {"__init__": __init__, "__doc__": f"Old name of {new_name}."})
+    DATASETS.register(old_name)(alias)
+
+
+# The seed README called CP2108's protocols CP2000_*; those names keep working.
+for _protocol in (CP2108All, CP2108AG, CP2108GA, CP2108AA, CP2108GG, CP2108AGAG, CP2108AAGG):
+    _register_old_name(_protocol)

@@ -7,7 +7,9 @@ first lookup.
 from utils.registry import Registry
 
 DATASETS = Registry("dataset", "DATASETS.NAMES",
-                    builtin_modules=("datasets.cp2108", "datasets.cargo", "datasets.agreid", "datasets.synthag"))
+                    builtin_modules=("datasets.cp2108", "datasets.cargo", "datasets.agreid", "datasets.synthag",
+                                     "datasets.market1501", "datasets.dukemtmc", "datasets.msmt17", "datasets.veri",
+                                     "datasets.vehicleid"))
 
 
 def register_dataset(name):
@@ -26,6 +28,6 @@ def build_dataset(name, root, version=100, **options):
     """Build dataset ``name`` from the folder ``root`` that holds the benchmark folders.
 
     ``options``: ``use_text``, ``use_attr``, ``text_type`` ("attribute"|"captions"), ``text_prompt``,
-    ``verbose``.
+    ``verbose``, and a dataset's own ones (e.g. VehicleID's ``test_size``, ``num_trials``, ``seed``).
     """
     return DATASETS.get(name)(root, version=version, **options)

@@ -7,10 +7,14 @@ tokenized prompts, and the learnable-token positions found in them, are those of
 # Token position of the first learnable "X" word (0 is the start-of-text token, then "a photo of a").
 PROMPT_START = 5
 
+# The noun the prompts end with: person benchmarks say "person", vehicle benchmarks (VeRi-776, VehicleID)
+# say "vehicle", as CLIP-ReID's prompts do.
+PERSON, VEHICLE = "person", "vehicle"
 
-def prompt_stub(num_prompt_words):
-    """``"A photo of a X X X X  person"`` with ``num_prompt_words`` learnable X words."""
-    return f"A photo of a {'X ' * num_prompt_words} person"
+
+def prompt_stub(num_prompt_words, subject=PERSON):
+    """``"A photo of a X X X X  person"`` with ``num_prompt_words`` learnable X words (``subject``: the noun)."""
+    return f"A photo of a {'X ' * num_prompt_words} {subject}"
 
 
 def attribute_caption(num_prompt_words, description):
@@ -23,9 +27,9 @@ def describe_attributes(pairs):
     return ", ".join(f"{name} is {value}" for name, value in pairs) + "."
 
 
-def test_caption(num_prompt_words, suffix=""):
+def test_caption(num_prompt_words, suffix="", subject=PERSON):
     """Test-time text (no attributes known): the stub, a period and an optional dataset-specific sentence."""
-    return f"{prompt_stub(num_prompt_words)}.{(' ' + suffix) if suffix else ''}"
+    return f"{prompt_stub(num_prompt_words, subject)}.{(' ' + suffix) if suffix else ''}"
 
 
 # Dataset-specific test sentences.
