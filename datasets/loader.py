@@ -116,17 +116,7 @@ def make_dataloaders(cfg, dataset_name=None, tokenizer=tokenize):
                             **dataset_class.options_from_config(cfg))
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     seed = cfg.SOLVER.SEED
-    workers = cfg.DATALOADER.NUM_WORKERS
-    common = dict(num_workers=workers, pin_memory=resolve_device(cfg.MODEL.DEVICE).type == "cuda",
-                  worker_init_fn=seed_worker)
-    text_len = cfg.MODEL.TEXT_LEN
-
-    def loader(samples, transform, batch_size, sampler, with_paths=False, offset=0, persistent=True):
-        data = ImageDataset(samples, transform, tokenizer=tokenizer, text_len=text_len)
-        generator = torch.Generator().manual_seed(seed + 1000 * offset + rank)
-        return DataLoader(data, batch_size=batch_size, sampler=sampler, generator=generator,
-                          persistent_workers=persistent and workers > 0,
-                          collate_fn=partial(collate, with_paths=with_paths), **common)
+    loader = partial(_make_loader, cfg, tokenizer=tokenizer)
 
     train_batch = cfg.SOLVER.IMS_PER_BATCH
     num_train = len(dataset.train)
@@ -146,10 +136,29 @@ def make_dataloaders(cfg, dataset_name=None, tokenizer=tokenize):
     stage1_loader = loader(dataset.train, build_test_transform(cfg),
                            _per_rank(cfg.SOLVER.STAGE1.IMS_PER_BATCH, world_size, "SOLVER.STAGE1.IMS_PER_BATCH"),
                            shuffled_sampler(num_train, seed + 1, rank, world_size), offset=1)
-    val_samples = dataset.query + dataset.gallery
-    val_loader = loader(val_samples, build_test_transform(cfg), max(1, cfg.TEST.IMS_PER_BATCH // world_size),
-                        ContiguousShardSampler(len(val_samples), rank, world_size), with_paths=True, offset=2)
-    return DataBundle(dataset, train_loader, stage1_loader, val_loader, len(dataset.query), len(dataset.gallery))
+    return DataBundle(dataset, train_loader, stage1_loader, make_test_loader(cfg, dataset, tokenizer),
+                      len(dataset.query), len(dataset.gallery))
+
+
+def make_test_loader(cfg, dataset, tokenizer=tokenize):
+    """The query + gallery loader of ``dataset`` (queries first, in order; shared between processes)."""
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    samples = dataset.query + dataset.gallery
+    return _make_loader(cfg, samples, build_test_transform(cfg), max(1, cfg.TEST.IMS_PER_BATCH // world_size),
+                        ContiguousShardSampler(len(samples), rank, world_size), tokenizer=tokenizer, with_paths=True,
+                        offset=2)
+
+
+def _make_loader(cfg, samples, transform, batch_size, sampler, tokenizer=tokenize, with_paths=False, offset=0,
+                 persistent=True):
+    """A DataLoader over ``samples`` with the config's workers; its generator is seeded per (seed, offset, rank)."""
+    workers = cfg.DATALOADER.NUM_WORKERS
+    data = ImageDataset(samples, transform, tokenizer=tokenizer, text_len=cfg.MODEL.TEXT_LEN)
+    generator = torch.Generator().manual_seed(cfg.SOLVER.SEED + 1000 * offset + distributed.get_rank())
+    return DataLoader(data, batch_size=batch_size, sampler=sampler, generator=generator,
+                      persistent_workers=persistent and workers > 0, collate_fn=partial(collate, with_paths=with_paths),
+                      num_workers=workers, pin_memory=resolve_device(cfg.MODEL.DEVICE).type == "cuda",
+                      worker_init_fn=seed_worker)
 
 
 def shuffled_sampler(num_samples, seed, rank=0, world_size=1):

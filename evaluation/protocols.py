@@ -2,12 +2,15 @@
 
 ``DATASETS.TESTS`` may name protocols of other benchmarks than the training set (cross-dataset
 evaluation); each is evaluated with its own view mode, and ``benchmark`` records which data it is.
+Protocols with random galleries (VehicleID) are evaluated over several trials and averaged.
 """
 import os
 from dataclasses import dataclass
 from typing import Any
 
-from datasets import make_dataloaders
+import numpy as np
+
+from datasets import make_dataloaders, make_test_loader
 
 
 @dataclass
@@ -20,13 +23,41 @@ class TestProtocol:
     num_query: int
     num_gallery: int
     view_mode: str
+    dataset: Any = None
+
+    @property
+    def num_trials(self):
+        return getattr(self.dataset, "num_trials", 1)
+
+    def trials(self, cfg):
+        """``(loader, num_query)`` of each evaluation trial: this protocol's own for a fixed gallery, else a
+        loader per random gallery the dataset draws (deterministic per trial)."""
+        if self.num_trials <= 1:
+            yield self.loader, self.num_query
+            return
+        for trial in range(self.num_trials):
+            self.dataset.select_trial(trial)
+            yield make_test_loader(cfg, self.dataset), len(self.dataset.query)
+        self.dataset.select_trial(0)
+
+
+def average_trials(results):
+    """The mean of per-trial evaluator results (CMC, mAP, mINP; sizes of the first trial) plus ``trials``."""
+    if len(results) == 1:
+        return results[0]
+    mean = dict(results[0])
+    mean["cmc"] = np.mean([r["cmc"] for r in results], axis=0).astype(np.float32)
+    for key in ("mAP", "mINP"):
+        mean[key] = float(np.mean([r[key] for r in results]))
+    mean["trials"] = len(results)
+    return mean
 
 
 def test_protocol_of(data):
     """The ``TestProtocol`` of an already built ``datasets.DataBundle``."""
     dataset = data.dataset
     return TestProtocol(dataset.name, os.path.basename(dataset.dataset_dir), data.val_loader, data.num_query,
-                        data.num_gallery, dataset.view_mode)
+                        data.num_gallery, dataset.view_mode, dataset)
 
 
 def build_test_protocol(cfg, name, train_data=None):

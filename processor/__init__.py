@@ -16,7 +16,7 @@ from processor.trainer import Trainer
 from utils.checkpoint import save_checkpoint
 from utils.distributed import barrier, is_main_process
 from utils.errors import ConfigError
-from evaluation.protocols import build_test_protocol
+from evaluation.protocols import average_trials, build_test_protocol
 from evaluation.report import evaluation_settings, format_table, write_results
 
 logger = logging.getLogger(__name__)
@@ -31,11 +31,15 @@ def evaluate_protocols(cfg, model, device, train_data=None, known=None):
     known, results = known or {}, {}
     for name in cfg.DATASETS.TESTS:
         protocol = build_test_protocol(cfg, name, train_data)
-        if name in known and not cfg.TEST.SAVE_FEATURES:
+        if name in known and not cfg.TEST.SAVE_FEATURES and protocol.num_trials == 1:
             metrics = known[name]
         else:
-            metrics = evaluate(cfg, model, protocol.loader, protocol.num_query, device, protocol.view_mode,
-                               desc=f"test {name}", name=name)
+            trials = []
+            for trial, (loader, num_query) in enumerate(protocol.trials(cfg)):
+                suffix = f" trial {trial + 1}/{protocol.num_trials}" if protocol.num_trials > 1 else ""
+                trials.append(evaluate(cfg, model, loader, num_query, device, protocol.view_mode,
+                                       desc=f"test {name}{suffix}", name=name if not trial else None))
+            metrics = average_trials(trials)
         results[name] = dict(metrics, benchmark=protocol.benchmark)
     return results
 

@@ -35,3 +35,31 @@ def test_train_on_one_tree_and_test_on_another(tmp_path):
     assert rows["CP2108_AG"]["num_gallery"] < rows["CP2108_AGAG"]["num_gallery"]
     table = [line for line in result.stdout.splitlines() if line.startswith("CP2108_AG ")]
     assert table and "CP2108" in table[0].split()[1]
+
+
+def test_vehicleid_is_evaluated_over_its_random_galleries_and_averaged(tmp_path):
+    """Each trial draws another gallery image per vehicle; the reported numbers are the trials' mean."""
+    import torch
+
+    from configs import load_config
+    from evaluation.protocols import build_test_protocol
+    from model import build_model
+    from processor import evaluate_protocols
+    from processor.inference import evaluate
+    from tests.test_datasets_standard import make_vehicleid_tree
+
+    make_vehicleid_tree(str(tmp_path), num_test=12)
+    cfg = load_config(BASELINE, tiny(str(tmp_path), str(tmp_path / "out"), extra=[
+        "DATASETS.NAMES", "VehicleID", "DATASETS.TESTS", "('VehicleID',)", "DATASETS.VEHICLEID_TRIALS", "3",
+        "DATALOADER.NUM_INSTANCE", "2", "SOLVER.IMS_PER_BATCH", "4"]))
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=3).eval()
+    device = torch.device("cpu")
+    averaged = evaluate_protocols(cfg, model, device)["VehicleID"]
+    protocol = build_test_protocol(cfg, "VehicleID")
+    per_trial = [evaluate(cfg, model, loader, num_query, device) for loader, num_query in protocol.trials(cfg)]
+    assert len(per_trial) == 3 and averaged["trials"] == 3
+    assert len({round(r["mAP"], 6) for r in per_trial}) > 1  # the galleries really differ
+    assert averaged["mAP"] == pytest.approx(sum(r["mAP"] for r in per_trial) / 3, rel=1e-6)
+    assert averaged["cmc"][0] == pytest.approx(sum(r["cmc"][0] for r in per_trial) / 3, rel=1e-6)
+    assert averaged["num_gallery"] == 12
