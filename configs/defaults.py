@@ -207,6 +207,11 @@ _C.SOLVER.IMS_PER_BATCH = 64
 _C.SOLVER.AMP = True
 # "float16" (with a gradient scaler) or "bfloat16".
 _C.SOLVER.AMP_DTYPE = "float16"
+# Multi-process training (torchrun): BatchNorm statistics over the batch of all processes (SyncBatchNorm on
+# CUDA, its CPU twin on gloo), and batch-hard triplet mining over that global batch. With both, a DDP step
+# computes the loss and gradients one process would on the whole P x K batch (see docs/distributed.md).
+_C.SOLVER.SYNC_BN = True
+_C.SOLVER.GLOBAL_TRIPLET = True
 
 # CLIP-ReID stage 1 (prompt learning).
 _C.SOLVER.STAGE1 = CN()

@@ -11,6 +11,7 @@ from loss.center_loss import CenterLoss
 from loss.registry import register_loss
 from loss.softmax_loss import CrossEntropyLabelSmooth
 from loss.triplet_loss import TripletLoss
+from utils.distributed import all_gather_tensor, all_gather_with_grad, get_rank, get_world_size
 
 LABEL_SMOOTHING = 0.1
 
@@ -52,17 +53,31 @@ class IdentityLoss(nn.Module):
 
 @register_loss("triplet")
 class TripletTerm(nn.Module):
-    """Batch-hard triplet loss of every feature branch (soft margin unless MODEL.NO_MARGIN is False)."""
+    """Batch-hard triplet loss of every feature branch (soft margin unless MODEL.NO_MARGIN is False).
+
+    Under DDP with SOLVER.GLOBAL_TRIPLET the hardest positives and negatives are mined in the batch of all
+    processes (features gathered with their gradients) and each process averages over its own anchors, so
+    that DDP's gradient averaging gives the single-process loss of the whole P x K batch.
+    """
 
     def __init__(self, cfg, num_classes, feature_dim, reduction="sum"):
         super().__init__()
         self.triplet = TripletLoss(None if cfg.MODEL.NO_MARGIN else cfg.SOLVER.MARGIN)
         self.reduction = reduction
+        self.global_batch = bool(cfg.SOLVER.GLOBAL_TRIPLET)
+
+    def _one(self, features, pids):
+        if not self.global_batch or get_world_size() == 1:
+            return self.triplet(features, pids)
+        all_features, all_pids = all_gather_with_grad(features), all_gather_tensor(pids)  # (world * B, C)
+        anchors = torch.zeros(all_pids.shape[0], dtype=torch.bool, device=pids.device)
+        anchors[get_rank() * pids.shape[0]:(get_rank() + 1) * pids.shape[0]] = True
+        return self.triplet(all_features, all_pids, anchors=anchors)
 
     def forward(self, outputs, batch):
         if not outputs.features:
             raise ValueError("the triplet loss needs features in the model output")
-        return _reduce([self.triplet(f, batch["pids"]) for f in outputs.features.values()], self.reduction)
+        return _reduce([self._one(f, batch["pids"]) for f in outputs.features.values()], self.reduction)
 
 
 @register_loss("view")

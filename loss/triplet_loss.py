@@ -38,18 +38,21 @@ class TripletLoss(nn.Module):
     ``margin=None`` uses the soft margin ``mean(softplus(d_ap - d_an))``; a number uses
     ``mean(max(0, d_ap - d_an + margin))``. Anchors whose label fills the whole batch have no negative
     and are left out of the mean (the loss is 0 if no anchor has one).
-    ``forward(features (B, D), labels (B,), return_distances=False) -> loss`` or
-    ``(loss, d_ap (B,), d_an (B,))``.
+    ``forward(features (B, D), labels (B,), return_distances=False, anchors=None) -> loss`` or
+    ``(loss, d_ap (B,), d_an (B,))``; ``anchors`` (B,) bool limits the mean to those anchors (mined against
+    the whole batch), e.g. this process's share of a batch gathered from all processes.
     """
 
     def __init__(self, margin=None):
         super().__init__()
         self.margin = margin
 
-    def forward(self, features, labels, return_distances=False):
+    def forward(self, features, labels, return_distances=False, anchors=None):
         dist = euclidean_dist(features)
         d_ap, d_an = hard_example_mining(dist, labels)
         has_negative = torch.isfinite(d_an)
+        if anchors is not None:
+            has_negative = has_negative & anchors
         if not has_negative.any():
             loss = dist.sum() * 0.0  # keeps the graph so backward() still works
         elif self.margin is None:

@@ -14,7 +14,8 @@ from processor.model_io import build_from_args, load_trained_model, model_args_f
 from processor.phases import PHASES
 from processor.trainer import Trainer
 from utils.checkpoint import save_checkpoint
-from utils.distributed import barrier, is_main_process
+from model.sync_batchnorm import convert_sync_batchnorm
+from utils.distributed import barrier, get_world_size, is_main_process
 from utils.errors import ConfigError
 from evaluation.protocols import average_trials, build_test_protocol
 from evaluation.report import evaluation_settings, format_table, write_results
@@ -61,6 +62,8 @@ def run_training(cfg, device, resume=False, config_file=None):
     for phase in model.training_phases:
         PHASES.get(phase)(cfg, model, bundle, device).run(resume)
     criterion = build_criterion(cfg, model, model_args["num_classes"]).to(device)
+    if cfg.SOLVER.SYNC_BN and get_world_size() > 1:
+        model = convert_sync_batchnorm(model, device)
     first_test = build_test_protocol(cfg, cfg.DATASETS.TESTS[0], bundle)
     trainer = Trainer(cfg, model, criterion, bundle.train_loader, first_test, device, model_args)
     if resume:

@@ -72,3 +72,53 @@ def all_gather_object(obj):
     out = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather of equally sized tensors whose backward sends each rank the gradient of its own slice,
+    summed over the ranks' losses (an all-reduce: works on every backend, gloo included)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        ctx.rows = tensor.shape[0]
+        gathered = [torch.empty_like(tensor) for _ in range(get_world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        return torch.cat(gathered)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    """Sum over ranks whose backward is again a sum over ranks (each rank's input feeds every rank's loss)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_gather_with_grad(tensor):
+    """``tensor`` (N, ...) of every rank concatenated in rank order, differentiable; N must be equal on all
+    ranks. With DDP's gradient averaging, a loss over the gathered batch then trains as in one process."""
+    if get_world_size() == 1:
+        return tensor
+    return _AllGatherWithGrad.apply(tensor)
+
+
+def all_reduce_with_grad(tensor):
+    """Differentiable sum of ``tensor`` over ranks (identity in a single process)."""
+    if get_world_size() == 1:
+        return tensor
+    return _AllReduceWithGrad.apply(tensor)
