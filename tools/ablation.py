@@ -1,43 +1,66 @@
-"""SVPR-ReID component ablation: train the baseline and add VDFE, ASMOE, CVPR and LOCAL in turn.
+"""Ablations and comparisons: one training run per row (and per seed), one Markdown table of mean ± std.
 
-    python tools/ablation.py --config_file configs/Synthetic/svpr_reid.yml [--epochs N] [KEY VALUE ...]
+    python tools/ablation.py --config_file configs/Synthetic/svpr_reid.yml [--seeds 3] [--epochs N]
+        rows: the baseline (all MODEL.SVPR.* components off), then VDFE, ASMOE, CVPR and LOCAL added in turn
+    python tools/ablation.py --config_file configs/Synthetic/svpr_reid.yml --fixes [--seeds 3]
+        rows: the reference's behaviour (every MODEL.FIXES.* off), each fix on top of it, all fixes
+    python tools/ablation.py --configs configs/Synthetic/vit.yml configs/Synthetic/svpr_reid.yml ... [--seeds 3]
+        rows: one per config (model comparison)
 
-Each row is one ``train_svpr.py`` run (a subprocess) with ``MODEL.SVPR.*`` switches and
-``OUTPUT_DIR <output_dir>/<row>``; its ``results.json`` is read back and the table of mAP / Rank-1 per
-protocol is printed in Markdown. ``--table-only`` rebuilds the table from existing results.
+Each run is a ``train_svpr.py`` subprocess with ``OUTPUT_DIR <output_dir>/<row>/seed<k>`` and
+``SOLVER.SEED`` = the config's seed + k; its ``results.json`` is read back. Cells are the mean ± standard
+deviation (over seeds) of mAP and Rank-1 per protocol; the last column is the mean time of one run.
+``--table-only`` rebuilds the table from existing results. Extra ``KEY VALUE`` overrides apply to every run.
 """
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import time
 
 from configs import load_config
 from utils.entrypoint import run_main
-from utils.errors import DataError, UserError
+from utils.errors import ConfigError, DataError, UserError
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPONENTS = ("VDFE", "ASMOE", "CVPR", "LOCAL")
-# (row name, components switched on), each row adding one component to the previous.
-ROWS = (("baseline", ()),) + tuple((f"+{name}", COMPONENTS[:i + 1]) for i, name in enumerate(COMPONENTS))
+TIME_FILE = "run_seconds.txt"
 
 
-def row_overrides(enabled, output_dir):
-    """``KEY VALUE`` overrides for one ablation row."""
-    opts = []
-    for name in COMPONENTS:
-        opts += [f"MODEL.SVPR.{name}", str(name in enabled)]
-    return opts + ["OUTPUT_DIR", output_dir]
+def component_rows(cfg):
+    """(name, overrides) rows: the baseline, then each SVPR component added to the previous row."""
+    components = [c for c in COMPONENTS if c != "ASMOE" or cfg.MODEL.USE_ATTR]
+    if len(components) < len(COMPONENTS):
+        print("note: MODEL.USE_ATTR is False, so ASMOE cannot be built; the +ASMOE row is left out", flush=True)
+    rows = []
+    for count in range(len(components) + 1):
+        enabled = components[:count]
+        overrides = [item for name in COMPONENTS for item in (f"MODEL.SVPR.{name}", str(name in enabled))]
+        rows.append(("baseline" if not count else f"+{components[count - 1]}", overrides))
+    return rows
+
+
+def fix_rows(cfg):
+    """(name, overrides) rows: the reference (every MODEL.FIXES.* off), each fix alone on top, all fixes."""
+    fixes = sorted(getattr(cfg.MODEL, "FIXES", {}) or {})
+    if not fixes:
+        raise ConfigError("--fixes needs the MODEL.FIXES switches in the config")
+    off = [item for fix in fixes for item in (f"MODEL.FIXES.{fix}", "False")]
+    rows = [("reference", off)]
+    for fix in fixes:
+        rows.append((f"+{fix}", off + [f"MODEL.FIXES.{fix}", "True"]))
+    rows.append(("all fixes", [item for fix in fixes for item in (f"MODEL.FIXES.{fix}", "True")]))
+    return rows
 
 
 def read_results(path):
     """The ``protocols`` mapping of a run's ``results.json``."""
     try:
         with open(path, encoding="utf-8") as handle:
-            results = json.load(handle)
-        protocols = results["protocols"]
-        for name, metrics in protocols.items():
+            protocols = json.load(handle)["protocols"]
+        for metrics in protocols.values():
             float(metrics["mAP"]), float(metrics["rank1"])
     except FileNotFoundError:
         raise DataError(f"{path}: results file not found (did the training run finish?)") from None
@@ -46,59 +69,97 @@ def read_results(path):
     return protocols
 
 
+def mean_std(values):
+    """``"m"`` for one value, ``"m ± s"`` (sample standard deviation) for several."""
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
 def markdown_table(rows):
-    """Markdown table of ``rows`` [(name, protocols or None)]: mAP and Rank-1 (percent) per protocol."""
+    """Markdown table of ``rows`` [(name, [protocols per seed] or None, [seconds per run])]."""
     protocols = []
-    for _, results in rows:
-        for name in results or {}:
-            if name not in protocols:
-                protocols.append(name)
-    header = ["Variant"] + [f"{p} {metric}" for p in protocols for metric in ("mAP", "R1")]
+    for _, runs, _ in rows:
+        for results in runs or []:
+            protocols += [name for name in results if name not in protocols]
+    header = ["Variant"] + [f"{p} {metric}" for p in protocols for metric in ("mAP", "R1")] + ["time / run"]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
-    for name, results in rows:
+    for name, runs, seconds in rows:
         cells = []
         for protocol in protocols:
-            metrics = (results or {}).get(protocol)
-            cells += [f"{metrics['mAP']:.1f}", f"{metrics['rank1']:.1f}"] if metrics else ["failed" if results
-                                                                                           is None else "-"] * 2
+            if not runs:
+                cells += ["failed"] * 2
+                continue
+            for metric in ("mAP", "rank1"):
+                values = [results[protocol][metric] for results in runs if protocol in results]
+                cells.append(mean_std(values) if values else "-")
+        cells.append(f"{statistics.mean(seconds) / 60:.1f} min" if seconds else "-")
         lines.append("| " + " | ".join([name] + cells) + " |")
     return "\n".join(lines)
 
 
-def plan_rows(cfg):
-    """Rows that apply to ``cfg``: the +ASMOE row needs attribute labels (MODEL.USE_ATTR)."""
-    if cfg.MODEL.USE_ATTR:
-        return ROWS
-    print("note: MODEL.USE_ATTR is False, so ASMOE cannot be built; the +ASMOE row is left out", flush=True)
-    return tuple((name, tuple(c for c in enabled if c != "ASMOE")) for name, enabled in ROWS if name != "+ASMOE")
+def run_row(config_file, extra, overrides, row_dir, seeds, base_seed, table_only):
+    """Train (unless ``table_only``) one row for every seed; return ([results per seed] or None, [seconds])."""
+    runs, seconds = [], []
+    for k in range(seeds):
+        run_dir = os.path.join(row_dir, f"seed{k}")
+        if not table_only:
+            command = [sys.executable, os.path.join(REPO_ROOT, "train_svpr.py"), "--config_file", config_file,
+                       *extra, *overrides, "SOLVER.SEED", str(base_seed + k), "OUTPUT_DIR", run_dir]
+            print(f"== {' '.join(command[1:])}", flush=True)
+            start = time.monotonic()
+            if subprocess.run(command, cwd=REPO_ROOT).returncode != 0:
+                return None, seconds
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, TIME_FILE), "w", encoding="utf-8") as handle:
+                handle.write(f"{time.monotonic() - start:.1f}\n")
+        runs.append(read_results(os.path.join(run_dir, "results.json")))
+        time_path = os.path.join(run_dir, TIME_FILE)
+        if os.path.isfile(time_path):
+            with open(time_path, encoding="utf-8") as handle:
+                seconds.append(float(handle.read()))
+    return runs, seconds
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config_file", required=True)
-    parser.add_argument("--epochs", type=int, default=None, help="SOLVER.MAX_EPOCHS of every row")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--config_file", "--config-file", help="the config whose variants form the rows")
+    parser.add_argument("--configs", nargs="+", help="compare these configs instead (one row each)")
+    parser.add_argument("--fixes", action="store_true", help="rows: the reference, each MODEL.FIXES switch, all")
+    parser.add_argument("--seeds", type=int, default=1, help="runs per row, SOLVER.SEED = seed, seed + 1, ...")
+    parser.add_argument("--epochs", type=int, default=None, help="SOLVER.MAX_EPOCHS of every run")
     parser.add_argument("--output_dir", default=None, help="parent folder of the rows (default: OUTPUT_DIR/ablation)")
     parser.add_argument("--table-only", action="store_true", help="do not train; read the rows' results.json")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="extra overrides KEY VALUE for every run")
     args = parser.parse_args()
+    if bool(args.config_file) == bool(args.configs):
+        raise ConfigError("give either --config_file (component or --fixes rows) or --configs (one row per config)")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds}: expected a positive number of seeds")
     extra = list(args.opts) + (["SOLVER.MAX_EPOCHS", str(args.epochs)] if args.epochs is not None else [])
-    cfg = load_config(args.config_file, extra)
-    output_dir = args.output_dir or os.path.join(cfg.OUTPUT_DIR, "ablation")
-    rows, failed = [], []
-    for name, enabled in plan_rows(cfg):
-        row_dir = os.path.join(output_dir, name.lstrip("+").lower())
-        if not args.table_only:
-            command = [sys.executable, os.path.join(REPO_ROOT, "train_svpr.py"), "--config_file", args.config_file,
-                       *extra, *row_overrides(enabled, row_dir)]
-            print(f"== {name}: {' '.join(command[1:])}", flush=True)
-            if subprocess.run(command, cwd=REPO_ROOT).returncode != 0:
-                failed.append(name)
-                rows.append((name, None))
-                continue
-        rows.append((name, read_results(os.path.join(row_dir, "results.json"))))
-    print(markdown_table(rows))
+    if args.configs:
+        plans = []
+        for path in args.configs:
+            cfg = load_config(path, extra)
+            plans.append((os.path.splitext(os.path.basename(path))[0], path, [], cfg))
+        output_dir = args.output_dir or os.path.join("outputs", "comparison")
+    else:
+        cfg = load_config(args.config_file, extra)
+        rows = fix_rows(cfg) if args.fixes else component_rows(cfg)
+        plans = [(name, args.config_file, overrides, cfg) for name, overrides in rows]
+        output_dir = args.output_dir or os.path.join(cfg.OUTPUT_DIR, "fixes" if args.fixes else "ablation")
+    table, failed = [], []
+    for name, config_file, overrides, cfg in plans:
+        folder = name.lstrip("+").lower().replace(" ", "_")
+        runs, seconds = run_row(config_file, extra, overrides, os.path.join(output_dir, folder), args.seeds,
+                                cfg.SOLVER.SEED, args.table_only)
+        if runs is None:
+            failed.append(name)
+        table.append((name, runs, seconds))
+    print(markdown_table(table))
     if failed:
-        raise UserError(f"training failed for ablation rows: {', '.join(failed)}")
+        raise UserError(f"training failed for rows: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
