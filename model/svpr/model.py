@@ -34,6 +34,10 @@ class CLIPSVPRReID(ReIDModel):
     VDFE needs ``viewids``. ASMOE needs MODEL.USE_ATTR and a dataset with attributes (otherwise it is not
     built); its caption query needs MODEL.USE_TEXT and ``text_tokens`` (without them ASMOE runs without
     the caption term).
+
+    With the MODEL.FIXES switches off (as shipped) this is exactly the authors' model, module for module;
+    ``from_reference_state_dict``/``to_reference_state_dict`` convert its weights
+    (docs/reference_differences.md).
     """
 
     batch_inputs = ("camids", "viewids", "text_tokens")

@@ -102,7 +102,7 @@ class ViewTextEncoder(nn.Module):
             self.words = view_words(num_views)
             tokens, weights = _view_captions(self.words, num_prompts, context_length)
         else:
-            self.words = None
+            self.words = None  # the reference's view tokens, not words (REFERENCE_VIEW_TEXT)
             tokens, weights = _reference_view_captions(num_views, num_prompts, context_length)
         # Token ids, not embeddings: embedding them at run time keeps them in step with the token table.
         self.register_buffer("caption_tokens", tokens, persistent=False)  # (V, L')
