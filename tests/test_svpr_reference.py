@@ -216,6 +216,11 @@ def test_conversion_refuses_what_it_cannot_map():
         model_class.from_reference_state_dict(unshared, cfg)
     separate = model_class.from_reference_state_dict(unshared, tiny_cfg("MODEL.FIXES.CVPR_SEPARATE_BLOCKS", "True"))
     assert not torch.equal(separate["cvpr.blocks.2.norm1.weight"], separate["cvpr.blocks.0.norm1.weight"])
+    for fix in ("DROP_UNUSED_PARAMETERS", "CVPR_SEPARATE_BLOCKS", "VIEW_HEAD_CLASSES"):
+        fixed_cfg = tiny_cfg(f"MODEL.FIXES.{fix}", "True")
+        fixed = build_model(fixed_cfg, NUM_CLASSES, 1, 2, ATTRIBUTES)
+        with pytest.raises(CheckpointError, match=fix):
+            model_class.to_reference_state_dict(fixed.state_dict(), fixed_cfg)
     with pytest.raises(CheckpointError, match="DROP_UNUSED_PARAMETERS"):
         model_class.from_reference_state_dict(reference, tiny_cfg("MODEL.FIXES.DROP_UNUSED_PARAMETERS", "True"))
     model, _ = ours_from_reference(reference)

@@ -137,8 +137,15 @@ def _check_unused_kept(cfg):
 
 
 def to_reference(state_dict, cfg):
-    """The reference's state dict of our CLIP_SVPR_ReID ``state_dict`` (``model.state_dict()`` layout)."""
+    """The reference's state dict of our CLIP_SVPR_ReID ``state_dict`` (``model.state_dict()`` layout).
+
+    Refuses models whose parameters the reference cannot hold (MODEL.FIXES that change parameters).
+    """
     _check_unused_kept(cfg)
+    changed = [name for name in ("CVPR_SEPARATE_BLOCKS", "VIEW_HEAD_CLASSES") if cfg.MODEL.FIXES[name]]
+    if changed:
+        raise CheckpointError(f"MODEL.FIXES.{changed[0]} is True: the reference model has no place for these "
+                              f"parameters (one shared CVPR block, a 3-class view head)")
     out, unmapped = {}, []
     for key, value in state_dict.items():
         if key.startswith(MOE_OURS) and key[len(MOE_OURS):] in MOE_PARAMETERS:
