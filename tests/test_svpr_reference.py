@@ -448,3 +448,44 @@ def test_convert_reference_tool_round_trip_and_errors(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "CVPRNet.extra.weight" in lines[0]
+
+
+def _drop_unused(state_dict, dim=C):
+    """Our reference-layout state dict -> the DROP_UNUSED_PARAMETERS layout: single-key attentions keep
+    their value rows and output projection, never-applied LayerNorms and the q/k projections go."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("backbone."):
+            out[key] = value
+        elif "unused_norm" in key or key.startswith(("vdfe.text.word_to_prompt.q.", "vdfe.text.word_to_prompt.k.")):
+            continue
+        elif ".token_attn.q." in key or ".token_attn.k." in key:
+            continue
+        elif key.endswith("self_attn.qkv.weight"):
+            out[key.replace("qkv", "v")] = value[2 * dim:]
+        elif key.endswith("in_proj_weight"):
+            out[key.replace("in_proj_weight", "v.weight")] = value[2 * dim:]
+        elif key.endswith("in_proj_bias"):
+            out[key.replace("in_proj_bias", "v.bias")] = value[2 * dim:]
+        elif ".out_proj." in key:
+            out[key.replace("out_proj", "proj")] = value
+        else:
+            out[key] = value
+    return out
+
+
+def test_dropping_the_unused_parameters_keeps_every_output():
+    reference = random_reference_state_dict(seed=7)
+    model, _ = ours_from_reference(reference)
+    slim = build_model(tiny_cfg("MODEL.FIXES.DROP_UNUSED_PARAMETERS", "True"), NUM_CLASSES, 1, 2, ATTRIBUTES)
+    slim.load_state_dict(_drop_unused(model.state_dict()), strict=True)
+    slim.eval()
+    removed = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in slim.parameters())
+    # per CVPR block: q/k of the self-attention and of cross_attn2, 3 LayerNorms; CVPR: 2; text: q/k + 1;
+    # VBD: 2 x (q/k weights + biases); ASMOE: 2; inverse nets: 2
+    assert removed == (2 * C * C + 2 * C * C + 3 * 2 * C) + 2 * 2 * C + (2 * D * D + 2 * D) \
+        + 2 * (2 * C * C + 2 * C) + 2 * 2 * C + 2 * 2 * D
+    images, viewids, tokens = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(slim(images, viewids=viewids, text_tokens=tokens),
+                                   model(images, viewids=viewids, text_tokens=tokens), rtol=1e-5, atol=1e-6)
