@@ -93,8 +93,6 @@ _C.MODEL.SVPR.LOCAL = True
 # Number of CVPR refinement stages; each keeps the top CVPR_TOPK fraction of the previous selection.
 _C.MODEL.SVPR.CVPR_LAYERS = 3
 _C.MODEL.SVPR.CVPR_TOPK = 0.5
-# Share one refinement block across all CVPR stages (the reference does; False gives each stage its own).
-_C.MODEL.SVPR.CVPR_SHARED_BLOCK = False
 # Weight of the refined patches added back to the patch tokens (F + w * F_refined).
 _C.MODEL.SVPR.PATCH_UPDATE = 0.1
 # ASMOE: number of experts, experts used per input, fraction of attributes kept by the router.
@@ -104,6 +102,37 @@ _C.MODEL.SVPR.ATTR_TOPK = 0.7
 # Loss weights of the view loss (VDFE) and of the summed attribute cross-entropies (ASMOE).
 _C.MODEL.SVPR.VIEW_LOSS_WEIGHT = 1.0
 _C.MODEL.SVPR.ATTR_LOSS_WEIGHT = 0.05
+
+# Fixes of defects of the authors' code, one bool each (docs/reference_differences.md). False reproduces the
+# reference's model exactly where the fix changes numerics or parameters; fixes that only prevent a crash
+# default to True. Flat on purpose: tools/ablation.py --fixes enumerates the keys of this node.
+_C.MODEL.FIXES = CN()
+# SVPR CVPR: the reference adds f_asmoe (B, C) to f_inv (B, 1, C), a (B, B, C) semantic key, so every image's
+# CVPR query attends over the whole batch's attribute features. True: a per-sample (B, 1, C) key.
+_C.MODEL.FIXES.CVPR_PER_SAMPLE_KEY = False
+# SVPR CVPR: the reference reads the selected tokens in position order but writes the refined ones back in
+# score order (to permuted patches). True: each refined token goes back to the patch it was read from.
+_C.MODEL.FIXES.CVPR_SCATTER_ORDER = False
+# SVPR CVPR: every reference stage ranks and refines the original backbone patches of the remaining
+# candidates. True: each stage reads the tokens the previous stage refined (progressive refinement).
+_C.MODEL.FIXES.CVPR_PROGRESSIVE_KEYS = False
+# SVPR CVPR: the reference uses one block for all stages (weights shared). True: one block per stage.
+_C.MODEL.FIXES.CVPR_SEPARATE_BLOCKS = False
+# SVPR view caption: the reference words view id v as token v+1 of "ground aerial" (0 ground, 1 aerial, 2 the
+# end-of-text token: AG-ReID.v2's wearable becomes "aerial", its UAV EOT). True: ground/aerial for two views,
+# cctv/wearable/uav for three.
+_C.MODEL.FIXES.VIEW_WORDS = False
+# SVPR view head: the reference always has 3 view classes. True: as many classes as the dataset has views.
+_C.MODEL.FIXES.VIEW_HEAD_CLASSES = False
+# SVPR: the reference builds parameters its forward never uses (q/k projections of attentions over a single
+# key, LayerNorms never applied: CrossAttention "normy", MLP "norm_layer", CVPR "ln_norm"). True: they are
+# not built (same outputs; fewer parameters, a state dict that no longer matches the reference's).
+_C.MODEL.FIXES.DROP_UNUSED_PARAMETERS = False
+# SVPR: the reference crashes when the dataset has no attribute labels (CARGO). True: ASMOE is not built.
+_C.MODEL.FIXES.NO_ATTRIBUTES = True
+# SVPR: the reference hard-codes 128 local weights (256x128 inputs, stride 16) and crashes on other sizes.
+# True: one weight row per real patch (identical for 256x128).
+_C.MODEL.FIXES.LOCAL_PATCH_COUNT = True
 
 # ---------------------------------------------------------------------------------------------------
 # INPUT

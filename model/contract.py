@@ -13,7 +13,9 @@ A model is a ``ReIDModel`` subclass registered with ``@MODELS.register("Name")``
 * ``training_phases``: names of engine phases (``processor.phases.PHASES``) to run before the main
   training loop, e.g. CLIP-ReID's prompt learning;
 * ``from_reference_state_dict`` / ``to_reference_state_dict``: the mapping between this model's
-  parameter names and those of the authors' code (identity unless the layouts differ).
+  parameter names and those of the authors' code (identity unless the layouts differ);
+  ``reference_model_args``: the constructor sizes of the authors' model behind one of their state dicts
+  (tools/convert_reference.py uses all three).
 
 docs/architecture.md shows how a batch flows through these pieces.
 """
@@ -22,6 +24,8 @@ from typing import Any, Dict
 
 import torch
 from torch import nn
+
+from utils.errors import CheckpointError
 
 BATCH_KEYS = ("camids", "viewids", "timeids", "text_tokens", "attrs")
 
@@ -81,3 +85,10 @@ class ReIDModel(nn.Module):
     def to_reference_state_dict(cls, state_dict, cfg):
         """The authors' state-dict layout of this model's ``state_dict``."""
         return dict(state_dict)
+
+    @classmethod
+    def reference_model_args(cls, state_dict, cfg):
+        """``{"num_classes", "num_cameras", "num_views", "attributes"}`` of the authors' model behind
+        ``state_dict`` (their layout, ``module.`` stripped)."""
+        raise CheckpointError(f"{cls.__name__} (MODEL.ARCH_NAME {cfg.MODEL.ARCH_NAME}) cannot read the model "
+                              f"sizes from a reference checkpoint: conversion is not implemented for it")

@@ -25,6 +25,10 @@ TINY = ["MODEL.RANDOM_INIT", "True", "MODEL.CLIP.EMBED_DIM", "64", "MODEL.CLIP.V
         "INPUT.SIZE_TEST", "[64, 32]", "MODEL.TEXT_LEN", str(TEXT_LEN), "MODEL.USE_TEXT", "True",
         "MODEL.USE_ATTR", "True", "MODEL.FREEZE_TEXT", "True", "MODEL.TEXT_PROMPT", "4", "MODEL.VIEW_PROMPT", "4"]
 WIDTH = 96
+# Every MODEL.FIXES switch that changes the reference's numerics or parameters, on.
+NUMERIC_FIXES = ("CVPR_PER_SAMPLE_KEY", "CVPR_SCATTER_ORDER", "CVPR_PROGRESSIVE_KEYS", "CVPR_SEPARATE_BLOCKS",
+                 "VIEW_WORDS", "VIEW_HEAD_CLASSES", "DROP_UNUSED_PARAMETERS")
+FIXED = tuple(v for name in NUMERIC_FIXES for v in (f"MODEL.FIXES.{name}", "True"))
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -32,6 +36,11 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def tiny_cfg(*opts):
     return load_config(None, TINY + list(opts))
+
+
+def fixes(*names):
+    """The MODEL.FIXES node with ``names`` on and the other numeric fixes off."""
+    return tiny_cfg(*[v for name in names for v in (f"MODEL.FIXES.{name}", "True")]).MODEL.FIXES
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,15 +66,16 @@ def count(module):
     return sum(p.numel() for p in module.parameters())
 
 
-def test_full_model_shapes_and_every_trainable_parameter_gets_a_gradient():
-    model = tiny_model()
+@pytest.mark.parametrize("opts, view_classes", [((), 3), (FIXED, 2)], ids=["reference", "fixed"])
+def test_full_model_shapes_and_every_trainable_parameter_gets_a_gradient(opts, view_classes):
+    model = tiny_model(*opts)
     images, viewids, tokens = batch()
     out = model(images, camids=torch.zeros(6, dtype=torch.long), viewids=viewids, text_tokens=tokens)
     assert {name: t.shape for name, t in out.id_logits.items()} == {name: (6, 5) for name in ("inv", "cvpr", "local")}
     assert list(out.features) == ["inv", "cvpr", "local", "penultimate"]
     assert all(t.shape == (6, WIDTH) for t in out.features.values())
     aux = out.aux
-    assert aux["view_logits"].shape == (6, 2) and aux["view_feat"].shape == aux["inv_feat"].shape == (6, WIDTH)
+    assert aux["view_logits"].shape == (6, view_classes) and aux["view_feat"].shape == aux["inv_feat"].shape == (6, WIDTH)
     assert [t.shape for t in aux["attr_logits"]] == [(6, 2), (6, 4), (6, 2)]
     loss = sum(t.logsumexp(-1).mean() for t in [*out.id_logits.values(), *aux["attr_logits"], aux["view_logits"]])
     loss = loss + sum(t.square().mean() for t in [*out.features.values(), aux["view_feat"]])
@@ -120,8 +130,8 @@ def test_all_switches_off_is_the_cls_baseline():
     assert not any(p.requires_grad for p in model.backbone.transformer.parameters())  # unused text tower
 
 
-def test_eval_embedding_does_not_depend_on_the_rest_of_the_batch():
-    model = tiny_model().eval()
+def test_eval_embedding_does_not_depend_on_the_rest_of_the_batch_with_the_per_sample_key():
+    model = tiny_model("MODEL.FIXES.CVPR_PER_SAMPLE_KEY", "True").eval()
     images, viewids, tokens = batch(size=5)
     with torch.no_grad():
         together = model(images, viewids=viewids, text_tokens=tokens)
@@ -155,11 +165,13 @@ def test_vdfe_needs_view_ids_and_a_known_number_of_views():
     images, _, tokens = batch()
     with pytest.raises(ValueError, match="view ids"):
         model(images, text_tokens=tokens)
-    three = tiny_model(num_views=3)
+    three = tiny_model(*FIXED, num_views=3)
     assert three.vdfe.head.classifier.out_features == 3 and three.vdfe.text.words == VIEW_WORDS[3]
     three(images, viewids=torch.tensor([0, 1, 2, 2, 1, 0]), text_tokens=tokens)
     with pytest.raises(ConfigError, match="MODEL.SVPR.VDFE"):
-        tiny_model(num_views=1)
+        tiny_model(*FIXED, num_views=1)
+    with pytest.raises(ConfigError, match="MODEL.FIXES.VIEW_WORDS"):
+        tiny_model(num_views=4)
 
 
 def test_local_weights_follow_the_real_patch_grid():
@@ -177,9 +189,9 @@ def test_sie_embeds_cameras_and_views():
     assert not torch.allclose(cam0, cam2)
 
 
-# ---- text branch: reference computations written from SPEC 4.3 step 1 --------------------------------
+# ---- text branch: reference computations written from the reference code --------------------------------
 
-def test_attribute_caption_encoding_matches_the_spec_and_deduplication_is_exact():
+def test_attribute_caption_encoding_matches_the_reference_and_deduplication_is_exact():
     model = tiny_model().eval()
     clip_model, encoder = model.backbone, model.attribute_text
     _, _, tokens = batch(size=6)
@@ -201,7 +213,7 @@ def test_attribute_caption_encoding_matches_the_spec_and_deduplication_is_exact(
     torch.testing.assert_close(encoder(clip_model, tokens), encoder.inverse(reference))
 
 
-def test_view_caption_encoding_matches_the_spec_and_deduplication_is_exact():
+def test_view_caption_encoding_matches_the_reference_and_deduplication_is_exact():
     model = tiny_model().eval()
     clip_model, encoder = model.backbone, model.vdfe.text
     template = tokenize("A photo of a X X X X person from X view.", context_length=TEXT_LEN)
@@ -217,7 +229,7 @@ def test_view_caption_encoding_matches_the_spec_and_deduplication_is_exact():
     embeds[:, 5:9] = encoder.view_prompt[0]
     feats = clip_model.encode_text(tokens, token_embeds=embeds, return_all=True)
     prompts, word = feats[:, 5:9], feats[:, 11]
-    reference = encoder.fusion((prompts + encoder.word_to_prompt(word)[:, None]).flatten(1))
+    reference = encoder.fusion((encoder.word_to_prompt(prompts, word[:, None]) + prompts).flatten(1))
     reference.square().sum().backward()
     reference_grads = [p.grad.clone() for p in (encoder.view_prompt, encoder.fusion.weight)]
     encoder.zero_grad()
@@ -230,7 +242,7 @@ def test_view_caption_encoding_matches_the_spec_and_deduplication_is_exact():
 
 def test_view_words_are_single_tokens_at_the_view_slot():
     for num_views, words in VIEW_WORDS.items():
-        encoder = ViewTextEncoder(num_views, 4, 64, 64, 96, TEXT_LEN)
+        encoder = ViewTextEncoder(num_views, 4, 64, 64, 96, TEXT_LEN, fixes("VIEW_WORDS"))
         for view, word in enumerate(words):
             word_id = tokenize(word, context_length=TEXT_LEN)[0, 1]
             assert encoder.caption_tokens[view, 11] == word_id
@@ -260,9 +272,9 @@ def test_single_key_attention_equals_multihead_attention_with_one_key():
     torch.testing.assert_close(single(key).expand(-1, 5, -1), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_view_bidirectional_decoupling_matches_the_spec():
+def test_view_bidirectional_decoupling_matches_the_reference():
     torch.manual_seed(0)
-    vbd = ViewBidirectionalDecoupling(32)
+    vbd = ViewBidirectionalDecoupling(32, drop_unused=True)
     with torch.no_grad():
         vbd.alpha.fill_(0.7)
     v2c, c2v = _mha_from(vbd.view_to_cls, 32), _mha_from(vbd.cls_to_view, 32)
@@ -309,7 +321,7 @@ def test_asmoe_matches_a_per_attribute_reference_and_gradients_agree():
 
     m = asmoe.cross_attention(text[:, None], patches)[:, 0]
     outs, scores, ref_logits = [], [], []
-    for a, head in enumerate(asmoe.heads):
+    for a, head in enumerate(asmoe.heads.values()):
         u = m + asmoe.attribute_prompts[0, a] + f_inv
         o = asmoe.moe(u)
         outs.append(o)
@@ -340,10 +352,11 @@ def test_gather_scatter_round_trip_keeps_order():
 
 def test_cvpr_writes_each_refined_token_back_to_its_own_patch():
     torch.manual_seed(0)
-    cvpr = ContextVisionProgressiveRefinement(32, num_layers=1, topk=0.5).eval()
+    cvpr = ContextVisionProgressiveRefinement(32, fixes("CVPR_SCATTER_ORDER", "CVPR_PER_SAMPLE_KEY"), num_layers=1,
+                                              topk=0.5).eval()
     f_inv, patches, f_sem = torch.randn(2, 32), torch.randn(2, 8, 32), torch.randn(2, 32)
     f_cvpr, refined = cvpr(f_inv, patches, f_sem)
-    query = cvpr.semantic_fuse((f_inv + f_sem)[:, None])
+    query = cvpr.semantic_fuse(cvpr.query_token.expand(2, -1, -1), (f_inv + f_sem)[:, None])
     order = cvpr.scorer(query, patches)
     assert order.shape == (2, 4)
     new_query, tokens = cvpr.blocks[0](query, gather_tokens(patches, order))
@@ -358,8 +371,8 @@ def test_cvpr_writes_each_refined_token_back_to_its_own_patch():
 
 def test_cvpr_stages_shrink_the_selection_and_shared_blocks_share_weights():
     torch.manual_seed(0)
-    separate = ContextVisionProgressiveRefinement(32, num_layers=3, topk=0.5)
-    shared = ContextVisionProgressiveRefinement(32, num_layers=3, topk=0.5, shared_block=True)
+    separate = ContextVisionProgressiveRefinement(32, fixes("CVPR_SEPARATE_BLOCKS"), num_layers=3, topk=0.5)
+    shared = ContextVisionProgressiveRefinement(32, fixes(), num_layers=3, topk=0.5)
     block = count(separate.blocks[0])
     assert count(separate) - count(shared) == 2 * block
     patches = torch.randn(2, 16, 32)
@@ -369,11 +382,10 @@ def test_cvpr_stages_shrink_the_selection_and_shared_blocks_share_weights():
 
 
 def test_checkpoint_round_trip_restores_the_embedding(tmp_path):
-    shared = ("MODEL.SVPR.CVPR_SHARED_BLOCK", "True")
-    model = tiny_model(*shared).eval()
+    model = tiny_model().eval()
     torch.save(model.state_dict(), tmp_path / "svpr.pth")
     torch.manual_seed(123)
-    restored = build_model(tiny_cfg(*shared), num_classes=5, num_cameras=3, num_views=2, attributes=ATTRIBUTES)
+    restored = build_model(tiny_cfg(), num_classes=5, num_cameras=3, num_views=2, attributes=ATTRIBUTES)
     restored.load_state_dict(load_checkpoint(str(tmp_path / "svpr.pth")))
     restored.eval()
     images, viewids, tokens = batch(size=3)

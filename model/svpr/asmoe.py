@@ -1,12 +1,12 @@
-"""Attribute-Scattered Mixture of Experts (ASMOE, SPEC 4.5)."""
+"""Attribute-Scattered Mixture of Experts (ASMOE, docs/method.md)."""
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.layers.activations import QuickGELU
 from torch import nn
 
 from model.heads import BNNeckHead
-from model.svpr.layers import CrossAttention, init_linear_trunc_normal
+from model.svpr.layers import CrossAttention, init_linear_trunc_normal, mlp
 
 
 class MixtureOfExperts(nn.Module):
@@ -32,7 +32,7 @@ class MixtureOfExperts(nn.Module):
         self.norm_weight = nn.Parameter(torch.ones(num_experts, 1, dim))
         self.norm_bias = nn.Parameter(torch.zeros(num_experts, 1, dim))
         self.act = QuickGELU()
-        # SVPR initialises every expert Linear trunc-normal std 0.02 with zero bias (SPEC 4.5, 4.8).
+        # SVPR initialises every expert Linear trunc-normal std 0.02 with zero bias (docs/reference_differences.md).
         trunc_normal_(self.fc1_weight, std=0.02)
         trunc_normal_(self.fc2_weight, std=0.02)
         init_linear_trunc_normal(self.gate)
@@ -60,31 +60,39 @@ class AttributeScatterMoE(nn.Module):
     ``forward(f_inv (B, C), patches (B, N, C), text=None (B, C)) -> (f_asmoe (B, C), attr_logits)`` with
     ``attr_logits`` a list of (B, n_a) in attribute order. ``text`` (the T2I feature of the attribute
     caption) queries the patches; without it (no text) that term is left out of every attribute input.
+    The attribute heads are keyed by attribute name, as in the reference. ``unused`` keeps the reference's
+    never-applied LayerNorms (MODEL.FIXES.DROP_UNUSED_PARAMETERS off).
     """
 
-    def __init__(self, dim, attributes, num_experts=4, expert_top_k=3, attr_top_k=0.7, num_heads=8):
+    def __init__(self, dim, attributes, num_experts=4, expert_top_k=3, attr_top_k=0.7, num_heads=8,
+                 unused=False):
         super().__init__()
         if not attributes:
             raise ValueError("AttributeScatterMoE needs at least one attribute")
+        bad = [name for name, _ in attributes if "." in name or not name]
+        if bad:
+            raise ValueError(f"attribute names {bad} cannot name modules (empty or containing '.')")
         self.attribute_names = tuple(name for name, _ in attributes)
         self.num_kept = max(1, int(len(attributes) * attr_top_k))
         self.attribute_prompts = nn.Parameter(torch.randn(1, len(attributes), dim))
-        self.cross_attention = CrossAttention(dim, num_heads)
+        self.cross_attention = CrossAttention(dim, num_heads, unused=unused)
         self.moe = MixtureOfExperts(dim, num_experts, expert_top_k)
         # The reference router: Linear(C, 1) -> GELU -> Linear(1, C), averaged over channels to one score.
-        self.router = Mlp(dim, hidden_features=1, out_features=dim, act_layer=nn.GELU)
-        self.heads = nn.ModuleList(BNNeckHead(dim, num_classes) for _, num_classes in attributes)
-        # SPEC 4.5: the whole module is re-initialised, attribute classifiers included.
+        self.router = mlp(dim, 1, dim, unused=unused)
+        self.heads = nn.ModuleDict({name: BNNeckHead(dim, num_classes) for name, num_classes in attributes})
+        # The reference re-initialises the whole module, attribute classifiers included.
         self.apply(init_linear_trunc_normal)
 
     def forward(self, f_inv, patches, text=None):
         batch, dim = f_inv.shape
-        inputs = self.attribute_prompts + f_inv[:, None]  # (B, A, C)
+        inputs = self.attribute_prompts.expand(batch, -1, -1)  # (B, A, C)
         if text is not None:
-            inputs = inputs + self.cross_attention(text[:, None], patches)  # (B, 1, C) broadcast over A
+            # The reference's order of additions: (attended patches + prompt) + f_inv.
+            inputs = self.cross_attention(text, patches) + inputs  # (B, 1, C) broadcast over A
+        inputs = inputs + f_inv[:, None]
         num_attributes = inputs.shape[1]
         expert_out = self.moe(inputs.reshape(batch * num_attributes, dim)).view(batch, num_attributes, dim)
-        attr_logits = [head(expert_out[:, a])[0] for a, head in enumerate(self.heads)]
+        attr_logits = [self.heads[name](expert_out[:, a])[0] for a, name in enumerate(self.attribute_names)]
         scores = self.router(inputs).mean(dim=-1)  # (B, A)
         top = scores.topk(self.num_kept, dim=-1)
         kept = expert_out.gather(1, top.indices[..., None].expand(-1, -1, dim))  # (B, k, C)

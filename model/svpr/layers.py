@@ -1,9 +1,7 @@
 """Attention building blocks shared by the SVPR components."""
-import math
-
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import Mlp, trunc_normal_
 from torch import nn
 
 
@@ -23,13 +21,32 @@ def _check_heads(dim, num_heads):
         raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
 
 
+def unused_norm(dim):
+    """A LayerNorm the reference builds but never applies, kept (frozen) so that the parameter count and the
+    state dict match the reference's (docs/reference_differences.md); it gets no gradient either way."""
+    norm = nn.LayerNorm(dim)
+    norm.requires_grad_(False)
+    return norm
+
+
+def _split_heads(x, num_heads):
+    batch, length, dim = x.shape
+    return x.view(batch, length, num_heads, dim // num_heads).transpose(1, 2)  # (B, h, N, d)
+
+
+def _as_sequence(x):
+    return x[:, None] if x.dim() == 2 else x
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention of queries over separate keys/values (q/k/v without bias, output with bias).
 
-    ``forward(query (B, Nq, C), key (B, Nk, C), value=None) -> (B, Nq, C)``; ``value`` defaults to ``key``.
+    ``forward(query (B, Nq, C) or (B, C), key (B', Nk, C) or (B', C), value=None) -> (B, Nq, C)``; 2-D
+    inputs are length-1 sequences, ``value`` defaults to ``key``. ``key`` may have a batch of 1 or B.
+    ``unused`` adds the reference's never-applied LayerNorm (see ``unused_norm``).
     """
 
-    def __init__(self, dim, num_heads=8):
+    def __init__(self, dim, num_heads=8, unused=False):
         super().__init__()
         _check_heads(dim, num_heads)
         self.num_heads = num_heads
@@ -37,26 +54,45 @@ class CrossAttention(nn.Module):
         self.k = nn.Linear(dim, dim, bias=False)
         self.v = nn.Linear(dim, dim, bias=False)
         self.proj = nn.Linear(dim, dim)
-
-    def _split(self, x):
-        batch, length, dim = x.shape
-        return x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)  # (B, h, N, d)
+        self.unused_norm = unused_norm(dim) if unused else None
 
     def forward(self, query, key, value=None):
-        value = key if value is None else value
-        out = F.scaled_dot_product_attention(self._split(self.q(query)), self._split(self.k(key)),
-                                             self._split(self.v(value)))
-        out = out.transpose(1, 2).reshape(query.shape)  # (B, Nq, C)
-        return self.proj(out)
+        query, key = _as_sequence(query), _as_sequence(key)
+        value = key if value is None else _as_sequence(value)
+        q = _split_heads(self.q(query), self.num_heads)
+        k = _split_heads(self.k(key), self.num_heads)
+        v = _split_heads(self.v(value), self.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, Nq, d)
+        return self.proj(out.transpose(1, 2).reshape(query.shape))  # (B, Nq, C)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused bias-free q/k/v projection and a biased output projection.
+
+    ``forward(x (B, N, C)) -> (B, N, C)``.
+    """
+
+    def __init__(self, dim, num_heads=8):
+        super().__init__()
+        _check_heads(dim, num_heads)
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = (_split_heads(part, self.num_heads) for part in self.qkv(x).chunk(3, dim=-1))
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
+        return self.proj(out.transpose(1, 2).reshape(x.shape))
 
 
 class SingleKeyAttention(nn.Module):
     """Attention whose key/value sequence has exactly one token, computed as what it is.
 
     With one key the softmax weight is 1 for every query and head, so multi-head attention reduces to
-    ``out_proj(v_proj(key))`` for every query: the query and key projections cannot influence the result
-    (and would receive no useful gradient), so they are not built. ``forward(key (B, 1, C) or (B, C))``
-    returns the attended value with the key's shape; callers broadcast it over their queries.
+    ``out_proj(v_proj(key))`` for every query: the query and key projections cannot influence the result,
+    so they are not built (MODEL.FIXES.DROP_UNUSED_PARAMETERS). ``forward(query, key=None)`` returns the
+    attended value with the key's shape (``key`` defaults to ``query``: self-attention of one token);
+    callers broadcast it over their queries.
     """
 
     def __init__(self, dim, bias=False):
@@ -64,8 +100,8 @@ class SingleKeyAttention(nn.Module):
         self.v = nn.Linear(dim, dim, bias=bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, key):
-        return self.proj(self.v(key))
+    def forward(self, query, key=None):
+        return self.proj(self.v(query if key is None else key))
 
 
 class TopKScorer(nn.Module):
@@ -90,9 +126,17 @@ class TopKScorer(nn.Module):
 
     @torch.no_grad()
     def forward(self, query, keys):
-        batch, num_keys, dim = keys.shape
-        head_dim = dim // self.num_heads
-        q = self.q(query).view(batch, 1, self.num_heads, head_dim).transpose(1, 2)  # (B, h, 1, d)
-        k = self.k(keys).view(batch, num_keys, self.num_heads, head_dim).transpose(1, 2)  # (B, h, N, d)
-        scores = (q @ k.transpose(-2, -1) / math.sqrt(head_dim)).softmax(dim=-1).mean(dim=1)  # (B, 1, N)
-        return scores[:, 0].topk(self.num_kept(num_keys), dim=-1).indices
+        head_dim = keys.shape[-1] // self.num_heads
+        q = _split_heads(self.q(query), self.num_heads)  # (B, h, 1, d)
+        k = _split_heads(self.k(keys), self.num_heads)  # (B, h, N, d)
+        scores = ((q @ k.transpose(-2, -1)) * head_dim ** -0.5).softmax(dim=-1).mean(dim=1)  # (B, 1, N)
+        return scores[:, 0].topk(self.num_kept(keys.shape[1]), dim=-1).indices
+
+
+def mlp(in_dim, hidden_dim, out_dim=None, drop=0.0, unused=False):
+    """Linear -> GELU -> dropout -> Linear -> dropout (timm ``Mlp``); ``unused`` adds the reference MLP's
+    never-applied input LayerNorm as ``unused_norm`` (see ``unused_norm``)."""
+    module = Mlp(in_dim, hidden_features=hidden_dim, out_features=out_dim, act_layer=nn.GELU, drop=drop)
+    if unused:
+        module.unused_norm = unused_norm(in_dim)
+    return module

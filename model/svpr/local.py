@@ -1,4 +1,4 @@
-"""Learned per-patch weighting of the patch tokens into one local feature (SPEC 4.3 step 6)."""
+"""Learned per-patch weighting of the patch tokens into one local feature."""
 import torch
 from torch import nn
 

@@ -10,11 +10,15 @@ from model.heads import BNNeckHead
 from model.registry import register_model
 from model.svpr.asmoe import AttributeScatterMoE
 from model.svpr.cvpr import ContextVisionProgressiveRefinement
+from model.svpr import reference_layout
 from model.svpr.local import LocalPatchWeighting
 from model.svpr.text import AttributeTextEncoder
 from model.svpr.vdfe import ViewDecoupledFeatureExtractor
+from utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+# The reference sizes its local weights for 256x128 inputs with stride 16 (MODEL.FIXES.LOCAL_PATCH_COUNT).
+REFERENCE_NUM_PATCHES = 128
 
 
 @register_model("CLIP_SVPR_ReID")
@@ -30,6 +34,10 @@ class CLIPSVPRReID(ReIDModel):
     VDFE needs ``viewids``. ASMOE needs MODEL.USE_ATTR and a dataset with attributes (otherwise it is not
     built); its caption query needs MODEL.USE_TEXT and ``text_tokens`` (without them ASMOE runs without
     the caption term).
+
+    With the MODEL.FIXES switches off (as shipped) this is exactly the authors' model, module for module;
+    ``from_reference_state_dict``/``to_reference_state_dict`` convert its weights
+    (docs/reference_differences.md).
     """
 
     batch_inputs = ("camids", "viewids", "text_tokens")
@@ -47,30 +55,41 @@ class CLIPSVPRReID(ReIDModel):
             self.sie = SideInfoEmbedding(num_cameras if cfg.MODEL.SIE_CAMERA else 0,
                                          num_views if cfg.MODEL.SIE_VIEW else 0, dim, cfg.MODEL.SIE_COE)
 
+        fixes = cfg.MODEL.FIXES
+        keep_unused = not fixes.DROP_UNUSED_PARAMETERS
         self.vdfe = None
         if svpr.VDFE:
             self.vdfe = ViewDecoupledFeatureExtractor(num_views, cfg.MODEL.VIEW_PROMPT, self.backbone.text_width,
-                                                      self.backbone.embed_dim, dim, self.backbone.context_length)
+                                                      self.backbone.embed_dim, dim, self.backbone.context_length,
+                                                      fixes)
 
         self.asmoe = self.attribute_text = None
         if svpr.ASMOE and cfg.MODEL.USE_ATTR and attributes:
-            self.asmoe = AttributeScatterMoE(dim, attributes, svpr.NUM_EXPERTS, svpr.EXPERT_TOPK, svpr.ATTR_TOPK)
+            self.asmoe = AttributeScatterMoE(dim, attributes, svpr.NUM_EXPERTS, svpr.EXPERT_TOPK, svpr.ATTR_TOPK,
+                                             unused=keep_unused)
             if cfg.MODEL.USE_TEXT:
                 self.attribute_text = AttributeTextEncoder(self.backbone.text_width, self.backbone.embed_dim, dim,
-                                                           cfg.MODEL.TEXT_PROMPT)
+                                                           cfg.MODEL.TEXT_PROMPT, unused=keep_unused)
+        elif svpr.ASMOE and cfg.MODEL.USE_ATTR and not fixes.NO_ATTRIBUTES:
+            raise ConfigError("the dataset has no attribute labels, which the reference's ASMOE needs (it "
+                              "crashes); set MODEL.FIXES.NO_ATTRIBUTES True or MODEL.USE_ATTR False")
         elif svpr.ASMOE:
             logger.info("ASMOE not built: %s", "the dataset has no attributes" if cfg.MODEL.USE_ATTR
                         else "MODEL.USE_ATTR is False")
 
         self.cvpr = None
         if svpr.CVPR:
-            self.cvpr = ContextVisionProgressiveRefinement(dim, svpr.CVPR_LAYERS, svpr.CVPR_TOPK,
-                                                           svpr.CVPR_SHARED_BLOCK)
+            self.cvpr = ContextVisionProgressiveRefinement(dim, fixes, svpr.CVPR_LAYERS, svpr.CVPR_TOPK)
             self.head_cvpr = BNNeckHead(dim, num_classes)
         self.patch_update = svpr.PATCH_UPDATE
 
         self.local = None
         if svpr.LOCAL:
+            if not fixes.LOCAL_PATCH_COUNT and num_patches != REFERENCE_NUM_PATCHES:
+                raise ConfigError(f"the reference's local weights have {REFERENCE_NUM_PATCHES} rows but "
+                                  f"INPUT.SIZE_TRAIN {list(cfg.INPUT.SIZE_TRAIN)} with MODEL.STRIDE_SIZE "
+                                  f"{list(cfg.MODEL.STRIDE_SIZE)} gives {num_patches} patches; set "
+                                  f"MODEL.FIXES.LOCAL_PATCH_COUNT True")
             self.local = LocalPatchWeighting(num_patches, dim)
             self.head_local = BNNeckHead(dim, num_classes)
 
@@ -86,6 +105,21 @@ class CLIPSVPRReID(ReIDModel):
                     "embedding %d-d = [%s]", self.vdfe is not None, self.asmoe is not None,
                     self.attribute_text is not None, self.cvpr is not None, self.local is not None,
                     self.embedding_dim, ", ".join(parts))
+
+    @classmethod
+    def from_reference_state_dict(cls, state_dict, cfg):
+        """Our state dict from the authors' (model/svpr/reference_layout.py)."""
+        return reference_layout.from_reference(state_dict, cfg)
+
+    @classmethod
+    def to_reference_state_dict(cls, state_dict, cfg):
+        """The authors' state dict (their ``load_param`` accepts it) of ours."""
+        return reference_layout.to_reference(state_dict, cfg)
+
+    @classmethod
+    def reference_model_args(cls, state_dict, cfg):
+        """Constructor sizes of the authors' model behind ``state_dict`` (reference layout)."""
+        return reference_layout.model_args(state_dict, cfg)
 
     def loss_specs(self, cfg):
         """Main branch + mean of the other branches for ID and triplet (as the paper's code weighs them),

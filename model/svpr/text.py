@@ -1,8 +1,8 @@
 """Prompted caption encoding with the (frozen or trainable) CLIP text tower, once per distinct caption."""
 import torch
-from timm.layers import Mlp
 from torch import nn
 
+from model.svpr.layers import mlp
 from text.prompts import PROMPT_START
 
 
@@ -25,25 +25,26 @@ def trim_to_text(tokens, min_length=0):
     return tokens[:, :max(int(tokens.argmax(dim=-1).max()) + 1, min_length)]
 
 
-def inverse_net(text_dim, visual_dim):
-    """Text-to-image "inverse" network: MLP text_dim -> 4 text_dim -> visual_dim, GELU, dropout 0.1."""
-    return Mlp(text_dim, hidden_features=4 * text_dim, out_features=visual_dim, act_layer=nn.GELU, drop=0.1)
+def inverse_net(text_dim, visual_dim, unused=False):
+    """Text-to-image "inverse" network: MLP text_dim -> 4 text_dim -> visual_dim, GELU, dropout 0.1
+    (``unused``: with the reference's never-applied LayerNorm)."""
+    return mlp(text_dim, 4 * text_dim, visual_dim, drop=0.1, unused=unused)
 
 
 class AttributeTextEncoder(nn.Module):
-    """SVPR's attribute-caption branch: learnable prompts added to the caption's "X" tokens (SPEC 4.3 1a, 1c).
+    """SVPR's attribute-caption branch: learnable prompts added to the caption's "X" tokens.
 
     ``forward(clip_model, text_tokens (B, L)) -> (B, C)``: CLIP text features of every position with the prompts added
     at positions 5 .. 5+n-1, pooled as EOT feature + mean of the prompt positions, then mapped to the
     visual width by the T2I inverse network. Each distinct caption is encoded once per batch.
     """
 
-    def __init__(self, text_width, text_dim, visual_dim, num_prompts):
+    def __init__(self, text_width, text_dim, visual_dim, num_prompts, unused=False):
         super().__init__()
         self.num_prompts = num_prompts
         self.text_prompt = (nn.Parameter(torch.randn(1, num_prompts, text_width) * text_width ** -0.5)
                             if num_prompts else None)
-        self.inverse = inverse_net(text_dim, visual_dim)
+        self.inverse = inverse_net(text_dim, visual_dim, unused)
 
     def encode_captions(self, clip_model, text_tokens):
         """Per-caption pooled text feature (B, D) with the prompts added; no de-duplication."""
