@@ -5,7 +5,7 @@ import os
 import pytest
 
 from tests.conftest import run_script
-from tools.ablation import component_rows, markdown_table, mean_std
+from tools.ablation import component_rows, fix_rows, markdown_table, mean_std
 from configs import load_config
 
 
@@ -64,3 +64,12 @@ def test_missing_results_is_one_line(tmp_path):
                          str(tmp_path), "--table-only"])
     assert result.returncode == 2 and "results file not found" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_fix_rows_start_from_the_shipped_reference_and_add_each_fix():
+    cfg = load_config("configs/Synthetic/svpr_reid.yml")
+    rows = fix_rows(cfg)
+    off = sorted(name for name, value in cfg.MODEL.FIXES.items() if not value)
+    assert rows[0] == ("reference", []) and rows[-1][0] == "all fixes"
+    assert [name for name, _ in rows[1:-1]] == [f"+{fix}" for fix in off] and len(off) >= 5
+    assert dict(zip(rows[-1][1][0::2], rows[-1][1][1::2])) == {f"MODEL.FIXES.{fix}": "True" for fix in cfg.MODEL.FIXES}

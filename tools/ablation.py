@@ -3,7 +3,7 @@
     python tools/ablation.py --config_file configs/Synthetic/svpr_reid.yml [--seeds 3] [--epochs N]
         rows: the baseline (all MODEL.SVPR.* components off), then VDFE, ASMOE, CVPR and LOCAL added in turn
     python tools/ablation.py --config_file configs/Synthetic/svpr_reid.yml --fixes [--seeds 3]
-        rows: the reference's behaviour (every MODEL.FIXES.* off), each fix on top of it, all fixes
+        rows: the reference's behaviour (MODEL.FIXES.* as shipped), each fix on top of it, all fixes
     python tools/ablation.py --configs configs/Synthetic/vit.yml configs/Synthetic/svpr_reid.yml ... [--seeds 3]
         rows: one per config (model comparison)
 
@@ -43,15 +43,14 @@ def component_rows(cfg):
 
 
 def fix_rows(cfg):
-    """(name, overrides) rows: the reference (every MODEL.FIXES.* off), each fix alone on top, all fixes."""
-    fixes = sorted(getattr(cfg.MODEL, "FIXES", {}) or {})
+    """(name, overrides) rows: the reference's behaviour (the config's MODEL.FIXES as shipped: fixes that
+    change numerics off, crash fixes on), each fix that is off turned on alone, then all fixes on."""
+    fixes = dict(getattr(cfg.MODEL, "FIXES", {}) or {})
     if not fixes:
         raise ConfigError("--fixes needs the MODEL.FIXES switches in the config")
-    off = [item for fix in fixes for item in (f"MODEL.FIXES.{fix}", "False")]
-    rows = [("reference", off)]
-    for fix in fixes:
-        rows.append((f"+{fix}", off + [f"MODEL.FIXES.{fix}", "True"]))
-    rows.append(("all fixes", [item for fix in fixes for item in (f"MODEL.FIXES.{fix}", "True")]))
+    rows = [("reference", [])]
+    rows += [(f"+{fix}", [f"MODEL.FIXES.{fix}", "True"]) for fix in sorted(fixes) if not fixes[fix]]
+    rows.append(("all fixes", [item for fix in sorted(fixes) for item in (f"MODEL.FIXES.{fix}", "True")]))
     return rows
 
 
