@@ -228,6 +228,9 @@ _C.SOLVER.WARMUP_METHOD = "linear"
 _C.SOLVER.CHECKPOINT_PERIOD = 50
 _C.SOLVER.LOG_PERIOD = 10
 _C.SOLVER.EVAL_PERIOD = 1
+# Also write TensorBoard event files of the training curves to OUTPUT_DIR/tensorboard/ (when the tensorboard
+# package is installed; metrics.csv and curves.png are written either way).
+_C.SOLVER.TENSORBOARD = True
 # Training batch size (P x K) over all processes.
 _C.SOLVER.IMS_PER_BATCH = 64
 # Mixed precision on CUDA: True uses autocast with AMP_DTYPE. On CPU only "bfloat16" autocasts;
@@ -286,6 +289,9 @@ _C.TEST.DIST_METRIC = "euclidean"
 _C.TEST.TIME_MODE = "mix"
 # Largest rank of the reported CMC curve.
 _C.TEST.MAX_RANK = 50
+# Ranked-list pictures after each evaluation: the top-k kept gallery images of the worst, best and some
+# random queries of every protocol, under OUTPUT_DIR/rank_lists/ (docs/outputs.md); 0 writes none.
+_C.TEST.VISUALIZE_TOPK = 0
 
 # Output folder: logs, config.yaml, checkpoints, results.json/results.csv.
 _C.OUTPUT_DIR = "./outputs/default"
