@@ -1,0 +1,179 @@
+"""Export the test-time model of a checkpoint to ONNX, TorchScript or safetensors.
+
+    python tools/export.py --weights outputs/x/model_final.pth --format onnx --out x.onnx
+    python tools/export.py --weights outputs/x/model_final.pth --format safetensors --out x.safetensors
+
+The config stored in the checkpoint is used unless ``--config_file`` is given; ``KEY VALUE`` overrides apply
+to either. ONNX and TorchScript models take ``images`` (B, 3, H, W) float32, normalised as in testing, plus
+one int64 (B,) tensor per id the model reads (``camids``, ``viewids``, ...; see the printed input names)
+and return ``features`` (B, E); the batch axis is dynamic. A model that reads captions gets the generic
+test caption baked in. A ``.safetensors`` file holds the model's state dict with the config and the model
+sizes as metadata; ``TEST.WEIGHT x.safetensors`` evaluates it. docs/outputs.md has examples.
+"""
+import argparse
+import json
+import logging
+import os
+import tempfile
+import warnings
+
+import torch
+import yaml
+from torch import nn
+
+from configs import load_config
+from processor.model_io import load_trained_model
+from text import prompts, tokenize
+from utils.checkpoint import load_checkpoint
+from utils.entrypoint import run_main
+from utils.errors import CheckpointError, ConfigError, UserError
+from utils.logger import setup_logger
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript", "safetensors")
+# Batch entries an exported model takes as (B,) int64 inputs; texts are baked in, attributes are labels.
+ID_INPUTS = ("camids", "viewids", "timeids")
+EXAMPLE_BATCH = 2  # batch size of the example input; the exported batch axis stays dynamic
+
+
+class ExportError(UserError):
+    """The exporter cannot translate the model (reported as one ``error:`` line, exit code 2)."""
+
+
+class ExportWrapper(nn.Module):
+    """``forward(images (B, 3, H, W), *ids (B,)) -> (B, E)``: the model in eval mode with its fixed inputs.
+
+    ``text_tokens`` (1, L), when given, is the caption every image is read with (a buffer, so it travels
+    with the exported model).
+    """
+
+    def __init__(self, model, text_tokens=None):
+        super().__init__()
+        self.model = model.eval()
+        self.id_inputs = [name for name in model.batch_inputs if name in ID_INPUTS]
+        self.register_buffer("text_tokens", text_tokens, persistent=False)
+
+    def forward(self, images, *ids):
+        inputs = dict(zip(self.id_inputs, ids))
+        if self.text_tokens is not None:
+            inputs["text_tokens"] = self.text_tokens.expand(images.shape[0], -1)  # (B, L)
+        return self.model(images, **inputs)
+
+
+def _protect_strings(node):
+    """Wrap every string leaf in quotes: yacs ``literal_eval``s string values on loading, which would turn a
+    dumped string such as MODEL.DEVICE_ID '0' into the integer 0 and fail its type check."""
+    if isinstance(node, dict):
+        return {key: _protect_strings(value) for key, value in node.items()}
+    return repr(node) if isinstance(node, str) else node
+
+
+def config_for(weights, state, config_file, opts):
+    """``config_file`` + ``opts``, or, without a file, the config stored in the checkpoint ``state`` (read
+    from ``weights``) + ``opts``."""
+    if config_file:
+        return load_config(config_file, opts)
+    stored = state.get("config")
+    if not stored:
+        raise ConfigError(f"checkpoint {weights} stores no config: pass the training config with --config_file")
+    handle, path = tempfile.mkstemp(suffix=".yml", prefix="stored_config_")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            yaml.safe_dump(_protect_strings(yaml.safe_load(stored)), stream)
+        return load_config(path, opts)
+    finally:
+        os.remove(path)
+
+
+def build_wrapper(cfg, model, caption=None):
+    """The :class:`ExportWrapper` of ``model``: it reads the test caption when the model takes texts and
+    ``MODEL.USE_TEXT`` is on (as ``processor.inference.FeatureExtractor`` does)."""
+    tokens = None
+    if "text_tokens" in model.batch_inputs and cfg.MODEL.USE_TEXT:
+        text = caption if caption is not None else prompts.test_caption(cfg.MODEL.TEXT_PROMPT)
+        tokens = tokenize(text, context_length=cfg.MODEL.TEXT_LEN, truncate=True).long()  # (1, L)
+    return ExportWrapper(model, tokens).eval()
+
+
+def example_inputs(cfg, wrapper):
+    height, width = cfg.INPUT.SIZE_TEST
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(EXAMPLE_BATCH, 3, height, width, generator=generator)
+    return (images,) + tuple(torch.zeros(EXAMPLE_BATCH, dtype=torch.int64) for _ in wrapper.id_inputs)
+
+
+def export_onnx(wrapper, inputs, out):
+    """ONNX through torch's exporter (``torch.export`` graph), opset 18, dynamic batch axis."""
+    names = ["images"] + wrapper.id_inputs
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        torch.onnx.export(wrapper, inputs, out, input_names=names, output_names=["features"],
+                          dynamic_shapes=({0: batch}, tuple({0: batch} for _ in inputs[1:])), dynamo=True, opset_version=18,
+                          verbose=False)
+    except Exception as exc:  # the exporter raises many types; its first line names the failing operator
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ExportError(f"ONNX export of {type(wrapper.model).__name__} failed: {reason[:300]}") from None
+    return names
+
+
+def export_torchscript(wrapper, inputs, out):
+    """TorchScript by tracing (control flow fixed at the example's; the batch size stays free)."""
+    with warnings.catch_warnings():
+        # The values the tracer warns about (patch counts, kept-token counts, caption length) depend only on
+        # the image size and the fixed caption, which the exported model fixes too.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(wrapper, inputs, check_trace=False)
+    traced.save(out)
+
+
+def export_safetensors(cfg, model, model_args, epoch, out):
+    """The state dict (every tensor its own contiguous copy: safetensors refuses shared storage) with the
+    config YAML, ``model_args`` JSON and epoch as metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {name: value.detach().cpu().contiguous().clone() for name, value in model.state_dict().items()}
+    metadata = {"format": "pt", "config": cfg.dump(), "model_args": json.dumps(model_args),
+                "epoch": "" if epoch is None else str(int(epoch))}
+    save_file(tensors, out, metadata=metadata)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", required=True, help="checkpoint (model_final.pth, model_best.pth, ...)")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--out", required=True, help="output file")
+    parser.add_argument("--config_file", default="", help="training config (default: the one in the checkpoint)")
+    parser.add_argument("--caption", default=None,
+                        help="caption baked into models that read texts (default: the generic test caption)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides as KEY VALUE pairs")
+    args = parser.parse_args(argv)
+    setup_logger()
+    state = load_checkpoint(args.weights)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {args.weights}: expected a dict of weights, got {type(state).__name__}")
+    cfg = config_for(args.weights, state, args.config_file, args.opts)
+    # Exports are built on the CPU: traced graphs would otherwise record the device of their constants.
+    model, epoch = load_trained_model(cfg, args.weights, torch.device("cpu"))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if args.format == "safetensors":
+        model_args = state.get("model_args")
+        if model_args is None:
+            raise ConfigError(f"checkpoint {args.weights} stores no model_args (a bare state dict): export the "
+                              f"model_final.pth or model_best.pth written by training")
+        export_safetensors(cfg, model, model_args, epoch, args.out)
+        print(f"wrote {args.out}: {len(model.state_dict())} tensors + config and model_args metadata")
+        return
+    wrapper = build_wrapper(cfg, model, args.caption)
+    inputs = example_inputs(cfg, wrapper)
+    with torch.no_grad():
+        if args.format == "onnx":
+            names = export_onnx(wrapper, inputs, args.out)
+        else:
+            export_torchscript(wrapper, inputs, args.out)
+            names = ["images"] + wrapper.id_inputs
+    print(f"wrote {args.out}: inputs {', '.join(names)} -> features (B, {model.embedding_dim})")
+
+
+if __name__ == "__main__":
+    run_main(main)
