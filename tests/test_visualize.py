@@ -4,9 +4,19 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from configs import load_config
+from datasets import make_dataloaders
+from datasets.synthetic import SynthConfig, generate_synthag
 from evaluation import visualize
+from processor.model_io import build_from_args, model_args_from_dataset
+from tests.conftest import REPO_ROOT
+from tests.test_engine import BASELINE, tiny
+from tools import search
+from tools import visualize as visualize_tool
+from utils.checkpoint import save_checkpoint
 from utils.metrics import evaluate_rank
 
 
@@ -122,3 +132,56 @@ def test_write_rank_lists_is_deterministic(tmp_path, image_set):
     assert [os.path.basename(p) for p in first] == [os.path.basename(p) for p in second]
     for a, b in zip(first, second):
         assert open(a, "rb").read() == open(b, "rb").read()
+
+
+# ---------------------------------------------------------------------------------------- the tools
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny synthetic benchmark and a random-weight CLIP_baseline weights file storing its config."""
+    root = str(tmp_path_factory.mktemp("data"))
+    generate_synthag(root, SynthConfig(num_ids=16, images_per_id=12, height=64, width=32, seed=0), num_workers=1)
+    out = str(tmp_path_factory.mktemp("run"))
+    cfg = load_config(BASELINE, tiny(root, out) + ["DATASETS.TESTS", "('SynthAG_ALL', 'SynthAG_AG')"])
+    args = model_args_from_dataset(make_dataloaders(cfg).dataset)
+    torch.manual_seed(0)
+    model = build_from_args(cfg, args, torch.device("cpu"))
+    path = os.path.join(out, "model_final.pth")
+    save_checkpoint({"model": model.state_dict(), "model_args": args, "epoch": 1, "config": cfg.dump()}, path)
+    return root, out, path
+
+
+def test_visualize_tool_writes_rank_lists_of_every_protocol(checkpoint, tmp_path, single_thread):
+    _, _, weights = checkpoint
+    out = str(tmp_path / "pictures")
+    visualize_tool.main(["--weights", weights, "--out", out, "--num-each", "1", "TEST.VISUALIZE_TOPK", "4"])
+    for protocol in ("SynthAG_ALL", "SynthAG_AG"):
+        names = sorted(os.listdir(os.path.join(out, protocol)))
+        assert [n.split("_")[0] for n in names] == ["best", "random", "worst"]
+        grid = Image.open(os.path.join(out, f"{protocol}_grid.png"))
+        single = Image.open(os.path.join(out, protocol, names[0]))
+        assert grid.size == (visualize.slot_left(5), 3 * single.size[1])
+
+
+def test_search_tool_draws_the_same_strips(checkpoint, tmp_path, capsys, single_thread):
+    root, _, weights = checkpoint
+    images = os.path.join(root, "SynthAG", "images")
+    gallery = sorted(os.path.join(images, name) for name in os.listdir(images))
+    out = str(tmp_path / "search")
+    search.main(["--config_file", os.path.join(REPO_ROOT, BASELINE), "--weight", weights, "--query", gallery[3],
+                 "--gallery", images, "--topk", "4", "--out", out, *tiny(root, str(tmp_path / "unused"))])
+    ranked = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("    ")]
+    assert ranked[0][2] == gallery[3] and float(ranked[0][1]) < 1e-4
+    (picture,) = os.listdir(out)
+    strip = Image.open(os.path.join(out, picture)).convert("RGB")
+    assert strip.size == (visualize.slot_left(5), visualize.TITLE_HEIGHT + visualize.TILE[1]
+                          + 2 * visualize.BORDER + visualize.CAPTION_HEIGHT)
+    for position in range(1, 5):
+        frame, _ = slot_colour(strip, 0, position)
+        assert frame == visualize.COLOURS["unknown"]
+    # Rank 1 is the query image itself: the same thumbnail as the query's.
+    thumbs = [np.asarray(strip.crop((visualize.slot_left(p) + visualize.BORDER,
+                                     visualize.TITLE_HEIGHT + visualize.BORDER,
+                                     visualize.slot_left(p) + visualize.BORDER + visualize.TILE[0],
+                                     visualize.TITLE_HEIGHT + visualize.BORDER + visualize.TILE[1])))
+              for p in (0, 1)]
+    np.testing.assert_array_equal(thumbs[0], thumbs[1])
