@@ -143,3 +143,23 @@ def test_cli_without_stored_config_exits_2(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: checkpoint") and "--config_file" in lines[0]
     assert not os.path.exists(tmp_path / "x.onnx")
+
+
+class Eigenvalues(torch.nn.Module):
+    """A model with an operator ONNX has no translation for (symmetric eigenvalues)."""
+
+    batch_inputs = ("viewids",)
+
+    def forward(self, images, viewids=None):
+        block = images[:, 0, :8, :8]  # (B, 8, 8)
+        return torch.linalg.eigvalsh(block @ block.transpose(1, 2))
+
+
+def test_unsupported_operator_is_named_in_one_line(tmp_path, single_thread):
+    pytest.importorskip("onnxscript")
+    inputs = (torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(export.ExportError) as caught:
+        export.export_onnx(export.ExportWrapper(Eigenvalues()), inputs, str(tmp_path / "x.onnx"))
+    message = str(caught.value)
+    assert "\n" not in message and "\x1b" not in message
+    assert message.startswith("ONNX export of Eigenvalues failed") and "linalg_eigh" in message

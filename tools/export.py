@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import tempfile
 import warnings
 
@@ -50,9 +51,10 @@ class ExportWrapper(nn.Module):
 
     def __init__(self, model, text_tokens=None):
         super().__init__()
-        self.model = model.eval()
+        self.model = model
         self.id_inputs = [name for name in model.batch_inputs if name in ID_INPUTS]
         self.register_buffer("text_tokens", text_tokens, persistent=False)
+        self.eval()
 
     def forward(self, images, *ids):
         inputs = dict(zip(self.id_inputs, ids))
@@ -93,7 +95,7 @@ def build_wrapper(cfg, model, caption=None):
     if "text_tokens" in model.batch_inputs and cfg.MODEL.USE_TEXT:
         text = caption if caption is not None else prompts.test_caption(cfg.MODEL.TEXT_PROMPT)
         tokens = tokenize(text, context_length=cfg.MODEL.TEXT_LEN, truncate=True).long()  # (1, L)
-    return ExportWrapper(model, tokens).eval()
+    return ExportWrapper(model, tokens)
 
 
 def example_inputs(cfg, wrapper):
@@ -101,6 +103,14 @@ def example_inputs(cfg, wrapper):
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(EXAMPLE_BATCH, 3, height, width, generator=generator)
     return (images,) + tuple(torch.zeros(EXAMPLE_BATCH, dtype=torch.int64) for _ in wrapper.id_inputs)
+
+
+def _root_cause(exc):
+    """First line of the innermost exception of ``exc``'s chain (ANSI colours removed), at most 300 characters."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def export_onnx(wrapper, inputs, out):
@@ -111,9 +121,8 @@ def export_onnx(wrapper, inputs, out):
         torch.onnx.export(wrapper, inputs, out, input_names=names, output_names=["features"],
                           dynamic_shapes=({0: batch}, tuple({0: batch} for _ in inputs[1:])), dynamo=True, opset_version=18,
                           verbose=False)
-    except Exception as exc:  # the exporter raises many types; its first line names the failing operator
-        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise ExportError(f"ONNX export of {type(wrapper.model).__name__} failed: {reason[:300]}") from None
+    except Exception as exc:  # the exporter raises many types, wrapping the one naming the operator
+        raise ExportError(f"ONNX export of {type(wrapper.model).__name__} failed: {_root_cause(exc)}") from None
     return names
 
 
