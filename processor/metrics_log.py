@@ -2,11 +2,12 @@
 
 ``metrics.csv`` is in long format, one value per row, columns ``kind,epoch,iteration,step,name,value``:
 
-* ``kind=train`` rows come from every ``after_log`` call (``iteration`` within the epoch, ``step`` the global
-  iteration); names ``loss/<term>`` (mean since the epoch began), ``loss`` (their sum), ``accuracy``
+* ``kind=train`` rows come from every ``after_log`` call (``iteration`` within the epoch, ``step`` the
+  number of batches trained since the start, counted over the epochs' actual lengths); names ``loss/<term>`` (mean since the epoch began), ``loss`` (their sum), ``accuracy``
   (fraction), ``lr`` and ``images_per_second``;
 * ``kind=eval`` rows come from each new ``trainer.last_eval`` after an epoch; names ``<protocol>/mAP``,
-  ``<protocol>/R1``, ``<protocol>/R5``, ``<protocol>/R10`` and ``<protocol>/mINP`` in percent.
+  ``<protocol>/R1``, ``<protocol>/R5``, ``<protocol>/R10`` and ``<protocol>/mINP`` in percent, at the
+  ``iteration``/``step`` of the epoch's end.
 
 A resumed run first drops the rows of the epochs it trains again, so the file never holds duplicates.
 """
@@ -94,13 +95,11 @@ class MetricsLogHook(HookBase):
         self.rows = []
         self.writer = None
         self._warned_matplotlib = False
-        self._num_iterations = None
+        self._offset = 0  # global step at the end of the previous epoch
+        self._epoch_iterations = 0  # batches of the current epoch (the identity sampler's count varies)
 
     def _path(self, name):
         return os.path.join(self.trainer.output_dir, name)
-
-    def _iterations_per_epoch(self):
-        return self._num_iterations or len(self.trainer.train_loader)
 
     def before_train(self):
         if not is_main_process():
@@ -109,6 +108,8 @@ class MetricsLogHook(HookBase):
         start = self.trainer.start_epoch
         path = self._path(METRICS_FILE)
         self.rows = [r for r in read_metrics(path) if r["epoch"] < start] if os.path.isfile(path) else []
+        # Every epoch logs its last iteration, so the kept rows end at the step where the resumed run begins.
+        self._offset = max((r["step"] for r in self.rows), default=0)
         # Rewrite through a temporary file: an interruption leaves the old file, never a truncated one.
         _write_csv(path + ".tmp", self.rows, "w")
         os.replace(path + ".tmp", path)
@@ -120,8 +121,7 @@ class MetricsLogHook(HookBase):
                             "(pip install tensorboard)")
             else:
                 # purge_step drops events a previous run logged for the epochs trained again.
-                self.writer = SummaryWriter(self._path(TENSORBOARD_DIR),
-                                            purge_step=(start - 1) * self._iterations_per_epoch() + 1)
+                self.writer = SummaryWriter(self._path(TENSORBOARD_DIR), purge_step=self._offset + 1)
 
     def _add(self, rows):
         self.rows.extend(rows)
@@ -133,9 +133,9 @@ class MetricsLogHook(HookBase):
     def after_log(self, info):
         if not is_main_process():
             return
-        self._num_iterations = info["num_iterations"]
+        self._epoch_iterations = info["num_iterations"]
         base = {"kind": "train", "epoch": info["epoch"], "iteration": info["iteration"],
-                "step": (info["epoch"] - 1) * info["num_iterations"] + info["iteration"]}
+                "step": self._offset + info["iteration"]}
         values = {f"loss/{term}": value for term, value in info["losses"].items()}
         values.update(loss=info["loss"], accuracy=info["accuracy"], lr=info["lr"],
                       images_per_second=info["images_per_second"])
@@ -144,13 +144,14 @@ class MetricsLogHook(HookBase):
     def after_epoch(self, epoch):
         if not is_main_process():
             return
+        end = self._offset + self._epoch_iterations
         eval_epoch, metrics = self.trainer.last_eval
         if eval_epoch == epoch and metrics is not None:
             protocol = self.trainer.eval_data[3]
-            iterations = self._iterations_per_epoch()
-            base = {"kind": "eval", "epoch": epoch, "iteration": iterations, "step": epoch * iterations}
+            base = {"kind": "eval", "epoch": epoch, "iteration": self._epoch_iterations, "step": end}
             self._add([dict(base, name=f"{protocol}/{name}", value=100 * float(read(metrics)))
                        for name, read in EVAL_NAMES])
+        self._offset, self._epoch_iterations = end, 0
         if self.writer is not None:
             self.writer.flush()
         if not plot_curves(self.rows, self._path(CURVES_FILE)) and not self._warned_matplotlib:

@@ -160,3 +160,43 @@ def test_only_rank_zero_writes(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     train(MetricsLogHook(), FakeTrainer(out), range(1, 3))
     assert not os.path.exists(out)
+
+
+def test_with_the_real_trainer(tmp_path, single_thread):
+    """Two tiny epochs of the real training loop with the default hooks plus this one."""
+    import torch
+
+    from configs import load_config
+    from datasets import make_dataloaders
+    from datasets.synthetic import SynthConfig, generate_synthag
+    from loss import build_criterion
+    from processor.hooks import CheckpointHook, EvalHook
+    from processor.model_io import build_from_args, model_args_from_dataset
+    from processor.trainer import Trainer
+    from tests.test_engine import BASELINE, tiny
+
+    root, out = str(tmp_path / "data"), str(tmp_path / "run")
+    generate_synthag(root, SynthConfig(num_ids=16, images_per_id=12, height=64, width=32, seed=0), num_workers=1)
+    cfg = load_config(BASELINE, tiny(root, out, epochs=2))
+    bundle = make_dataloaders(cfg)
+    model_args = model_args_from_dataset(bundle.dataset)
+    torch.manual_seed(0)
+    model = build_from_args(cfg, model_args, torch.device("cpu"))
+    criterion = build_criterion(cfg, model, model_args["num_classes"])
+    eval_data = (bundle.val_loader, bundle.num_query, bundle.dataset.view_mode, "SynthAG_ALL")
+    trainer = Trainer(cfg, model, criterion, bundle.train_loader, eval_data, torch.device("cpu"), model_args,
+                      hooks=[EvalHook(), CheckpointHook(), MetricsLogHook()])
+    trainer.fit()
+    rows = read_metrics(os.path.join(out, "metrics.csv"))
+    train_losses = [r for r in rows if r["name"] == "loss"]
+    # The identity sampler's number of batches differs between epochs: steps count the real ones.
+    lengths = {e: max(r["iteration"] for r in train_losses if r["epoch"] == e) for e in (1, 2)}
+    assert [(r["epoch"], r["iteration"], r["step"]) for r in train_losses] == [
+        (e, i, i + (lengths[1] if e == 2 else 0)) for e in (1, 2) for i in range(1, lengths[e] + 1)
+        if i % 2 == 0 or i == lengths[e]]
+    assert {r["name"] for r in rows if r["kind"] == "train"} == {
+        "loss/id", "loss/triplet", "loss", "accuracy", "lr", "images_per_second"}
+    eval_rows = {(r["epoch"], r["name"]): r["value"] for r in rows if r["kind"] == "eval"}
+    assert sorted({epoch for epoch, _ in eval_rows}) == [1, 2]
+    assert eval_rows[(2, "SynthAG_ALL/mAP")] == pytest.approx(100 * trainer.last_eval[1]["mAP"])
+    assert_picture(os.path.join(out, "curves.png"))
