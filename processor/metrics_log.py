@@ -3,8 +3,9 @@
 ``metrics.csv`` is in long format, one value per row, columns ``kind,epoch,iteration,step,name,value``:
 
 * ``kind=train`` rows come from every ``after_log`` call (``iteration`` within the epoch, ``step`` the
-  number of batches trained since the start, counted over the epochs' actual lengths); names ``loss/<term>`` (mean since the epoch began), ``loss`` (their sum), ``accuracy``
-  (fraction), ``lr`` and ``images_per_second``;
+  number of batches trained since the start, counted over the epochs' actual lengths); names
+  ``loss/<term>`` (mean since the epoch began), ``loss`` (their sum), ``accuracy`` (fraction), ``lr`` and
+  ``images_per_second``;
 * ``kind=eval`` rows come from each new ``trainer.last_eval`` after an epoch; names ``<protocol>/mAP``,
   ``<protocol>/R1``, ``<protocol>/R5``, ``<protocol>/R10`` and ``<protocol>/mINP`` in percent, at the
   ``iteration``/``step`` of the epoch's end.

@@ -1,7 +1,6 @@
 """tools/export.py on tiny random-weight models: ONNX (onnxruntime) and TorchScript outputs equal the PyTorch
 model's at another batch size, safetensors files round-trip through ``load_checkpoint`` and
 ``load_model_weights``, and bad input ends with one ``error:`` line."""
-import json
 import os
 
 import numpy as np

@@ -1,6 +1,5 @@
 """report.html: its table and settings read back with an HTML parser, and the page rendered by a real
 headless Chromium (DOM dump + screenshot), offline, with its embedded pictures visible."""
-import os
 import shutil
 import subprocess
 from html.parser import HTMLParser

@@ -7,11 +7,19 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import processor.metrics_log as metrics_log
-from configs import get_cfg_defaults
+from configs import get_cfg_defaults, load_config
+from datasets import make_dataloaders
+from datasets.synthetic import SynthConfig, generate_synthag
+from loss import build_criterion
+from processor.hooks import CheckpointHook, EvalHook
 from processor.metrics_log import COLUMNS, MetricsLogHook, read_metrics
+from processor.model_io import build_from_args, model_args_from_dataset
+from processor.trainer import Trainer
+from tests.test_engine import BASELINE, tiny
 
 ITERATIONS = 4
 
@@ -164,17 +172,6 @@ def test_only_rank_zero_writes(tmp_path, monkeypatch):
 
 def test_with_the_real_trainer(tmp_path, single_thread):
     """Two tiny epochs of the real training loop with the default hooks plus this one."""
-    import torch
-
-    from configs import load_config
-    from datasets import make_dataloaders
-    from datasets.synthetic import SynthConfig, generate_synthag
-    from loss import build_criterion
-    from processor.hooks import CheckpointHook, EvalHook
-    from processor.model_io import build_from_args, model_args_from_dataset
-    from processor.trainer import Trainer
-    from tests.test_engine import BASELINE, tiny
-
     root, out = str(tmp_path / "data"), str(tmp_path / "run")
     generate_synthag(root, SynthConfig(num_ids=16, images_per_id=12, height=64, width=32, seed=0), num_workers=1)
     cfg = load_config(BASELINE, tiny(root, out, epochs=2))

@@ -118,9 +118,10 @@ def export_onnx(wrapper, inputs, out):
     names = ["images"] + wrapper.id_inputs
     batch = torch.export.Dim("batch", min=1)
     try:
+        # dynamic_shapes mirrors forward(images, *ids): the images' spec, then a tuple for the ids.
         torch.onnx.export(wrapper, inputs, out, input_names=names, output_names=["features"],
-                          dynamic_shapes=({0: batch}, tuple({0: batch} for _ in inputs[1:])), dynamo=True, opset_version=18,
-                          verbose=False)
+                          dynamic_shapes=({0: batch}, tuple({0: batch} for _ in inputs[1:])), dynamo=True,
+                          opset_version=18, verbose=False)
     except Exception as exc:  # the exporter raises many types, wrapping the one naming the operator
         raise ExportError(f"ONNX export of {type(wrapper.model).__name__} failed: {_root_cause(exc)}") from None
     return names
