@@ -127,13 +127,31 @@ def export_onnx(wrapper, inputs, out):
     return names
 
 
-def export_torchscript(wrapper, inputs, out):
-    """TorchScript by tracing (control flow fixed at the example's; the batch size stays free)."""
+def probe_inputs(cfg, wrapper, id_counts):
+    """A batch unlike the tracing example: another size, and every value of each id input (``id_counts``:
+    input name -> number of distinct ids; inputs not named get zeros)."""
+    size = max([EXAMPLE_BATCH + 1] + list(id_counts.values())) + 1
+    height, width = cfg.INPUT.SIZE_TEST
+    images = torch.randn(size, 3, height, width, generator=torch.Generator().manual_seed(1))
+    return (images,) + tuple(torch.arange(size) % max(1, int(id_counts.get(name, 1))) for name in wrapper.id_inputs)
+
+
+def export_torchscript(wrapper, inputs, probe, out):
+    """TorchScript by tracing ``inputs``; refused (``ExportError``) when the trace does not reproduce the
+    model on ``probe``: a trace fixes Python control flow and tensor-derived Python numbers at the example's
+    values, which is only right when they depend on the image size and caption alone."""
     with warnings.catch_warnings():
-        # The values the tracer warns about (patch counts, kept-token counts, caption length) depend only on
-        # the image size and the fixed caption, which the exported model fixes too.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # checked on the probe batch below
         traced = torch.jit.trace(wrapper, inputs, check_trace=False)
+    name = type(wrapper.model).__name__
+    try:
+        difference = float((traced(*probe) - wrapper(*probe)).abs().max())
+    except RuntimeError as exc:
+        raise ExportError(f"TorchScript trace of {name} fails on a batch with other ids: "
+                          f"{_root_cause(exc)}; use --format onnx") from None
+    if difference > 1e-4:
+        raise ExportError(f"TorchScript trace of {name} differs from the model by {difference:.3g} on a batch "
+                          f"with other ids (it depends on values the trace fixed); use --format onnx")
     traced.save(out)
 
 
@@ -166,8 +184,8 @@ def main(argv=None):
     # Exports are built on the CPU: traced graphs would otherwise record the device of their constants.
     model, epoch = load_trained_model(cfg, args.weights, torch.device("cpu"))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    model_args = state.get("model_args")
     if args.format == "safetensors":
-        model_args = state.get("model_args")
         if model_args is None:
             raise ConfigError(f"checkpoint {args.weights} stores no model_args (a bare state dict): export the "
                               f"model_final.pth or model_best.pth written by training")
@@ -180,7 +198,9 @@ def main(argv=None):
         if args.format == "onnx":
             names = export_onnx(wrapper, inputs, args.out)
         else:
-            export_torchscript(wrapper, inputs, args.out)
+            counts = {"camids": (model_args or {}).get("num_cameras", 1),
+                      "viewids": (model_args or {}).get("num_views", 1)}
+            export_torchscript(wrapper, inputs, probe_inputs(cfg, wrapper, counts), args.out)
             names = ["images"] + wrapper.id_inputs
     print(f"wrote {args.out}: inputs {', '.join(names)} -> features (B, {model.embedding_dim})")
 
