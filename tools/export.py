@@ -99,6 +99,7 @@ def build_wrapper(cfg, model, caption=None):
 
 
 def example_inputs(cfg, wrapper):
+    """The tracing example: EXAMPLE_BATCH random images of INPUT.SIZE_TEST and zero ids."""
     height, width = cfg.INPUT.SIZE_TEST
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(EXAMPLE_BATCH, 3, height, width, generator=generator)
