@@ -8,20 +8,9 @@ Results go to <folder of the checkpoint>/test/ (or OUTPUT_DIR when given), never
 """
 import os
 
+from configs import stored_config
 from processor.launch import build_parser, prepare_run
-from utils.checkpoint import load_checkpoint
 from utils.entrypoint import run_main
-from utils.errors import CheckpointError
-
-
-def stored_config(weights):
-    """The config YAML a checkpoint written by this framework carries."""
-    state = load_checkpoint(weights, map_location="cpu")
-    config = state.get("config") if isinstance(state, dict) else None
-    if not isinstance(config, str):
-        raise CheckpointError(f"checkpoint {weights} stores no config (a bare state dict?): pass --config_file "
-                              f"with the config it was trained with")
-    return config
 
 
 def main():

@@ -14,6 +14,7 @@ from yacs.config import CfgNode
 
 from configs.compat import REFERENCE_ONLY_KEYS, split_reference_only
 from configs.defaults import get_cfg_defaults
+from utils.checkpoint import load_checkpoint
 from utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -138,6 +139,40 @@ def _read_yaml(config_file):
     return _mapping(data, f"config file {config_file}")
 
 
+def _protect_strings(data, defaults):
+    """Quote the string values of string keys in a dumped config: yacs ``literal_eval``s strings on merging,
+    which would turn a dumped string such as '0' into an integer. Only for ``cfg.dump()`` output, whose
+    strings are plain; hand-written YAML may rely on that evaluation (e.g. ``NAMES: ('CP2108_ALL')``)."""
+    protected = {}
+    for key, value in data.items():
+        default = defaults.get(key) if isinstance(defaults, dict) else None
+        if isinstance(value, dict) and isinstance(default, CfgNode):
+            protected[key] = _protect_strings(value, default)
+        elif isinstance(value, str) and isinstance(default, str):
+            protected[key] = repr(value)
+        else:
+            protected[key] = value
+    return protected
+
+
+def stored_config(path):
+    """The config YAML a checkpoint written by this framework stores."""
+    state = load_checkpoint(path, map_location="cpu")
+    stored = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(stored, str):
+        raise ConfigError(f"checkpoint {path} stores no config (a bare state dict?): pass --config_file with the "
+                          f"config it was trained with")
+    return stored
+
+
+def config_from_checkpoint(path, config_file=None, opts=()):
+    """``(cfg, ignored)`` for evaluating checkpoint ``path``: ``config_file`` when given, else the config the
+    checkpoint stores, then ``opts``."""
+    if config_file:
+        return read_config(config_file, opts)
+    return read_config(None, opts, base_yaml=stored_config(path))
+
+
 def _merge_mapping(cfg, data, where, ignored):
     """Merge a nested dict of config values into ``cfg`` (reference-only keys skipped into ``ignored``)."""
     ignored.extend(split_reference_only(data))
@@ -166,7 +201,7 @@ def read_config(config_file=None, opts=(), freeze=True, base_yaml=None):
             data = _mapping(yaml.safe_load(base_yaml), "stored config")
         except yaml.YAMLError as exc:
             raise ConfigError(f"stored config: not valid YAML: {_short(exc)}") from None
-        _merge_mapping(cfg, data, "stored config", ignored)
+        _merge_mapping(cfg, _protect_strings(data, cfg), "stored config", ignored)
     opts = list(opts or ())
     if len(opts) % 2:
         raise ConfigError(f"command-line overrides must be KEY VALUE pairs; got an odd number: {' '.join(opts)}")
@@ -202,4 +237,5 @@ def ignored_keys_message(ignored):
             f"{', '.join(sorted(set(ignored)))} (see configs/compat.py)")
 
 
-__all__ = ["config_value", "get_cfg_defaults", "ignored_keys_message", "load_config", "read_config"]
+__all__ = ["config_from_checkpoint", "config_value", "stored_config", "get_cfg_defaults", "ignored_keys_message", "load_config",
+           "read_config"]

@@ -229,6 +229,9 @@ _C.SOLVER.WARMUP_METHOD = "linear"
 _C.SOLVER.CHECKPOINT_PERIOD = 50
 _C.SOLVER.LOG_PERIOD = 10
 _C.SOLVER.EVAL_PERIOD = 1
+# Also write TensorBoard event files of the training curves to OUTPUT_DIR/tensorboard/ (when the tensorboard
+# package is installed; metrics.csv and curves.png are written either way).
+_C.SOLVER.TENSORBOARD = True
 # Training batch size (P x K) over all processes.
 _C.SOLVER.IMS_PER_BATCH = 64
 # Mixed precision on CUDA: True uses autocast with AMP_DTYPE. On CPU only "bfloat16" autocasts;
@@ -285,6 +288,9 @@ _C.TEST.AMP = False
 # Write each protocol's query and gallery features with their ids, cameras, views, times and image paths
 # to OUTPUT_DIR/features_<protocol>.npz.
 _C.TEST.SAVE_FEATURES = False
+# Ranked-list pictures after each evaluation: the top-k kept gallery images of the worst, best and some
+# random queries of every protocol, under OUTPUT_DIR/rank_lists/ (docs/outputs.md); 0 writes none.
+_C.TEST.VISUALIZE_TOPK = 0
 
 # Output folder: logs, config.yaml, checkpoints, results.json/results.csv.
 _C.OUTPUT_DIR = "./outputs/default"

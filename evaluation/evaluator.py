@@ -164,6 +164,20 @@ class ReIDEvaluator:
         np.savez(path, **arrays)
         return path
 
+    def ranking_inputs(self):
+        """``(distmat (Q, G) numpy, query, gallery)`` of the last ``compute()``: label dicts with ``pids``,
+        ``camids``, ``viewids``, ``timeids`` (arrays) and ``paths`` (lists), as ranked-list pictures take them."""
+        if self._last is None or self.paths is None:
+            raise ValueError("ranking_inputs() needs a compute() over batches that passed paths")
+        labels = self._last[0].numpy()
+        sides = {}
+        for side, rows in (("query", slice(0, self.num_query)), ("gallery", slice(self.num_query, None))):
+            sides[side] = {name: labels[rows, column] for column, name in
+                           enumerate(("pids", "camids", "viewids", "timeids"))}
+            sides[side]["paths"] = self.paths[rows]
+        distmat = self.distmat.cpu().numpy() if isinstance(self.distmat, torch.Tensor) else np.asarray(self.distmat)
+        return distmat, sides["query"], sides["gallery"]
+
     def rank_list(self, query, topk=10):
         """(query_path, gallery_paths, matches) of the ``topk`` best kept gallery samples of query number
         ``query`` in the last ``compute()`` (same filters; needs ``paths`` in ``update``)."""

@@ -14,7 +14,7 @@ from datasets import make_dataloaders, make_test_loader
 
 
 @dataclass
-class TestProtocol:
+class EvaluationProtocol:
     """One protocol to evaluate: its query+gallery ``loader`` (queries first), sizes and filters."""
 
     name: str
@@ -53,15 +53,15 @@ def average_trials(results):
     return mean
 
 
-def test_protocol_of(data):
-    """The ``TestProtocol`` of an already built ``datasets.DataBundle``."""
+def protocol_of_bundle(data):
+    """The ``EvaluationProtocol`` of an already built ``datasets.DataBundle``."""
     dataset = data.dataset
-    return TestProtocol(dataset.name, os.path.basename(dataset.dataset_dir), data.val_loader, data.num_query,
+    return EvaluationProtocol(dataset.name, os.path.basename(dataset.dataset_dir), data.val_loader, data.num_query,
                         data.num_gallery, dataset.view_mode, dataset)
 
 
-def build_test_protocol(cfg, name, train_data=None):
+def build_evaluation_protocol(cfg, name, train_data=None):
     """The protocol ``name``, reusing ``train_data`` (a ``DataBundle``) when it is that dataset."""
     if train_data is None or train_data.dataset.name != name:
         train_data = make_dataloaders(cfg, name)
-    return test_protocol_of(train_data)
+    return protocol_of_bundle(train_data)

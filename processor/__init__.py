@@ -3,13 +3,15 @@ inference over the test protocols.
 
 ``run_training`` and ``run_testing`` are what ``train_svpr.py`` and ``test_svpr.py`` call.
 """
+import glob
 import logging
 import os
 
 from datasets import make_dataloaders
 from loss import build_criterion
-from processor.hooks import BEST_CHECKPOINT, FINAL_CHECKPOINT, LAST_CHECKPOINT, weights_file
-from processor.inference import evaluate
+from processor.hooks import BEST_CHECKPOINT, FINAL_CHECKPOINT, LAST_CHECKPOINT, CheckpointHook, EvalHook, weights_file
+from processor.inference import RANK_LIST_FOLDER, evaluate
+from processor.metrics_log import CURVES_FILE, MetricsLogHook
 from processor.model_io import build_from_args, load_trained_model, model_args_from_dataset
 from processor.phases import PHASES
 from processor.trainer import Trainer
@@ -17,7 +19,8 @@ from utils.checkpoint import save_checkpoint
 from model.sync_batchnorm import convert_sync_batchnorm
 from utils.distributed import barrier, get_world_size, is_main_process
 from utils.errors import ConfigError
-from evaluation.protocols import average_trials, build_test_protocol
+from evaluation.protocols import average_trials, build_evaluation_protocol
+from evaluation.html_report import write_html_report
 from evaluation.report import evaluation_settings, format_table, write_results
 
 logger = logging.getLogger(__name__)
@@ -31,7 +34,7 @@ def evaluate_protocols(cfg, model, device, train_data=None, known=None):
     """
     known, results = known or {}, {}
     for name in cfg.DATASETS.TESTS:
-        protocol = build_test_protocol(cfg, name, train_data)
+        protocol = build_evaluation_protocol(cfg, name, train_data)
         if name in known and not cfg.TEST.SAVE_FEATURES and protocol.num_trials == 1:
             metrics = known[name]
         else:
@@ -48,7 +51,15 @@ def evaluate_protocols(cfg, model, device, train_data=None, known=None):
 def _report(cfg, results, checkpoint, config_file, epoch, trained_on=None):
     if is_main_process():
         logger.info("results (%s, epoch %s):\n%s", checkpoint, epoch, format_table(results))
-        write_results(cfg.OUTPUT_DIR, checkpoint, config_file, epoch, results, evaluation_settings(cfg, trained_on))
+        document = write_results(cfg.OUTPUT_DIR, checkpoint, config_file, epoch, results,
+                                 evaluation_settings(cfg, trained_on))
+        # A test run (test_svpr.py) shows the curves of the training run its checkpoint comes from.
+        curves = next((path for path in (os.path.join(cfg.OUTPUT_DIR, CURVES_FILE),
+                                         os.path.join(os.path.dirname(os.path.abspath(checkpoint)), CURVES_FILE))
+                       if os.path.isfile(path)), None)
+        grids = sorted(glob.glob(os.path.join(cfg.OUTPUT_DIR, RANK_LIST_FOLDER, "*_grid.png")))
+        page = write_html_report(cfg.OUTPUT_DIR, document, curves, grids)
+        logger.info("wrote %s", page)
         logger.info("wrote %s and results.csv", os.path.join(cfg.OUTPUT_DIR, "results.json"))
 
 
@@ -64,8 +75,9 @@ def run_training(cfg, device, resume=False, config_file=None):
     criterion = build_criterion(cfg, model, model_args["num_classes"]).to(device)
     if cfg.SOLVER.SYNC_BN and get_world_size() > 1:
         model = convert_sync_batchnorm(model, device)
-    first_test = build_test_protocol(cfg, cfg.DATASETS.TESTS[0], bundle)
-    trainer = Trainer(cfg, model, criterion, bundle.train_loader, first_test, device, model_args)
+    first_test = build_evaluation_protocol(cfg, cfg.DATASETS.TESTS[0], bundle)
+    trainer = Trainer(cfg, model, criterion, bundle.train_loader, first_test, device, model_args,
+                      hooks=[EvalHook(), CheckpointHook(), MetricsLogHook()])
     if resume:
         trainer.resume(last_path)
     elif os.path.isfile(last_path):

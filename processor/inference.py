@@ -9,18 +9,19 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from configs import read_config
+from configs import config_from_checkpoint
 from datasets import ImageDataset, Sample, build_test_transform, collate
 from evaluation import ReIDEvaluator
+from evaluation.visualize import removal_mask, write_rank_lists
 from processor.common import autocast, show_progress, to_device, unwrap
 from processor.model_io import load_trained_model
 from text import prompts
-from utils.checkpoint import load_checkpoint
 from utils.device import resolve_device
 from utils.distributed import get_rank, is_main_process
-from utils.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
+
+RANK_LIST_FOLDER = "rank_lists"
 
 
 def test_autocast(cfg, device):
@@ -53,6 +54,12 @@ def evaluate(cfg, model, val_loader, num_query, device, view_mode="mix", desc="e
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         path = evaluator.save_features(os.path.join(cfg.OUTPUT_DIR, f"features_{name}.npz"))
         logger.info("wrote %s", path)
+    if cfg.TEST.VISUALIZE_TOPK > 0 and name and is_main_process():
+        distmat, query, gallery = evaluator.ranking_inputs()
+        removed = removal_mask(query, gallery, view_mode, cfg.TEST.TIME_MODE)
+        written = write_rank_lists(os.path.join(cfg.OUTPUT_DIR, RANK_LIST_FOLDER), name, distmat, query, gallery,
+                                   removed, topk=cfg.TEST.VISUALIZE_TOPK)
+        logger.info("wrote %d ranked-list pictures of %s (grid: %s)", len(written), name, written[-1])
     logger.info("%s: embedded %d images (%d-d) in %.1f s on rank %d", desc, num_images,
                 unwrap(model).embedding_dim, extract_seconds, get_rank())
     model.train(was_training)
@@ -82,11 +89,7 @@ class FeatureExtractor:
     def from_checkpoint(cls, path, device=None, opts=()):
         """An extractor for a checkpoint written by this framework, configured by the config stored in it
         (``opts``: ``KEY VALUE`` overrides, e.g. ``["MODEL.DEVICE", "cpu"]``)."""
-        state = load_checkpoint(path, map_location="cpu")
-        config = state.get("config") if isinstance(state, dict) else None
-        if not isinstance(config, str):
-            raise CheckpointError(f"checkpoint {path} stores no config: build FeatureExtractor(cfg, path) instead")
-        cfg, _ = read_config(None, list(opts), base_yaml=config)
+        cfg, _ = config_from_checkpoint(path, opts=list(opts))
         return cls(cfg, path, device=torch.device(device) if isinstance(device, str) else device)
 
     @torch.no_grad()

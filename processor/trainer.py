@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 class Trainer:
     """Trains ``model`` with ``criterion`` on ``train_loader``; ``eval_data`` is the
-    ``evaluation.protocols.TestProtocol`` of the periodic evaluation. ``hooks`` default to evaluation +
+    ``evaluation.protocols.EvaluationProtocol`` of the periodic evaluation. ``hooks`` default to evaluation +
     checkpoints."""
 
     def __init__(self, cfg, model, criterion, train_loader, eval_data, device, model_args, hooks=None):

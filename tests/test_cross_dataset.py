@@ -42,7 +42,7 @@ def test_vehicleid_is_evaluated_over_its_random_galleries_and_averaged(tmp_path)
     import torch
 
     from configs import load_config
-    from evaluation.protocols import build_test_protocol
+    from evaluation.protocols import build_evaluation_protocol
     from model import build_model
     from processor import evaluate_protocols
     from processor.inference import evaluate
@@ -56,7 +56,7 @@ def test_vehicleid_is_evaluated_over_its_random_galleries_and_averaged(tmp_path)
     model = build_model(cfg, num_classes=3).eval()
     device = torch.device("cpu")
     averaged = evaluate_protocols(cfg, model, device)["VehicleID"]
-    protocol = build_test_protocol(cfg, "VehicleID")
+    protocol = build_evaluation_protocol(cfg, "VehicleID")
     per_trial = [evaluate(cfg, model, loader, num_query, device) for loader, num_query in protocol.trials(cfg)]
     assert len(per_trial) == 3 and averaged["trials"] == 3
     assert len({round(r["mAP"], 6) for r in per_trial}) > 1  # the galleries really differ

@@ -3,21 +3,23 @@
     python tools/search.py --config_file configs/CP2108/svpr_reid.yml --weight outputs/x/model_final.pth \
         --query drone.jpg --gallery cctv_frames/ --query-view 1 --gallery-view 0 --topk 10
 
-Prints the ranked gallery for every query and writes one rank-list picture per query (query + top-k).
+Prints the ranked gallery for every query and writes one rank-list picture per query (query + top-k, drawn
+as evaluation's ranked lists are, with grey frames since the identities are unknown).
 """
 import argparse
 import os
 
+import numpy as np
 
 from configs import load_config
 from datasets.bases import list_images
+from evaluation.visualize import draw_strip, kept_order
 from processor.inference import FeatureExtractor
 from utils.entrypoint import run_main
 from utils.device import resolve_device
 from utils.errors import DataError
 from utils.logger import setup_logger
 from evaluation import compute_distance
-from evaluation.report import draw_rank_list
 
 
 def image_paths(path, what):
@@ -32,7 +34,7 @@ def image_paths(path, what):
     raise DataError(f"{what} not found: {path} (expected an image file or a folder of images)")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config_file", required=True, help="the config the checkpoint was trained with")
     parser.add_argument("--weight", required=True, help="checkpoint (model_final.pth, model_best.pth, ...)")
@@ -43,7 +45,7 @@ def main():
     parser.add_argument("--gallery-view", type=int, default=0, help="view id of the gallery images")
     parser.add_argument("--out", default="search_results", help="folder for the rank-list pictures")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides as KEY VALUE pairs")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = load_config(args.config_file, args.opts)
     setup_logger()
     queries, gallery = image_paths(args.query, "query"), image_paths(args.gallery, "gallery")
@@ -52,15 +54,18 @@ def main():
     gallery_features = extract(gallery, viewids=args.gallery_view)
     distances = compute_distance(query_features, gallery_features, metric=cfg.TEST.DIST_METRIC,
                                  normalize=cfg.TEST.FEAT_NORM == "yes")
-    topk = min(args.topk, len(gallery))
+    distances = distances.cpu().numpy()
+    keep_all = np.zeros(len(gallery), dtype=bool)
     os.makedirs(args.out, exist_ok=True)
     for row, query in enumerate(queries):
-        order = distances[row].argsort()[:topk].tolist()
+        order = kept_order(distances[row], keep_all)[:args.topk].tolist()
         print(f"query {query}")
         for rank, index in enumerate(order, start=1):
             print(f"  {rank:3d}  {float(distances[row, index]):.4f}  {gallery[index]}")
-        picture = os.path.join(args.out, f"{row:04d}_{os.path.splitext(os.path.basename(query))[0]}.jpg")
-        draw_rank_list(query, [gallery[i] for i in order], None, picture)
+        items = [(gallery[i], "unknown", f"{float(distances[row, i]):.3f}\nview {args.gallery_view}") for i in order]
+        strip = draw_strip(query, items, title=os.path.basename(query), query_caption=f"query\nview {args.query_view}")
+        picture = os.path.join(args.out, f"{row:04d}_{os.path.splitext(os.path.basename(query))[0]}.png")
+        strip.save(picture)
         print(f"  rank list: {picture}")
 
 

@@ -122,7 +122,7 @@ class ViewTextEncoder(nn.Module):
         tokens = self.caption_tokens[view_ids]  # (U, L)
         embeds = clip_model.token_embedding(tokens)  # (U, L, W)
         end = PROMPT_START + self.num_prompts
-        prompt = self.view_prompt.to(embeds.dtype).expand(len(view_ids), -1, -1)
+        prompt = self.view_prompt.to(embeds.dtype).expand(view_ids.shape[0], -1, -1)
         embeds = torch.cat([embeds[:, :PROMPT_START], prompt, embeds[:, end:]], dim=1)
         feats = clip_model.encode_text(tokens, token_embeds=embeds, return_all=True)  # (U, L, D)
         prompt_feats = feats[:, PROMPT_START:end]  # (U, n, D)

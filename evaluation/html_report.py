@@ -1,0 +1,85 @@
+"""``report.html``: one self-contained page per evaluation, next to ``results.json``.
+
+It shows the per-protocol results table, the evaluation settings recorded in the results document, the
+training curves and the ranked-list grids. Images are embedded as data URIs and the style is inline, so the
+page opens offline, from any folder, in any browser; it has no JavaScript.
+"""
+import base64
+import html
+import os
+
+REPORT_FILE = "report.html"
+# (document key, column header) of the results table; counts are integers, the rest percentages.
+COLUMNS = (("mAP", "mAP"), ("rank1", "R1"), ("rank5", "R5"), ("rank10", "R10"), ("mINP", "mINP"),
+           ("num_query", "#query"), ("num_gallery", "#gallery"))
+STYLE = """
+body { font-family: sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin-bottom: 1.5em; }
+th, td { border: 1px solid #bbb; padding: 0.3em 0.7em; }
+td.number { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #eee; }
+img { max-width: 100%; border: 1px solid #ddd; }
+"""
+
+
+def _data_uri(path):
+    with open(path, "rb") as stream:
+        return "data:image/png;base64," + base64.b64encode(stream.read()).decode("ascii")
+
+
+def _cell(value):
+    if isinstance(value, float):
+        return f'<td class="number">{value:.2f}</td>'
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f'<td class="number">{value}</td>'
+    return f"<td>{html.escape('' if value is None else str(value))}</td>"
+
+
+def _results_table(protocols):
+    extra = [key for key in ("benchmark",) if any(key in row for row in protocols.values())]
+    header = "".join(f"<th>{html.escape(title)}</th>" for title in
+                     ["protocol"] + extra + [title for _, title in COLUMNS])
+    rows = []
+    for name, row in protocols.items():
+        cells = [_cell(name)] + [_cell(row.get(key)) for key in extra]
+        cells += [_cell(row.get(key)) for key, _ in COLUMNS]
+        rows.append(f'<tr class="protocol">{"".join(cells)}</tr>')
+    return f'<table id="results"><tr>{header}</tr>{"".join(rows)}</table>'
+
+
+def _settings_table(document):
+    """Every entry of the document besides the results (``settings`` entries flattened into it)."""
+    items = [(key, value) for key, value in document.items() if key not in ("protocols", "settings")]
+    items += list((document.get("settings") or {}).items())
+    rows = "".join(f"<tr><th>{html.escape(str(key))}</th>{_cell(value)}</tr>" for key, value in items)
+    return f'<table id="settings">{rows}</table>'
+
+
+def write_html_report(output_dir, results_document, curves_png=None, grid_pngs=()):
+    """Write ``output_dir/report.html`` for ``results_document`` (the ``results.json`` content); embed the
+    ``curves_png`` picture and the ``grid_pngs`` ranked-list grids that exist. Returns the page's path."""
+    title = f"Results: {results_document.get('checkpoint') or output_dir}"
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>", "<h2>Results (%)</h2>",
+             _results_table(results_document.get("protocols", {})), "<h2>Evaluation settings</h2>",
+             _settings_table(results_document)]
+    if curves_png and os.path.isfile(curves_png):
+        parts += ["<h2>Training curves</h2>",
+                  f'<img id="curves" alt="training curves" src="{_data_uri(curves_png)}">']
+    grids = [path for path in grid_pngs if os.path.isfile(path)]
+    if grids:
+        parts.append("<h2>Ranked lists</h2><p>Query (black frame), then its nearest kept gallery images: green "
+                     "frame same identity, red another; under each image the distance and the camera/view.</p>")
+        for path in grids:
+            name = os.path.splitext(os.path.basename(path))[0]
+            parts += [f"<h3>{html.escape(name)}</h3>",
+                      f'<img class="rank-grid" alt="{html.escape(name)}" src="{_data_uri(path)}">']
+    parts.append("</body></html>")
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, REPORT_FILE)
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as stream:
+        stream.write("\n".join(parts) + "\n")
+    os.replace(temporary, path)
+    return path
