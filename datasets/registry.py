@@ -26,6 +26,6 @@ def build_dataset(name, root, version=100, **options):
     """Build dataset ``name`` from the folder ``root`` that holds the benchmark folders.
 
     ``options``: ``use_text``, ``use_attr``, ``text_type`` ("attribute"|"captions"), ``text_prompt``,
-    ``verbose``.
+    ``verbose``, ``annotation_per_image``.
     """
     return DATASETS.get(name)(root, version=version, **options)

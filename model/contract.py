@@ -13,7 +13,8 @@ A model is a ``ReIDModel`` subclass registered with ``@MODELS.register("Name")``
 * ``training_phases``: names of engine phases (``processor.phases.PHASES``) to run before the main
   training loop, e.g. CLIP-ReID's prompt learning;
 * ``from_reference_state_dict`` / ``to_reference_state_dict``: the mapping between this model's
-  parameter names and those of the authors' code (identity unless the layouts differ).
+  parameter names and those of the authors' code (identity unless the layouts differ);
+* ``reference_model_args``: the constructor arguments that fit a state dict of the authors' code.
 
 docs/architecture.md shows how a batch flows through these pieces.
 """
@@ -22,6 +23,8 @@ from typing import Any, Dict
 
 import torch
 from torch import nn
+
+from utils.errors import CheckpointError
 
 BATCH_KEYS = ("camids", "viewids", "timeids", "text_tokens", "attrs")
 
@@ -81,3 +84,9 @@ class ReIDModel(nn.Module):
     def to_reference_state_dict(cls, state_dict, cfg):
         """The authors' state-dict layout of this model's ``state_dict``."""
         return dict(state_dict)
+
+    @classmethod
+    def reference_model_args(cls, state_dict, cfg):
+        """Constructor arguments ``{"num_classes", "num_cameras", "num_views", "attributes"}`` that make this
+        model fit a state dict of the authors' code (``module.`` already stripped)."""
+        raise CheckpointError(f"{cls.__name__} cannot read its constructor arguments from reference weights")
