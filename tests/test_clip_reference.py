@@ -420,3 +420,30 @@ def test_shipped_configs_are_the_references(bench, name):
     if name == "clipreid":
         assert cfg.MODEL.TEXT_LEN == (120 if bench in ("CP2108", "AGReIDv1") else 77)
         assert cfg.MODEL.FIXES.CLIPREID_PROMPT_AT_TEXT_LEN is True
+
+
+def test_weights_for_another_text_length_name_the_keys_and_config():
+    cfg = tiny_cfg("CLIP_ReID", **{"MODEL.TEXT_LEN": 120})
+    other = build_model(tiny_cfg("CLIP_ReID"), NUM_CLASSES, 1, 1, ()).state_dict()
+    with pytest.raises(CheckpointError, match=r"token_suffix.*MODEL\.TEXT_LEN=120"):
+        load_model_weights(build_model(cfg, NUM_CLASSES, 1, 1, ()), other, cfg)
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_annotation_fix_reaches_the_dataset_through_the_loaders(tmp_path, per_image):
+    from datasets import SynthConfig, generate_synthag, make_dataloaders
+    generate_synthag(tmp_path, SynthConfig(num_ids=6, images_per_id=6, height=32, width=16, seed=2), num_workers=1)
+    cfg = get_cfg_defaults()
+    cfg.DATASETS.ROOT_DIR, cfg.DATASETS.NAMES, cfg.MODEL.DEVICE = str(tmp_path), "SynthAG_ALL", "cpu"
+    cfg.MODEL.USE_ATTR = True
+    cfg.INPUT.SIZE_TRAIN = cfg.INPUT.SIZE_TEST = [32, 16]
+    cfg.DATALOADER.NUM_WORKERS, cfg.DATALOADER.NUM_INSTANCE = 0, 2
+    cfg.SOLVER.IMS_PER_BATCH = cfg.SOLVER.STAGE1.IMS_PER_BATCH = cfg.TEST.IMS_PER_BATCH = 4
+    cfg.MODEL.FIXES.ANNOTATION_PER_IMAGE = per_image
+    dataset = make_dataloaders(cfg).dataset
+    assert dataset.annotation_per_image is per_image
+    labels_per_id = {}
+    for sample in dataset.train:
+        labels_per_id.setdefault(sample.pid, set()).add(sample.attrs)
+    # The reference gives all images of an identity one label vector; per image, views/times differ.
+    assert all(len(labels) == 1 for labels in labels_per_id.values()) is (not per_image)
