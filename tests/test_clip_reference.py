@@ -269,17 +269,20 @@ def test_training_outputs_are_the_references(arch, images):
     torch.testing.assert_close(out.aux["i2t_logits"], xproj[:, 0] @ text.t(), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="known difference: our SIE vector is added to every token, the "
-                                       "reference's to the CLS token only (docs/reference_differences_clip.md)")
-def test_side_information_enters_the_cls_token_only_as_in_the_reference(images):
-    cfg = tiny_cfg("CLIP_baseline", **{"MODEL.SIE_CAMERA": True})
-    state = reference_state_dict("CLIP_baseline", seed=4, sie_rows=3)
-    model = model_from_reference("CLIP_baseline", state, cfg).eval()
-    camids = torch.tensor([0, 2, 1, 2])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_side_information_enters_the_cls_token_only_as_in_the_reference(arch, images):
+    cfg = tiny_cfg(arch, **{"MODEL.SIE_CAMERA": True, "MODEL.SIE_VIEW": True})
+    state = reference_state_dict(arch, seed=4, sie_rows=3 * 2)
+    model = build_model(cfg, NUM_CLASSES, 3, 2, ()).eval()
+    model.load_state_dict(type(model).from_reference_state_dict(state, cfg), strict=True)
+    camids, viewids = torch.tensor([0, 2, 1, 2]), torch.tensor([1, 0, 1, 1])
     with torch.no_grad():
-        ours = model(images, camids=camids)
-    _, x12, _ = reference_image_encoder(state, images, cv_emb=cfg.MODEL.SIE_COE * state["cv_embed"][camids])
-    torch.testing.assert_close(ours, x12[:, 0], atol=1e-5, rtol=1e-5)
+        ours = model(images, camids=camids, viewids=viewids)
+    # cv_embed[camera * num_views + view], scaled by SIE_COE, on the CLS token.
+    cv_emb = cfg.MODEL.SIE_COE * state["cv_embed"][camids * 2 + viewids]
+    _, x12, xproj = reference_image_encoder(state, images, cv_emb=cv_emb)
+    expected = x12[:, 0] if arch == "CLIP_baseline" else torch.cat([x12[:, 0], xproj[:, 0]], dim=1)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
 
 
 # ---- building from a CLIP file ---------------------------------------------------------------------------------------
