@@ -18,7 +18,7 @@ from text import prompts, tokenize
 from model.clip_baseline import ClipImageModel
 from model.contract import LossSpec, ModelOutput
 from model.registry import register_model
-from utils.errors import ConfigError
+from utils.errors import CheckpointError, ConfigError
 
 NUM_CONTEXT_TOKENS = prompts.CLIP_REID_CONTEXT_WORDS
 # The reference tokenizes the prompt at CLIP's own length (MODEL.FIXES.CLIPREID_PROMPT_AT_TEXT_LEN off).
@@ -89,6 +89,32 @@ class CLIP_ReID(ClipImageModel):
     def reference_names(cls):
         """Image-side names plus the text encoder and prompt learner."""
         return super().reference_names() + TEXT_SIDE_NAMES
+
+    @classmethod
+    def from_reference_state_dict(cls, state_dict, cfg):
+        """Our state dict from the reference's. Its ``token_suffix`` always holds the 77-token template's rows
+        9..76; at a longer prompt the extra rows are more padding, so its last (padding) row is repeated."""
+        ours = super().from_reference_state_dict(state_dict, cfg)
+        prefix, suffix = ours.get("token_prefix"), ours.get("token_suffix")
+        if prefix is not None and suffix is not None:
+            missing = prompt_length(cfg) - prefix.shape[1] - NUM_CONTEXT_TOKENS - suffix.shape[1]
+            if missing > 0:
+                ours["token_suffix"] = torch.cat([suffix, suffix[:, -1:].expand(-1, missing, -1)], dim=1)
+        return ours
+
+    @classmethod
+    def to_reference_state_dict(cls, state_dict, cfg):
+        """The reference's state dict of ours; ``token_suffix`` cut to the reference's 77-token template,
+        which only drops repeated padding rows (``CheckpointError`` otherwise)."""
+        reference = super().to_reference_state_dict(state_dict, cfg)
+        prefix, suffix = reference.get("prompt_learner.token_prefix"), reference.get("prompt_learner.token_suffix")
+        keep = REFERENCE_PROMPT_LENGTH - NUM_CONTEXT_TOKENS - (prefix.shape[1] if prefix is not None else 0)
+        if prefix is not None and suffix is not None and suffix.shape[1] > keep:
+            if not torch.equal(suffix[:, keep:], suffix[:, keep - 1:keep].expand_as(suffix[:, keep:])):
+                raise CheckpointError(f"token_suffix rows {keep}.. are not padding; the reference's 77-token prompt "
+                                      f"cannot hold them")
+            reference["prompt_learner.token_suffix"] = suffix[:, :keep]
+        return reference
 
     def loss_specs(self, cfg):
         """Identity and triplet losses summed over the branches, plus the image-to-text cross-entropy."""

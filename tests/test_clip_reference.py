@@ -92,8 +92,9 @@ def reference_layout(arch, num_classes=NUM_CLASSES, width=WIDTH, layers=LAYERS, 
                        "text_encoder.text_projection": (text_width, embed_dim)})
         for i in range(text_layers):
             params.update(_block_keys(f"text_encoder.transformer.resblocks.{i}.", text_width))
+        # The template is tokenized at 77 whatever the text length: the suffix is rows 9..76.
         buffers.update({"prompt_learner.token_prefix": (1, 5, text_width),
-                        "prompt_learner.token_suffix": (1, text_len - 9, text_width)})
+                        "prompt_learner.token_suffix": (1, 77 - 9, text_width)})
     return params, buffers
 
 
@@ -222,9 +223,28 @@ def test_parameter_count_is_the_references(arch, sie):
     params, buffers = reference_layout(arch, sie_rows=2 if sie else 0)
     assert sum(p.numel() for p in model.parameters()) == sum(math.prod(s) for s in params.values())
     saved = model.state_dict()
-    persistent = {name: tuple(b.shape) for name, b in model.named_buffers() if name in saved}
-    assert type(model).to_reference_state_dict(persistent, cfg) == buffers
+    persistent = {name: b for name, b in model.named_buffers() if name in saved}
+    reference_buffers = type(model).to_reference_state_dict(persistent, cfg)
+    assert {name: tuple(b.shape) for name, b in reference_buffers.items()} == buffers
     assert not any("token_embedding" in name or "logit_scale" in name for name in saved)
+
+
+def test_reference_weights_at_text_length_120_load_and_convert_back():
+    """The reference builds its prompt at 77 tokens even with TEXT_LEN 120; our 120-token prompt only adds
+    padding rows to the suffix, which the conversion repeats and cuts back."""
+    cfg = tiny_cfg("CLIP_ReID", **{"MODEL.TEXT_LEN": 120})
+    state = reference_state_dict("CLIP_ReID", text_len=120)
+    state["prompt_learner.token_suffix"][:, 3:] = state["prompt_learner.token_suffix"][:, -1:]  # padding rows
+    model = model_from_reference("CLIP_ReID", state, cfg)
+    assert tuple(model.token_suffix.shape) == (1, 120 - 9, TEXT_WIDTH)
+    assert torch.equal(model.token_suffix[0, 68:], state["prompt_learner.token_suffix"][0, -1:].expand(43, -1))
+    back = type(model).to_reference_state_dict(model.state_dict(), cfg)
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    ours = dict(model.state_dict())
+    ours["token_suffix"] = ours["token_suffix"].clone()
+    ours["token_suffix"][0, 100] += 1
+    with pytest.raises(CheckpointError, match="token_suffix rows 68.. are not padding"):
+        type(model).to_reference_state_dict(ours, cfg)
 
 
 # ---- test-time and training outputs ---------------------------------------------------------------------------------
@@ -329,6 +349,8 @@ def test_built_from_a_clip_file_as_the_reference_builds(clip_file, text_len, ima
     torch.testing.assert_close(model.token_prefix[0], template[:5])
     torch.testing.assert_close(model.token_suffix[0], template[9:])
     state = type(model).to_reference_state_dict(model.state_dict(), cfg)
+    # At 120 the reference crashes (77-token prompt); the fix's prompt is the 120-token template.
+    state["prompt_learner.token_suffix"] = template[9:][None]
     with torch.no_grad():
         ours = model.text_features(torch.tensor([0, 3, 3]))
     expected = reference_text_features(state, torch.tensor([0, 3, 3]), text_len, heads=TEXT_WIDTH // 64)
