@@ -47,7 +47,7 @@ def tiny_cfg(arch, **overrides):
     return cfg
 
 
-# ---- the reference's state dict, written out from its module tree --------------------------------------------
+# ---- the reference's state dict, written out from its module tree ---------------------------------------------------
 def _block_keys(prefix, width):
     return {f"{prefix}attn.in_proj_weight": (3 * width, width), f"{prefix}attn.in_proj_bias": (3 * width,),
             f"{prefix}attn.out_proj.weight": (width, width), f"{prefix}attn.out_proj.bias": (width,),
@@ -124,7 +124,7 @@ def model_from_reference(arch, state, cfg):
     return model
 
 
-# ---- the reference's forward passes, written out ------------------------------------------------------------------
+# ---- the reference's forward passes, written out --------------------------------------------------------------------
 def _layer_norm(x, state, prefix):
     return F.layer_norm(x, x.shape[-1:], state[prefix + "weight"], state[prefix + "bias"], eps=1e-5)
 
@@ -188,7 +188,7 @@ def images():
     return torch.randn(BATCH, 3, HEIGHT, IMG_WIDTH, generator=torch.Generator().manual_seed(3))
 
 
-# ---- layout ----------------------------------------------------------------------------------------------------------
+# ---- layout ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("sie", [False, True])
 def test_reference_state_dict_loads_strictly_and_converts_back_unchanged(arch, sie):
@@ -305,7 +305,7 @@ def test_side_information_enters_the_cls_token_only_as_in_the_reference(arch, im
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
 
 
-# ---- building from a CLIP file ---------------------------------------------------------------------------------------
+# ---- building from a CLIP file --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def clip_file(tmp_path_factory):
     """An OpenAI-layout CLIP state dict (96x96 input: a 6x6 position grid; 77 text positions; width // 64 heads
@@ -355,9 +355,9 @@ def test_built_from_a_clip_file_as_the_reference_builds(clip_file, text_len, ima
         ours = model.text_features(torch.tensor([0, 3, 3]))
     expected = reference_text_features(state, torch.tensor([0, 3, 3]), text_len, heads=TEXT_WIDTH // 64)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    _, x12, xproj = reference_image_encoder(state, images, heads=WIDTH // 64)
     with torch.no_grad():
-        torch.testing.assert_close(model(images), torch.cat(reference_image_encoder(state, images, heads=WIDTH // 64)[1:],
-                                                            dim=2)[:, 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(images), torch.cat([x12[:, 0], xproj[:, 0]], dim=1), atol=1e-5, rtol=1e-5)
 
 
 def test_bicubic_position_resize_is_a_switch(clip_file):
@@ -369,7 +369,7 @@ def test_bicubic_position_resize_is_a_switch(clip_file):
     assert not torch.allclose(model.visual.positional_embedding.detach(), bilinear)
 
 
-# ---- fixes -------------------------------------------------------------------------------------------------------------
+# ---- fixes ----------------------------------------------------------------------------------------------------------
 def test_prompt_length_fix_off_reproduces_77_and_refuses_other_lengths(images):
     outputs = []
     for fix in (True, False):
@@ -386,7 +386,7 @@ def test_prompt_length_fix_off_reproduces_77_and_refuses_other_lengths(images):
     assert tuple(model.token_suffix.shape) == (1, 120 - 9, TEXT_WIDTH)
 
 
-# ---- bad reference weights -----------------------------------------------------------------------------------------
+# ---- bad reference weights ------------------------------------------------------------------------------------------
 def test_unmappable_reference_key_is_named():
     state = reference_state_dict("CLIP_baseline")
     state["header_cvpr.classifier.weight"] = torch.zeros(NUM_CLASSES, WIDTH)
@@ -398,7 +398,8 @@ def test_unmappable_reference_key_is_named():
 def test_reference_shapes_that_contradict_the_config_are_named():
     cfg = tiny_cfg("CLIP_ReID", **{"MODEL.TEXT_LEN": 120})
     model_cls = type(build_model(tiny_cfg("CLIP_ReID"), NUM_CLASSES, 1, 1, ()))
-    with pytest.raises(CheckpointError, match=r"text_encoder\.positional_embedding has 77 rows, MODEL\.TEXT_LEN is 120"):
+    with pytest.raises(CheckpointError,
+                       match=r"text_encoder\.positional_embedding has 77 rows, MODEL\.TEXT_LEN is 120"):
         model_cls.from_reference_state_dict(reference_state_dict("CLIP_ReID"), cfg)
     cfg = tiny_cfg("CLIP_baseline", **{"INPUT.SIZE_TRAIN": [96, 32]})
     with pytest.raises(CheckpointError, match=r"image_encoder\.positional_embedding has 9 rows.*needs 13"):
