@@ -127,8 +127,9 @@ class CLIP_ReID(ClipImageModel):
         return [self.cls_ctx]
 
     def encode_image_for_prompts(self, images):
-        """Projected CLS features (B, D) without side information, the image side of stage 1."""
-        return self.clip.encode_image(images)
+        """Projected CLS features (B, D) without side information, the image side of stage 1 (projected from
+        all tokens as the reference does, so that even the float rounding is its)."""
+        return self.visual.forward_features(images).projected[:, 0]
 
     def text_features(self, pids):
         """Projected EOT features (B, D) of the prompts of identities ``pids`` (B,)."""

@@ -274,6 +274,8 @@ def test_training_outputs_are_the_references(arch, images):
         with torch.no_grad():
             model.set_class_text_features(model.text_features(torch.arange(NUM_CLASSES)))
         torch.testing.assert_close(model.class_text_features, text, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():  # stage 1's image side: get_image=True -> xproj[:, 0]
+            torch.testing.assert_close(model.encode_image_for_prompts(images), xproj[:, 0], atol=1e-5, rtol=1e-5)
     out = model(images)
     if arch == "CLIP_baseline":  # ([cls_score], [img_feature])
         assert list(out.id_logits) == ["cls"] and list(out.features) == ["cls"]
