@@ -59,6 +59,9 @@ _C.MODEL.TEXT_PROMPT = 4
 # Text context length: the tokenizer pads/truncates to it and the CLIP text positional embedding is
 # resized to it (77 is CLIP's own).
 _C.MODEL.TEXT_LEN = 77
+# Interpolation of CLIP's 14x14 image position grid to the input's patch grid: "bilinear" (the
+# reference's, align_corners False, no antialiasing) or "bicubic".
+_C.MODEL.POS_EMBED_INTERP = "bilinear"
 # CP2108 text source: "attribute" (text built from the attribute labels) or "captions" (caption JSON).
 _C.MODEL.TEXT_TYPE = "attribute"
 # Use the attribute labels (SVPR's attribute loss and ASMOE).
@@ -67,6 +70,17 @@ _C.MODEL.USE_ATTR = False
 _C.MODEL.VIEW_PROMPT = 4
 # Recompute transformer blocks in the backward pass to save memory (slower).
 _C.MODEL.GRAD_CHECKPOINT = False
+
+# Fixes of defects of the authors' code, one bool each (docs/reference_differences.md). False reproduces the
+# reference's model exactly where the fix changes numerics or parameters; fixes that only prevent a crash
+# default to True. Flat on purpose: tools/ablation.py --fixes enumerates the keys of this node.
+_C.MODEL.FIXES = CN()
+# CP2108 captions and attribute labels: the reference gives every image (train, query, gallery) the entry
+# of (identity, view 0, time 1); True looks up each image's own (identity, view, time) entry.
+_C.MODEL.FIXES.ANNOTATION_PER_IMAGE = False
+# CLIP-ReID's prompt: the reference tokenizes it at 77 tokens and crashes when MODEL.TEXT_LEN is not 77
+# (False raises a ConfigError there); True tokenizes it at MODEL.TEXT_LEN (identical results at 77).
+_C.MODEL.FIXES.CLIPREID_PROMPT_AT_TEXT_LEN = True
 
 # CLIP hyper-parameters used only with MODEL.RANDOM_INIT; with a checkpoint they are read from the weights.
 _C.MODEL.CLIP = CN()
@@ -103,10 +117,6 @@ _C.MODEL.SVPR.ATTR_TOPK = 0.7
 _C.MODEL.SVPR.VIEW_LOSS_WEIGHT = 1.0
 _C.MODEL.SVPR.ATTR_LOSS_WEIGHT = 0.05
 
-# Fixes of defects of the authors' code, one bool each (docs/reference_differences.md). False reproduces the
-# reference's model exactly where the fix changes numerics or parameters; fixes that only prevent a crash
-# default to True. Flat on purpose: tools/ablation.py --fixes enumerates the keys of this node.
-_C.MODEL.FIXES = CN()
 # SVPR CVPR: the reference adds f_asmoe (B, C) to f_inv (B, 1, C), a (B, B, C) semantic key, so every image's
 # CVPR query attends over the whole batch's attribute features. True: a per-sample (B, 1, C) key.
 _C.MODEL.FIXES.CVPR_PER_SAMPLE_KEY = False

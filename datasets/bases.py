@@ -71,7 +71,7 @@ class ReIDDataset:
     num_trials = 1
 
     def __init__(self, root, version=100, use_text=False, use_attr=False, text_type="attribute", text_prompt=4,
-                 verbose=True):
+                 verbose=True, annotation_per_image=False):
         if text_type not in TEXT_TYPES:
             raise ConfigError(f"text_type (MODEL.TEXT_TYPE) = {text_type!r}: expected one of {', '.join(TEXT_TYPES)}")
         if not isinstance(text_prompt, int) or isinstance(text_prompt, bool) or text_prompt < 0:
@@ -85,6 +85,9 @@ class ReIDDataset:
         self.use_attr = bool(use_attr)
         self.text_type = text_type
         self.num_prompt_words = text_prompt
+        # Datasets annotated per (identity, view, time) read each image's own entry when True, the reference's
+        # single entry per identity otherwise (MODEL.FIXES.ANNOTATION_PER_IMAGE).
+        self.annotation_per_image = bool(annotation_per_image)
         self.name = self.registry_name or type(self).__name__
         self.view_mode = self.protocol.view_mode
 

@@ -6,7 +6,8 @@ Each split line is an image path relative to the images folder. File names are
 ``<pid>_<camera>_<time>_<scene>[_...].<ext>``; cameras 1-22 are ground, 23 and up aerial.
 Annotations: ``attr_translation_idx.json`` ({attribute: {value: class}}), ``attributes_labeled_qwen.json``
 ({"<pid>_<view>_<time>": {attribute: value}}), ``attribute_captions_doubao.json``
-({"<pid>_<view>_<time>": caption}).
+({"<pid>_<view>_<time>": caption}). Like the reference, every image reads the entry of (pid, view 0, time 1)
+unless ``annotation_per_image`` (MODEL.FIXES.ANNOTATION_PER_IMAGE) asks for the image's own entry.
 """
 import json
 import logging
@@ -27,6 +28,8 @@ ATTRIBUTE_FILE = "attributes_labeled_qwen.json"
 CAPTION_FILE = "attribute_captions_doubao.json"
 FIRST_AERIAL_CAMERA = 23
 UNKNOWN = "unknown"
+# The one (view, time) entry the reference reads for every image of an identity.
+REFERENCE_ENTRY = (GROUND, 1)
 NAME_RULE = "<pid>_<camera>_<time>_<scene>[_...].<ext> with integer pid, camera >= 1 and time"
 
 
@@ -59,8 +62,9 @@ def read_json(path, needed_for):
 class AnnotationTable:
     """Per-image annotations keyed ``"<pid>_<view>_<time>"`` with the reference's repair rules.
 
-    An image uses its own (pid, view, time) entry; when missing, the same view at the other time, then the
-    other view at the same time, then the other view at the other time.
+    ``lookup(pid, view, time)`` returns that entry; when missing, the same view at the other time, then the
+    other view at the same time, then the other view at the other time (for (view 0, time 1) these are the
+    reference's repair rules).
     """
 
     def __init__(self, entries, path):
@@ -169,9 +173,15 @@ class CP2108Format(ReIDDataset):
     def attribute_schema(self):
         return [(name, len(self.translation[name])) for name in self.attribute_names]
 
+    def _entry_of(self, sample):
+        """(pid, view, time) of the annotation ``sample`` reads."""
+        if self.annotation_per_image:
+            return sample.pid, sample.viewid, sample.timeid
+        return (sample.pid, *REFERENCE_ENTRY)
+
     def _values(self, sample):
-        """Attribute name -> value string of the image's own annotation ('unknown' when absent)."""
-        entry = self.labels.lookup(sample.pid, sample.viewid, sample.timeid)
+        """Attribute name -> value string of the sample's annotation ('unknown' when absent)."""
+        entry = self.labels.lookup(*self._entry_of(sample))
         if not isinstance(entry, dict):
             raise DataError(f"annotation file '{self.labels.path}': entry of identity {sample.pid} is not an object")
         return {name: str(entry.get(name, UNKNOWN)) for name in self.attribute_names}
@@ -200,7 +210,7 @@ class CP2108Format(ReIDDataset):
             if split != "train":
                 text = prompts.test_caption(self.num_prompt_words)
             elif self.text_type == "captions":
-                caption = self.captions.lookup(sample.pid, sample.viewid, sample.timeid)
+                caption = self.captions.lookup(*self._entry_of(sample))
                 text = prompts.attribute_caption(self.num_prompt_words, caption)
             else:
                 described = prompts.describe_attributes(

@@ -113,6 +113,7 @@ def make_dataloaders(cfg, dataset_name=None, tokenizer=tokenize):
     dataset = build_dataset(name, cfg.DATASETS.ROOT_DIR, version=cfg.DATASETS.VERSION, use_text=cfg.MODEL.USE_TEXT,
                             use_attr=cfg.MODEL.USE_ATTR, text_type=cfg.MODEL.TEXT_TYPE,
                             text_prompt=cfg.MODEL.TEXT_PROMPT, verbose=distributed.is_main_process(),
+                            annotation_per_image=cfg.MODEL.FIXES.ANNOTATION_PER_IMAGE,
                             **dataset_class.options_from_config(cfg))
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     seed = cfg.SOLVER.SEED

@@ -28,6 +28,7 @@ def build_dataset(name, root, version=100, **options):
     """Build dataset ``name`` from the folder ``root`` that holds the benchmark folders.
 
     ``options``: ``use_text``, ``use_attr``, ``text_type`` ("attribute"|"captions"), ``text_prompt``,
-    ``verbose``, and a dataset's own ones (e.g. VehicleID's ``test_size``, ``num_trials``, ``seed``).
+    ``verbose``, ``annotation_per_image`` and a dataset's own ones (e.g. VehicleID's ``test_size``,
+    ``num_trials``, ``seed``).
     """
     return DATASETS.get(name)(root, version=version, **options)

@@ -10,7 +10,8 @@ def _freeze_text_tower(clip):
 
 
 def build_clip_from_config(cfg):
-    """CLIP for ``cfg``: input size INPUT.SIZE_TRAIN, patch stride MODEL.STRIDE_SIZE, text length MODEL.TEXT_LEN.
+    """CLIP for ``cfg``: input size INPUT.SIZE_TRAIN, patch stride MODEL.STRIDE_SIZE, text length MODEL.TEXT_LEN
+    (position tables resized with MODEL.POS_EMBED_INTERP).
 
     MODEL.RANDOM_INIT builds it from MODEL.CLIP.* with random weights; otherwise the weights (and thus the
     architecture) come from MODEL.PRETRAIN_PATH. Applies MODEL.FREEZE_TEXT and MODEL.GRAD_CHECKPOINT.
@@ -26,7 +27,7 @@ def build_clip_from_config(cfg):
                           text_layers=arch.TEXT_LAYERS)
     else:
         clip = load_clip(cfg.MODEL.PRETRAIN_PATH, input_size=input_size, stride=stride,
-                         context_length=cfg.MODEL.TEXT_LEN)
+                         context_length=cfg.MODEL.TEXT_LEN, pos_embed_interp=cfg.MODEL.POS_EMBED_INTERP)
     if cfg.MODEL.FREEZE_TEXT:
         _freeze_text_tower(clip)
     clip.set_grad_checkpointing(cfg.MODEL.GRAD_CHECKPOINT)

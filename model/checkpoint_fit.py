@@ -17,6 +17,8 @@ _KEY_HINTS = (
     ("classifier", ("DATASETS.NAMES",)),
     ("cls_ctx", ("DATASETS.NAMES",)),
     ("class_text_features", ("DATASETS.NAMES",)),
+    ("new_positional_embedding", ("MODEL.CLIP.VISION_WIDTH",)),
+    ("token_suffix", ("MODEL.TEXT_LEN", "MODEL.FIXES.CLIPREID_PROMPT_AT_TEXT_LEN")),
     ("visual.positional_embedding", ("INPUT.SIZE_TRAIN", "MODEL.STRIDE_SIZE")),
     ("visual.conv1", ("MODEL.CLIP.PATCH_SIZE",)),
     ("visual", ("MODEL.CLIP.VISION_WIDTH", "MODEL.CLIP.VISION_LAYERS", "MODEL.CLIP.EMBED_DIM")),

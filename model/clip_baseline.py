@@ -1,43 +1,119 @@
-"""CLIP-ReID's image-only baseline: the CLIP image encoder fine-tuned with ID + triplet losses.
+"""CLIP-ReID's image-only baseline as SVPR-ReID's code runs it: the CLIP image encoder fine-tuned with ID +
+triplet losses on the CLS feature.
 
-Two BNNeck heads classify the CLS feature (width C) and the projected CLS feature (D); the triplet loss
-sees CLIP-ReID's three features (penultimate CLS, CLS, projected CLS); retrieval uses the concatenated
-pre-BN CLS and projected CLS (C + D).
+The CLS feature (after ``ln_post``, width C) feeds one BNNeck head (identity loss) and, before the BN, the
+triplet loss and retrieval (C-d). The reference also builds a BNNeck head on the projected CLS that it never
+uses; it is kept, frozen, so that parameters and state dicts are the reference's
+(docs/reference_differences_clip.md). ``ClipImageModel`` is the image side shared with ``CLIP_ReID``.
 """
 import torch
+from torch import nn
 
 from model.backbone import build_clip_from_config
 from model.clip import SideInfoEmbedding
 from model.contract import LossSpec, ModelOutput, ReIDModel
 from model.heads import BNNeckHead
 from model.registry import register_model
+from utils.errors import CheckpointError
+
+# Our parameter names -> the reference's (``model/make_model_clipreid.py``), image side. A name ending in "."
+# is a prefix. ``{visual}`` is where the model keeps the image encoder.
+IMAGE_SIDE_NAMES = (
+    ("new_positional_embedding", "image_encoder.new_positional_embedding"),
+    ("sie_embed.table", "cv_embed"),
+    ("{visual}", "image_encoder."),
+    ("head_cls.bn.", "bottleneck."),
+    ("head_cls.classifier.", "classifier."),
+    ("head_proj.bn.", "bottleneck_proj."),
+    ("head_proj.classifier.", "classifier_proj."),
+)
 
 
-@register_model("CLIP_baseline")
-class CLIP_baseline(ReIDModel):
-    """CLIP image encoder with optional side-information embedding (SIE) and two BNNeck heads."""
+def _matches(key, name):
+    return key.startswith(name) if name.endswith(".") else key == name
+
+
+def rename_keys(state_dict, names, source):
+    """``state_dict`` with every key renamed by the first matching ``(from, to)`` pair of ``names``
+    (exact names before prefixes); ``CheckpointError`` naming the keys no pair maps."""
+    ordered = sorted(names, key=lambda pair: pair[0].endswith("."))
+    renamed, unmapped = {}, []
+    for key, value in state_dict.items():
+        match = next(((old, new) for old, new in ordered if _matches(key, old)), None)
+        if match is None:
+            unmapped.append(key)
+            continue
+        renamed[match[1] + key[len(match[0]):]] = value
+    if unmapped:
+        shown = ", ".join(unmapped[:5]) + (f", ... {len(unmapped) - 5} more" if len(unmapped) > 5 else "")
+        raise CheckpointError(f"{source}: {len(unmapped)} key(s) have no counterpart: {shown}")
+    return renamed
+
+
+def check_reference_shapes(state_dict, cfg):
+    """``CheckpointError`` naming the reference keys whose shapes contradict ``cfg`` (input size, stride,
+    MODEL.TEXT_LEN, SIE switches)."""
+    problems = []
+    positions = state_dict.get("image_encoder.positional_embedding")
+    conv = state_dict.get("image_encoder.conv1.weight")
+    if positions is not None and conv is not None:
+        (height, width), (stride_h, stride_w) = cfg.INPUT.SIZE_TRAIN, cfg.MODEL.STRIDE_SIZE
+        patch = conv.shape[-1]
+        rows = 1 + ((height - patch) // stride_h + 1) * ((width - patch) // stride_w + 1)
+        if positions.shape[0] != rows:
+            problems.append(f"image_encoder.positional_embedding has {positions.shape[0]} rows, INPUT.SIZE_TRAIN "
+                            f"{list(cfg.INPUT.SIZE_TRAIN)} with MODEL.STRIDE_SIZE {list(cfg.MODEL.STRIDE_SIZE)} "
+                            f"needs {rows}")
+    text_positions = state_dict.get("text_encoder.positional_embedding")
+    if text_positions is not None and text_positions.shape[0] != cfg.MODEL.TEXT_LEN:
+        problems.append(f"text_encoder.positional_embedding has {text_positions.shape[0]} rows, MODEL.TEXT_LEN is "
+                        f"{cfg.MODEL.TEXT_LEN}")
+    if "cv_embed" in state_dict and not (cfg.MODEL.SIE_CAMERA or cfg.MODEL.SIE_VIEW):
+        problems.append("cv_embed (side-information embedding) is present but MODEL.SIE_CAMERA and "
+                        "MODEL.SIE_VIEW are False")
+    if problems:
+        raise CheckpointError("reference weights do not fit the config: " + "; ".join(problems))
+
+
+def reference_model_args(state_dict, cfg):
+    """Constructor arguments of a CLIP model for reference weights: identities from ``classifier.weight``,
+    cameras/views from the rows of ``cv_embed`` and the SIE switches."""
+    if "classifier.weight" not in state_dict:
+        raise CheckpointError("reference weights lack classifier.weight: cannot tell the number of identities")
+    args = {"num_classes": state_dict["classifier.weight"].shape[0], "num_cameras": 1, "num_views": 1,
+            "attributes": ()}
+    if "cv_embed" in state_dict:
+        rows = state_dict["cv_embed"].shape[0]
+        if cfg.MODEL.SIE_CAMERA and cfg.MODEL.SIE_VIEW:
+            raise CheckpointError(f"cv_embed has {rows} = cameras x views rows (MODEL.SIE_CAMERA and MODEL.SIE_VIEW); "
+                                  f"the split cannot be read from the weights: build the model from the dataset")
+        if not (cfg.MODEL.SIE_CAMERA or cfg.MODEL.SIE_VIEW):
+            raise CheckpointError("cv_embed is present but MODEL.SIE_CAMERA and MODEL.SIE_VIEW are False")
+        args["num_cameras" if cfg.MODEL.SIE_CAMERA else "num_views"] = rows
+    return args
+
+
+class ClipImageModel(ReIDModel):
+    """The CLIP image side of CLIP_baseline and CLIP_ReID: image encoder, optional side-information
+    embedding (SIE), BNNeck heads on the CLS (C) and projected CLS (D) features, and the reference's unused
+    ``new_positional_embedding`` (a frozen (1, C) table its image encoder builds for prompts it is never
+    given here)."""
 
     batch_inputs = ("camids", "viewids")
+    #: Where ``visual`` lives in this model's state dict.
+    visual_prefix = "visual."
 
     def __init__(self, cfg, num_classes, num_cameras=1, num_views=1, attributes=()):
         super().__init__()
         self.num_classes = num_classes
         self._attach_backbone(build_clip_from_config(cfg))
         width, proj_dim = self.visual.width, self.visual.output_dim
-        self.sie_embed = None
-        if cfg.MODEL.SIE_CAMERA or cfg.MODEL.SIE_VIEW:
-            self.sie_embed = SideInfoEmbedding(num_cameras if cfg.MODEL.SIE_CAMERA else 0,
-                                               num_views if cfg.MODEL.SIE_VIEW else 0,
-                                               width, cfg.MODEL.SIE_COE)
+        sie = SideInfoEmbedding(num_cameras if cfg.MODEL.SIE_CAMERA else 0, num_views if cfg.MODEL.SIE_VIEW else 0,
+                                width, cfg.MODEL.SIE_COE)
+        self.sie_embed = sie if sie.enabled else None  # the reference has no table without cameras/views
+        self.new_positional_embedding = nn.Parameter(width ** -0.5 * torch.randn(1, width), requires_grad=False)
         self.head_cls = BNNeckHead(width, num_classes)
         self.head_proj = BNNeckHead(proj_dim, num_classes)
-        self.embedding_dim = width + proj_dim
-        self.feature_dim = width
-
-    def loss_specs(self, cfg):
-        """Identity and triplet losses summed over the branches."""
-        return [LossSpec("id", cfg.MODEL.ID_LOSS_WEIGHT, {"reduction": "sum"}),
-                LossSpec("triplet", cfg.MODEL.TRIPLET_LOSS_WEIGHT, {"reduction": "sum"})]
 
     def _attach_backbone(self, clip):
         # Only the image tower is kept: unused text parameters would idle in the optimiser and break DDP.
@@ -53,12 +129,47 @@ class CLIP_baseline(ReIDModel):
         feats = self.visual.forward_features(images, side_embed=self._side_embedding(camids, viewids))
         return feats.penultimate[:, 0], feats.tokens[:, 0], feats.projected[:, 0]
 
+    @classmethod
+    def reference_names(cls):
+        """``(ours, reference)`` name pairs of this model's state dict (prefixes end in ".")."""
+        return tuple((ours.format(visual=cls.visual_prefix), ref) for ours, ref in IMAGE_SIDE_NAMES)
+
+    @classmethod
+    def from_reference_state_dict(cls, state_dict, cfg):
+        """Our state dict from the reference's (``model/make_model_clipreid.py``; ``module.`` stripped)."""
+        check_reference_shapes(state_dict, cfg)
+        return rename_keys(state_dict, [(ref, ours) for ours, ref in cls.reference_names()],
+                           f"reference {cls.__name__} weights")
+
+    @classmethod
+    def to_reference_state_dict(cls, state_dict, cfg):
+        """The reference's state dict of ours."""
+        return rename_keys(state_dict, cls.reference_names(), f"{cls.__name__} weights")
+
+    @classmethod
+    def reference_model_args(cls, state_dict, cfg):
+        """Constructor arguments fitting reference weights (see :func:`reference_model_args`)."""
+        return reference_model_args(state_dict, cfg)
+
+
+@register_model("CLIP_baseline")
+class CLIP_baseline(ClipImageModel):
+    """CLIP image encoder (+ optional SIE) with a BNNeck head on the CLS feature; retrieval on the pre-BN CLS."""
+
+    def __init__(self, cfg, num_classes, num_cameras=1, num_views=1, attributes=()):
+        super().__init__(cfg, num_classes, num_cameras, num_views, attributes)
+        self.head_proj.requires_grad_(False)  # the reference builds it but never calls it
+        self.embedding_dim = self.feature_dim = self.visual.width
+
+    def loss_specs(self, cfg):
+        """Identity and triplet losses (the reference's ``ReIDLoss`` with ``add_type='sum'``)."""
+        return [LossSpec("id", cfg.MODEL.ID_LOSS_WEIGHT, {"reduction": "sum"}),
+                LossSpec("triplet", cfg.MODEL.TRIPLET_LOSS_WEIGHT, {"reduction": "sum"})]
+
     def forward(self, images, camids=None, viewids=None):
-        """Training: ``ModelOutput`` (logits of the CLS and projected-CLS heads; triplet features penultimate
-        CLS, CLS, projected CLS); eval: (B, C + D) embedding."""
-        penultimate_cls, cls, proj_cls = self.image_features(images, camids, viewids)
+        """Training: ``ModelOutput`` (logits of the CLS head; triplet feature the pre-BN CLS); eval: the
+        (B, C) pre-BN CLS."""
+        _, cls, _ = self.image_features(images, camids, viewids)
         if not self.training:
-            return torch.cat([cls, proj_cls], dim=1)
-        logits = {"cls": self.head_cls(cls)[0], "proj": self.head_proj(proj_cls)[0]}
-        features = {"penultimate": penultimate_cls, "cls": cls, "proj": proj_cls}
-        return ModelOutput(logits, features)
+            return cls
+        return ModelOutput({"cls": self.head_cls(cls)[0]}, {"cls": cls})

@@ -1,4 +1,7 @@
-"""CLIP_baseline and CLIP_ReID on a tiny random-weight CLIP: output contract, prompts, stages, SIE, checkpoints."""
+"""CLIP_baseline and CLIP_ReID on a tiny random-weight CLIP: output contract, prompts, stages, SIE, checkpoints.
+
+Exactness against the reference's layout and test-time features: tests/test_clip_reference.py.
+"""
 import glob
 import os
 
@@ -8,6 +11,7 @@ import torch.nn.functional as F
 
 from configs import get_cfg_defaults, load_config
 from model import build_model
+from model.backbone import build_clip_from_config
 from model.checkpoint_fit import load_model_weights
 from text import tokenize
 from tests.conftest import REPO_ROOT
@@ -68,6 +72,11 @@ def test_training_outputs_follow_the_contract(arch, images, pids):
     if arch == "CLIP_ReID":
         model.set_class_text_features(torch.randn(NUM_CLASSES, EMBED_DIM))
     out = model(images)
+    if arch == "CLIP_baseline":  # the reference's ([logits], [CLS])
+        assert list(out.id_logits) == ["cls"] and tuple(out.id_logits["cls"].shape) == (BATCH, NUM_CLASSES)
+        assert {k: tuple(f.shape) for k, f in out.features.items()} == {"cls": (BATCH, WIDTH)}
+        assert not out.aux
+        return
     assert list(out.id_logits) == ["cls", "proj"]
     assert all(tuple(logits.shape) == (BATCH, NUM_CLASSES) for logits in out.id_logits.values())
     assert {k: tuple(f.shape) for k, f in out.features.items()} == {
@@ -90,10 +99,15 @@ def test_gradients_of_id_and_triplet_terms_reach_the_visual_encoder(arch, images
     loss = loss + sum(f.pow(2).mean() for f in out.features.values())
     loss.backward()
     visual = dict(model.visual.named_parameters())
+    if arch == "CLIP_baseline":  # the reference's baseline never uses the projection (CLS only)
+        assert visual.pop("proj").grad is None
     assert visual and all(p.grad is not None for p in visual.values())
     assert any(p.grad.abs().sum() > 0 for name, p in visual.items() if "conv1" in name)
     assert model.head_cls.classifier.weight.grad.abs().sum() > 0
-    assert model.head_proj.classifier.weight.grad.abs().sum() > 0
+    if arch == "CLIP_ReID":
+        assert model.head_proj.classifier.weight.grad.abs().sum() > 0
+    else:  # the reference's unused projected head: present, frozen, untouched
+        assert not any(p.requires_grad or p.grad is not None for p in model.head_proj.parameters())
 
 
 def test_eval_embedding_is_pre_bn_cls_and_openai_projected_cls(images):
@@ -103,10 +117,10 @@ def test_eval_embedding_is_pre_bn_cls_and_openai_projected_cls(images):
     with torch.no_grad():
         emb_reid, emb_base = reid(images), baseline(images)
         projected = reid.clip.encode_image(images)
-    assert reid.embedding_dim == baseline.embedding_dim == WIDTH + EMBED_DIM
-    assert tuple(emb_reid.shape) == (BATCH, WIDTH + EMBED_DIM)
+    assert reid.embedding_dim == WIDTH + EMBED_DIM and baseline.embedding_dim == WIDTH
+    assert tuple(emb_reid.shape) == (BATCH, WIDTH + EMBED_DIM) and tuple(emb_base.shape) == (BATCH, WIDTH)
     torch.testing.assert_close(emb_reid[:, WIDTH:], projected)
-    torch.testing.assert_close(emb_base, emb_reid)
+    torch.testing.assert_close(emb_base, emb_reid[:, :WIDTH])
     # Eval embeddings do not depend on the BNNeck (pre-BN) nor on the other images of the batch.
     with torch.no_grad():
         torch.testing.assert_close(reid(images[:1]), emb_reid[:1], rtol=1e-4, atol=1e-5)
@@ -119,7 +133,9 @@ def test_baseline_keeps_only_the_image_tower():
 
 def test_prompt_text_features_equal_the_template_with_cls_ctx_inserted_by_hand(pids):
     model = build("CLIP_ReID", **{"MODEL.TEXT_LEN": 24}).eval()
-    clip = model.clip
+    torch.manual_seed(0)  # the CLIP the model was built from, token embedding included
+    clip = build_clip_from_config(tiny_cfg("CLIP_ReID", **{"MODEL.TEXT_LEN": 24})).eval()
+    assert model.clip.token_embedding is None and clip.token_embedding is not None
     tokens = tokenize("A photo of a X X X X person.", context_length=24)
     assert tuple(model.prompt_tokens.shape) == (1, 24)
     x_positions = (tokens[0] == X_TOKEN).nonzero().flatten().tolist()
@@ -144,7 +160,7 @@ def test_prompt_text_features_equal_the_template_with_cls_ctx_inserted_by_hand(p
     torch.testing.assert_close(plain, reference_plain)
 
 
-def test_class_text_features_feed_i2t_logits_and_travel_in_checkpoints(images, tmp_path):
+def test_class_text_features_feed_i2t_logits_and_are_recomputed_not_saved(images, tmp_path):
     model = build("CLIP_ReID").train()
     with pytest.raises(RuntimeError, match="set_class_text_features"):
         model(images)
@@ -156,10 +172,16 @@ def test_class_text_features_feed_i2t_logits_and_travel_in_checkpoints(images, t
     out = model(images)
     torch.testing.assert_close(out.aux["i2t_logits"], out.features["proj"] @ class_feats.t())
 
+    # As in the reference, checkpoints carry the prompts, and the prompt-learning phase recomputes the features.
+    assert "class_text_features" not in model.state_dict()
     path = str(tmp_path / "clipreid.pth")
     save_checkpoint(model.state_dict(), path)
     restored = build("CLIP_ReID", seed=5).train()
     load_model_weights(restored, load_checkpoint(path), tiny_cfg("CLIP_ReID"))
+    with pytest.raises(RuntimeError, match="set_class_text_features"):
+        restored(images)
+    with torch.no_grad():
+        restored.set_class_text_features(restored.text_features(torch.arange(NUM_CLASSES)))
     torch.testing.assert_close(restored.class_text_features, class_feats)
     torch.testing.assert_close(restored(images).aux["i2t_logits"], out.aux["i2t_logits"])
 
@@ -180,7 +202,7 @@ def test_stage1_trains_only_prompts_and_stage2_only_the_image_side(images, pids)
     model.unfreeze_for_stage2()
     assert not model.cls_ctx.requires_grad
     text_names = text_tower_names(model)
-    assert any("token_embedding" in name for name in text_names)
+    assert text_names and not any("token_embedding" in name for name in text_names)
     assert not any(p.requires_grad for name, p in model.named_parameters() if name in text_names)
     assert all(p.requires_grad for p in model.visual.parameters())
     for head in (model.head_cls, model.head_proj):
@@ -257,8 +279,10 @@ def test_shipped_configs_load_and_name_the_method(path):
 
 def test_shipped_configs_cover_every_benchmark():
     folders = {os.path.basename(os.path.dirname(p)) for p in SHIPPED}
-    assert folders == {"CP2108", "CARGO", "AGReIDv1", "AGReIDv2", "Synthetic"}
-    assert len(SHIPPED) == 10
+    aerial_ground = {"CP2108", "CARGO", "AGReIDv1", "AGReIDv2", "Synthetic"}
+    standard = {"Market1501", "DukeMTMC", "MSMT17", "OccDuke", "VeRi", "VehicleID"}
+    assert folders == aerial_ground | standard
+    assert len(SHIPPED) == 2 * len(folders)
 
 
 @pytest.mark.parametrize("method", ["clipreid", "clip_baseline"])
@@ -275,7 +299,7 @@ def test_overlapping_patches_follow_the_stride(images, pids):
     model = build("CLIP_baseline", **{"MODEL.STRIDE_SIZE": [12, 12]}).train()
     assert model.visual.grid_size == ((64 - 16) // 12 + 1, (32 - 16) // 12 + 1)
     out = model(images)
-    assert [tuple(f.shape) for f in out.features.values()] == [(BATCH, WIDTH), (BATCH, WIDTH), (BATCH, EMBED_DIM)]
+    assert [tuple(f.shape) for f in out.features.values()] == [(BATCH, WIDTH)]
 
 
 def test_clipreid_stages_run_under_bfloat16_autocast(images, pids):

@@ -10,7 +10,7 @@ from model.backbone import build_clip_from_config
 from model.clip import load_clip
 from text import tokenize
 from model.clip.loader import METADATA_KEYS
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, ConfigError
 from tests.conftest import openai_clip_module
 
 OPENAI = openai_clip_module("model")
@@ -87,9 +87,9 @@ def test_vit_b16_matches_openai(vit_b16, kind):
     torch.testing.assert_close(text_features, expected_text, atol=1e-4, rtol=1e-4)
 
 
-def _bicubic_grid(positions, grid, size):
+def _resized_grid(positions, grid, size, mode):
     patches = positions[1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)  # (1, C, G, G)
-    patches = F.interpolate(patches, size=size, mode="bicubic", align_corners=False)
+    patches = F.interpolate(patches, size=size, mode=mode, align_corners=False)
     return torch.cat([positions[:1], patches.permute(0, 2, 3, 1).reshape(size[0] * size[1], -1)])
 
 
@@ -100,12 +100,14 @@ def test_native_size_keeps_positions_unchanged(small):
     assert torch.equal(model.positional_embedding, reference.positional_embedding)
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("stride, grid", [(16, (16, 8)), (12, (21, 10)), ((16, 8), (16, 15))])
-def test_reid_input_resizes_visual_positions(small, stride, grid):
+def test_reid_input_resizes_visual_positions(small, stride, grid, mode):
     reference, path = small
-    model = load_clip(path, input_size=(256, 128), stride=stride)
+    options = {} if mode == "bilinear" else {"pos_embed_interp": mode}  # bilinear is the default
+    model = load_clip(path, input_size=(256, 128), stride=stride, **options)
     assert model.visual.grid_size == grid and model.visual.num_patches == grid[0] * grid[1]
-    expected = _bicubic_grid(reference.visual.positional_embedding.detach(), 6, grid)
+    expected = _resized_grid(reference.visual.positional_embedding.detach(), 6, grid, mode)
     torch.testing.assert_close(model.visual.positional_embedding.detach(), expected, atol=1e-6, rtol=1e-6)
     # OpenAI's encoder with the same table and stride gives the same embeddings at 256x128.
     visual = reference.visual
@@ -118,6 +120,15 @@ def test_reid_input_resizes_visual_positions(small, stride, grid):
             torch.testing.assert_close(model.encode_image(images), visual(images), atol=1e-5, rtol=1e-5)
     finally:
         visual.positional_embedding, visual.conv1.stride = original, (16, 16)
+
+
+def test_bilinear_and_bicubic_tables_differ_and_unknown_mode_is_a_config_error(small):
+    _, path = small
+    bilinear = load_clip(path, input_size=(256, 128), pos_embed_interp="bilinear").visual.positional_embedding
+    bicubic = load_clip(path, input_size=(256, 128), pos_embed_interp="bicubic").visual.positional_embedding
+    assert torch.equal(bilinear[0], bicubic[0]) and not torch.allclose(bilinear[1:], bicubic[1:])
+    with pytest.raises(ConfigError, match="MODEL.POS_EMBED_INTERP = 'nearest'"):
+        load_clip(path, input_size=(256, 128), pos_embed_interp="nearest")
 
 
 def test_longer_text_context_loads_and_runs(small):

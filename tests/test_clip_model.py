@@ -81,7 +81,7 @@ def test_extra_tokens_only_enter_the_last_block(pair):
     assert not torch.allclose(with_extra.tokens[:, 0], plain.tokens[:, 0], atol=1e-4)
 
 
-def test_side_embedding_is_added_to_every_token(pair):
+def test_side_embedding_is_added_to_the_cls_token_only(pair):
     _, ours = pair
     images = torch.randn(2, 3, 64, 64)
     side = torch.randn(2, 128)
@@ -91,11 +91,11 @@ def test_side_embedding_is_added_to_every_token(pair):
         zero = visual.forward_features(images, side_embed=torch.zeros(2, 128))
         with_side = visual.forward_features(images, side_embed=side)
         expected = []
-        original = visual.positional_embedding.detach().clone()
-        for b in range(2):  # the same as shifting every positional row by that image's vector
-            visual.positional_embedding.copy_(original + side[b])
+        original = visual.class_embedding.detach().clone()
+        for b in range(2):  # the same as shifting the class embedding by that image's vector
+            visual.class_embedding.copy_(original + side[b])
             expected.append(visual.forward_features(images[b:b + 1]).tokens)
-        visual.positional_embedding.copy_(original)
+        visual.class_embedding.copy_(original)
     assert torch.equal(zero.tokens, plain.tokens) and torch.equal(zero.penultimate, plain.penultimate)
     torch.testing.assert_close(with_side.tokens, torch.cat(expected), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(with_side.penultimate, plain.penultimate, atol=1e-3)

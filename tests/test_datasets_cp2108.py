@@ -145,7 +145,8 @@ def _expected_values(pid, view, time):
 
 
 def test_attributes_and_texts_use_each_images_own_annotation(cp2108):
-    ds = build_dataset("CP2108_AG", cp2108, use_text=True, use_attr=True, text_prompt=3, verbose=False)
+    ds = build_dataset("CP2108_AG", cp2108, use_text=True, use_attr=True, text_prompt=3, verbose=False,
+                       annotation_per_image=True)
     names = sorted(VALUES)
     assert ds.attributes == tuple((n, len(VALUES[n])) for n in names)
     raw_of = {i: p for i, p in enumerate(sorted({p for p, _, _ in TRAIN if p != -1}))}
@@ -167,7 +168,7 @@ def test_missing_annotation_falls_back_by_the_repair_rules(tmp_path):
     # Identity 3 has (view 1, time 0) and (view 1, time 1); drop (1, 0) -> uses (1, 1).
     # Identity 10 has (0, 1) and (1, 1); drop (1, 1) -> uses the other view (0, 1).
     make_cp2108_tree(tmp_path, missing_keys={(3, 1, 0), (10, 1, 1)})
-    ds = build_dataset("CP2108_ALL", tmp_path, use_attr=True, verbose=False)
+    ds = build_dataset("CP2108_ALL", tmp_path, use_attr=True, verbose=False, annotation_per_image=True)
     names = sorted(VALUES)
     labels = {(sorted({3, 7, 10})[s.pid], s.viewid, s.timeid): s.attrs for s in ds.train}
     expect = lambda p, v, t: tuple(VALUES[n].index(_expected_values(p, v, t)[n]) for n in names)  # noqa: E731
@@ -176,11 +177,33 @@ def test_missing_annotation_falls_back_by_the_repair_rules(tmp_path):
     assert labels[(3, 0, 0)] == expect(3, 0, 0)
 
 
-def test_captions_text_type(cp2108):
-    ds = build_dataset("CP2108_ALL", cp2108, use_text=True, text_type="captions", verbose=False)
-    sample = next(s for s in ds.train if "_23_" in s.path)
-    assert sample.text == "A photo of a X X X X  person with the following attributes: caption 10 1 1"
+@pytest.mark.parametrize("per_image", [False, True])
+def test_captions_text_type(cp2108, per_image):
+    ds = build_dataset("CP2108_ALL", cp2108, use_text=True, text_type="captions", verbose=False,
+                       annotation_per_image=per_image)
+    sample = next(s for s in ds.train if "_23_" in s.path)  # identity 10, aerial (view 1), time 1
+    caption = "caption 10 1 1" if per_image else "caption 10 0 1"
+    assert sample.text == f"A photo of a X X X X  person with the following attributes: {caption}"
     assert ds.attributes == () and sample.attrs is None
+
+
+def test_by_default_every_image_reads_its_identitys_ground_time1_entry_as_the_reference(cp2108):
+    ds = build_dataset("CP2108_ALL", cp2108, use_text=True, use_attr=True, verbose=False)
+    names = sorted(VALUES)
+    raw_of = {i: p for i, p in enumerate(sorted({p for p, _, _ in TRAIN if p != -1}))}
+    # Identity 3 has no (view 0, time 1) entry: the reference repairs it from (view 0, time 0).
+    entry_of = {10: (10, 0, 1), 7: (7, 0, 1), 3: (3, 0, 0), 100: (100, 0, 1), 101: (101, 0, 1), 102: (102, 0, 1),
+                300: (300, 0, 1)}
+    for sample in ds.train:
+        values = _expected_values(*entry_of[raw_of[sample.pid]])
+        assert sample.attrs == tuple(VALUES[n].index(values[n]) for n in names)
+        described = ", ".join(f"{n.replace(' ', '_')} is {values[n]}" for n in names)
+        assert sample.text.endswith(f"attributes: {described}.")
+    for sample in ds.query + ds.gallery:
+        values = _expected_values(*entry_of[sample.pid])
+        assert sample.attrs == tuple(VALUES[n].index(values[n]) for n in names)
+    # Images of one identity in different views and times share one label vector.
+    assert len({s.attrs for s in ds.train if s.pid == 0}) == 1
 
 
 def test_missing_dataset_folder_names_path_and_layout(tmp_path):

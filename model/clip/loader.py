@@ -8,7 +8,7 @@ from timm.layers import resample_abs_pos_embed
 
 from model.clip.model import CLIP, patch_grid
 from utils.checkpoint import load_checkpoint
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, ConfigError
 
 # Entries of OpenAI's TorchScript archives that are metadata, not weights.
 METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -73,12 +73,20 @@ def infer_architecture(state_dict, path="checkpoint"):
     )
 
 
-def resize_visual_positions(positions, old_grid, new_grid):
-    """(1+G*G, C) -> (1+rows*cols, C): bicubic resize of the patch grid, class row kept."""
+# Interpolation modes of the image position grid (MODEL.POS_EMBED_INTERP).
+POS_EMBED_MODES = ("bilinear", "bicubic")
+
+
+def resize_visual_positions(positions, old_grid, new_grid, mode="bilinear"):
+    """(1+G*G, C) -> (1+rows*cols, C): resize of the patch grid (``mode`` "bilinear", as CLIP-ReID and
+    SVPR-ReID do, or "bicubic"; align_corners False, no antialiasing), class row kept."""
+    if mode not in POS_EMBED_MODES:
+        raise ConfigError(f"MODEL.POS_EMBED_INTERP = {mode!r}: expected one of {', '.join(POS_EMBED_MODES)}")
     if tuple(old_grid) == tuple(new_grid):
         return positions
     resized = resample_abs_pos_embed(positions.float().unsqueeze(0), list(new_grid), list(old_grid),
-                                     num_prefix_tokens=1, interpolation="bicubic", antialias=False)
+                                     num_prefix_tokens=1, interpolation=mode, antialias=False,
+                                     align_corners=False)
     return resized.squeeze(0).to(positions.dtype)
 
 
@@ -94,9 +102,10 @@ def resize_text_positions(positions, context_length):
     return torch.cat([positions[:1], middle, positions[-1:]], dim=0)
 
 
-def load_clip(path, input_size=(224, 224), stride=16, context_length=77):
+def load_clip(path, input_size=(224, 224), stride=16, context_length=77, pos_embed_interp="bilinear"):
     """Build a CLIP from OpenAI weights at ``path`` for ``input_size`` (H, W), patch ``stride`` (int or
-    (sh, sw)) and text ``context_length``; fp32, eval mode. Raises ``CheckpointError`` on bad files."""
+    (sh, sw)) and text ``context_length``, resizing the image position grid with ``pos_embed_interp``;
+    fp32, eval mode. Raises ``CheckpointError`` on bad files."""
     state_dict = read_state_dict(path)
     arch = infer_architecture(state_dict, path)
     old_grid = arch.pop("pretrained_grid")
@@ -104,7 +113,7 @@ def load_clip(path, input_size=(224, 224), stride=16, context_length=77):
     model = CLIP(image_size=input_size, stride=stride, **arch)
     state_dict["visual.positional_embedding"] = resize_visual_positions(
         state_dict["visual.positional_embedding"], old_grid,
-        patch_grid(input_size, arch["patch_size"], stride))
+        patch_grid(input_size, arch["patch_size"], stride), pos_embed_interp)
     state_dict["positional_embedding"] = resize_text_positions(state_dict["positional_embedding"], context_length)
     try:
         model.load_state_dict(state_dict, strict=True)

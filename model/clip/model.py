@@ -58,9 +58,9 @@ class VisionTransformer(nn.Module):
                               f"test and train sizes must match")
         x = self.conv1(images.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, C)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        if side_embed is not None:  # the CLS token only, before its position, as CLIP-ReID and SVPR-ReID add it
+            cls = cls + side_embed.to(x.dtype).unsqueeze(1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1+N, C)
-        if side_embed is not None:
-            x = x + side_embed.to(x.dtype).unsqueeze(1)
         return self.ln_pre(x)
 
     def forward(self, images):
@@ -71,7 +71,7 @@ class VisionTransformer(nn.Module):
     def forward_features(self, images, side_embed=None, extra_tokens=None):
         """All token features; see ``VisualFeatures``.
 
-        ``side_embed`` (B, C) is added to every token after the positional embedding; ``extra_tokens``
+        ``side_embed`` (B, C) is added to the CLS token (with its positional embedding); ``extra_tokens``
         (B, P, C) are appended right before the last block, so only that block sees them.
         """
         penultimate = self.transformer(self._embed(images, side_embed), stop=-1)
