@@ -26,6 +26,7 @@ _CHOICES = {
     "MODEL.IF_WITH_CENTER": ("yes", "no"),
     "MODEL.METRIC_LOSS_TYPE": ("triplet", "triplet_center"),
     "MODEL.TEXT_TYPE": ("attribute", "captions"),
+    "MODEL.PROMPT_SUBJECT": ("person", "vehicle"),
     "DATALOADER.SAMPLER": ("softmax_triplet", "softmax"),
     "SOLVER.WARMUP_METHOD": ("linear", "constant"),
     "SOLVER.AMP_DTYPE": ("float16", "bfloat16"),

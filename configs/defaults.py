@@ -64,6 +64,9 @@ _C.MODEL.TEXT_LEN = 77
 _C.MODEL.POS_EMBED_INTERP = "bilinear"
 # CP2108 text source: "attribute" (text built from the attribute labels) or "captions" (caption JSON).
 _C.MODEL.TEXT_TYPE = "attribute"
+# The noun of the prompts the model writes itself ("person" or "vehicle"): CLIP-ReID's "A photo of a X X X X
+# person." and the test caption of FeatureExtractor / tools/export.py. Datasets word their own captions.
+_C.MODEL.PROMPT_SUBJECT = "person"
 # Use the attribute labels (SVPR's attribute loss and ASMOE).
 _C.MODEL.USE_ATTR = False
 # Number of learnable "X" prompt tokens in SVPR's view caption ("A photo of a X X X X person from X view.").

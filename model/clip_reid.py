@@ -57,7 +57,7 @@ class CLIP_ReID(ClipImageModel):
         length = prompt_length(cfg)
         super().__init__(cfg, num_classes, num_cameras, num_views, attributes)
         width = self.clip.text_width
-        tokens = tokenize(prompts.CLIP_REID_TEMPLATE, context_length=length)  # (1, L)
+        tokens = tokenize(prompts.clip_reid_template(cfg.MODEL.PROMPT_SUBJECT), context_length=length)  # (1, L)
         self.register_buffer("prompt_tokens", tokens, persistent=False)
         # The prefix's EOT index is the number of tokens before the first X (SOT included).
         start = int(tokenize(prompts.CLIP_REID_PREFIX, context_length=length).argmax(-1))

@@ -83,7 +83,8 @@ class FeatureExtractor:
         self.device = device or resolve_device(cfg.MODEL.DEVICE)
         self.model, self.epoch = load_trained_model(cfg, weight, self.device)
         self.transform = build_test_transform(cfg)
-        self.text = prompts.test_caption(cfg.MODEL.TEXT_PROMPT) if cfg.MODEL.USE_TEXT else None
+        self.text = (prompts.test_caption(cfg.MODEL.TEXT_PROMPT, subject=cfg.MODEL.PROMPT_SUBJECT)
+                     if cfg.MODEL.USE_TEXT else None)
 
     @classmethod
     def from_checkpoint(cls, path, device=None, opts=()):

@@ -475,3 +475,17 @@ def test_annotation_fix_reaches_the_dataset_through_the_loaders(tmp_path, per_im
         labels_per_id.setdefault(sample.pid, set()).add(sample.attrs)
     # The reference gives all images of an identity one label vector; per image, views/times differ.
     assert all(len(labels) == 1 for labels in labels_per_id.values()) is (not per_image)
+
+
+def test_vehicle_benchmarks_prompt_a_vehicle():
+    """CLIP-ReID writes "A photo of a X X X X vehicle." on VeRi and VehicleID (MODEL.PROMPT_SUBJECT)."""
+    from configs import load_config
+    from tests.conftest import REPO_ROOT
+    from text import prompts, tokenize
+
+    for folder in ("VeRi", "VehicleID"):
+        assert load_config(os.path.join(REPO_ROOT, "configs", folder, "clipreid.yml")).MODEL.PROMPT_SUBJECT == "vehicle"
+    assert prompts.clip_reid_template("vehicle") == "A photo of a X X X X vehicle."
+    person = tokenize(prompts.clip_reid_template("person"))
+    vehicle = tokenize(prompts.clip_reid_template("vehicle"))
+    assert (person != vehicle).sum() == 1 and person[0, 9] != vehicle[0, 9]  # only the subject word differs

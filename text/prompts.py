@@ -43,6 +43,10 @@ def view_caption(num_prompt_words, view_word):
 
 
 # CLIP-ReID's identity prompt: the four X words are replaced by learned per-identity context vectors.
-CLIP_REID_TEMPLATE = "A photo of a X X X X person."
 CLIP_REID_PREFIX = "A photo of a"
 CLIP_REID_CONTEXT_WORDS = 4
+
+
+def clip_reid_template(subject=PERSON):
+    """CLIP-ReID's prompt ``"A photo of a X X X X person."`` (``"... vehicle."`` for vehicle benchmarks)."""
+    return f"{CLIP_REID_PREFIX} {' '.join(['X'] * CLIP_REID_CONTEXT_WORDS)} {subject}."

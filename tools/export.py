@@ -66,7 +66,8 @@ def build_wrapper(cfg, model, caption=None):
     ``MODEL.USE_TEXT`` is on (as ``processor.inference.FeatureExtractor`` does)."""
     tokens = None
     if "text_tokens" in model.batch_inputs and cfg.MODEL.USE_TEXT:
-        text = caption if caption is not None else prompts.test_caption(cfg.MODEL.TEXT_PROMPT)
+        text = caption if caption is not None else prompts.test_caption(cfg.MODEL.TEXT_PROMPT,
+                                                                         subject=cfg.MODEL.PROMPT_SUBJECT)
         tokens = tokenize(text, context_length=cfg.MODEL.TEXT_LEN, truncate=True).long()  # (1, L)
     return ExportWrapper(model, tokens)
 
