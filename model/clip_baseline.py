@@ -4,7 +4,7 @@ triplet losses on the CLS feature.
 The CLS feature (after ``ln_post``, width C) feeds one BNNeck head (identity loss) and, before the BN, the
 triplet loss and retrieval (C-d). The reference also builds a BNNeck head on the projected CLS that it never
 uses; it is kept, frozen, so that parameters and state dicts are the reference's
-(docs/reference_differences_clip.md). ``ClipImageModel`` is the image side shared with ``CLIP_ReID``.
+(docs/reference_differences.md). ``ClipImageModel`` is the image side shared with ``CLIP_ReID``.
 """
 import torch
 from torch import nn

@@ -1,7 +1,7 @@
 """CLIP_baseline and CLIP_ReID against the reference's layout and behaviour (tiny random CLIP, CPU).
 
 The reference's state-dict keys and its forward passes are written out here from its description
-(docs/reference_differences_clip.md; ``model/make_model_clipreid.py`` and ``model/backbone/clip/model_xhao.py`` of
+(docs/reference_differences.md; ``model/make_model_clipreid.py`` and ``model/backbone/clip/model_xhao.py`` of
 ahu-xhao/SVPR-ReID), independently of the model code: a reference-layout state dict made from that key list
 loads strictly, converts back unchanged, has the reference's parameter count, and gives the features the
 written-out forward passes give.
