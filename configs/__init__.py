@@ -238,5 +238,5 @@ def ignored_keys_message(ignored):
             f"{', '.join(sorted(set(ignored)))} (see configs/compat.py)")
 
 
-__all__ = ["config_from_checkpoint", "config_value", "stored_config", "get_cfg_defaults", "ignored_keys_message", "load_config",
-           "read_config"]
+__all__ = ["config_from_checkpoint", "config_value", "get_cfg_defaults", "ignored_keys_message", "load_config",
+           "read_config", "stored_config"]

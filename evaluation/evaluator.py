@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluation.distance import METRICS, _as_tensor, compute_distance
-from evaluation.ranking import MODES, evaluate_rank, removal_mask
+from evaluation.ranking import MODES, evaluate_rank
 from evaluation.reranking import re_ranking
 from utils import distributed
 from utils.errors import ConfigError, DataError
@@ -177,17 +177,3 @@ class ReIDEvaluator:
             sides[side]["paths"] = self.paths[rows]
         distmat = self.distmat.cpu().numpy() if isinstance(self.distmat, torch.Tensor) else np.asarray(self.distmat)
         return distmat, sides["query"], sides["gallery"]
-
-    def rank_list(self, query, topk=10):
-        """(query_path, gallery_paths, matches) of the ``topk`` best kept gallery samples of query number
-        ``query`` in the last ``compute()`` (same filters; needs ``paths`` in ``update``)."""
-        if self._last is None or self.paths is None:
-            raise ValueError("rank_list() needs a compute() over batches that passed paths")
-        labels, view_mode, time_mode = self._last
-        q, g = labels[query: query + 1], labels[self.num_query:]
-        matches, removed = removal_mask(q[:, 0], g[:, 0], q[:, 1], g[:, 1], q[:, 2], g[:, 2], q[:, 3], g[:, 3],
-                                         view_mode, time_mode)
-        order = torch.sort(self.distmat[query], stable=True).indices
-        order = order[~removed[0, order]][:topk]
-        gallery_paths = [self.paths[self.num_query + i] for i in order.tolist()]
-        return self.paths[query], gallery_paths, matches[0, order].tolist()

@@ -1,5 +1,5 @@
 """Result reports: per-protocol rows printed, written to ``results.json``/``results.csv`` (read back with
-``read_results``); rank-list images for chosen queries."""
+``read_results``), with the settings that changed the numbers."""
 import csv
 import io
 import json
@@ -9,7 +9,6 @@ import tempfile
 
 import torch
 
-from PIL import Image, ImageDraw, ImageOps
 
 METRIC_COLUMNS = ("mAP", "rank1", "rank5", "rank10", "mINP")
 CSV_COLUMNS = ("protocol", "benchmark") + METRIC_COLUMNS + ("num_query", "num_gallery", "epoch", "checkpoint", "config")
@@ -108,26 +107,3 @@ def read_results(output_dir):
     """The ``results.json`` document of ``output_dir``."""
     with open(os.path.join(output_dir, "results.json")) as stream:
         return json.load(stream)
-
-
-def draw_rank_list(query_path, gallery_paths, matches, out_path, tile=(64, 128), border=4):
-    """Save the query and its ranked gallery images side by side; true matches framed green, false red
-    (``matches=None``, when the identities are unknown: grey frames)."""
-    width, height = tile
-    canvas = Image.new("RGB", ((len(gallery_paths) + 1) * (width + 2 * border) + border, height + 2 * border),
-                       "white")
-    if matches is None:
-        colours = ["grey"] * len(gallery_paths)
-    else:
-        colours = ["green" if match else "red" for match in matches]
-    frames = [(query_path, "black")] + list(zip(gallery_paths, colours))
-    for slot, (path, colour) in enumerate(frames):
-        with Image.open(path) as image:
-            thumb = ImageOps.fit(image.convert("RGB"), (width, height))
-        left = slot * (width + 2 * border) + (border if slot else 0)
-        ImageDraw.Draw(canvas).rectangle([left, 0, left + width + 2 * border - 1, height + 2 * border - 1],
-                                         fill=colour)
-        canvas.paste(thumb, (left + border, border))
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    canvas.save(out_path)
-    return out_path

@@ -202,7 +202,8 @@ def test_no_import_cycles_between_modules():
 @pytest.mark.parametrize("form", ["script", "module"])
 def test_tools_run_without_path_edits_from_any_folder(form, tmp_path):
     """The editable install makes the packages importable: no tool edits sys.path."""
-    target = [os.path.join(REPO_ROOT, "tools", "dataset_stats.py")] if form == "script" else ["-m", "tools.dataset_stats"]
+    script = os.path.join(REPO_ROOT, "tools", "dataset_stats.py")
+    target = [script] if form == "script" else ["-m", "tools.dataset_stats"]
     result = run_script([*target, "--help"], cwd=str(tmp_path))
     assert result.returncode == 0 and "CP2108_ALL" in result.stdout, result.stderr
     for name in os.listdir(os.path.join(REPO_ROOT, "tools")):

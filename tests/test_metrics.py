@@ -200,9 +200,11 @@ def test_evaluator_orders_shares_by_index_and_matches_direct_evaluation():
     assert result["mAP"] == pytest.approx(expected["mAP"]) and result["num_query"] == 12
     np.testing.assert_allclose(result["cmc"], expected["cmc"])
     assert result["num_gallery"] == 40
-    query_path, gallery_paths, matches = evaluator.rank_list(0, topk=5)
-    assert query_path == "img_0.jpg" and len(gallery_paths) == 5
-    assert matches == [pids[int(p[4:-4])] == pids[0] for p in gallery_paths]
+    ranked, query, gallery = evaluator.ranking_inputs()
+    np.testing.assert_allclose(ranked, distmat.numpy(), rtol=1e-6)
+    assert query["paths"] == [f"img_{i}.jpg" for i in range(12)] and len(gallery["paths"]) == 40
+    np.testing.assert_array_equal(query["pids"], pids[:12])
+    np.testing.assert_array_equal(gallery["viewids"], views[12:])
 
 
 def test_evaluator_config_errors_and_reranking_path():

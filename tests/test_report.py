@@ -5,11 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from evaluation import evaluate_rank
 from configs import get_cfg_defaults
-from evaluation.report import draw_rank_list, evaluation_settings, format_table, read_results, write_results
+from evaluation.report import evaluation_settings, format_table, read_results, write_results
 
 
 def protocol_result(seed):
@@ -60,21 +59,3 @@ def test_short_cmc_is_rejected():
     result["cmc"] = result["cmc"][:5]
     with pytest.raises(ValueError, match="TEST.MAX_RANK >= 10"):
         format_table({"P": result})
-
-
-def test_draw_rank_list_frames(tmp_path):
-    paths = []
-    for i in range(4):
-        path = tmp_path / f"{i}.jpg"
-        Image.new("RGB", (50, 100), (40 * i, 90, 200)).save(path, quality=95)
-        paths.append(str(path))
-    out = draw_rank_list(paths[0], paths[1:], [True, False, True], str(tmp_path / "ranks" / "q0.png"),
-                         tile=(32, 64), border=3)
-    with Image.open(out) as image:
-        assert image.size == (4 * (32 + 6) + 3, 64 + 6)
-        pixels = image.convert("RGB")
-        tile_left = [slot * 38 + (3 if slot else 0) for slot in range(4)]
-        assert pixels.getpixel((tile_left[0] + 1, 1)) == (0, 0, 0)
-        assert pixels.getpixel((tile_left[1] + 1, 1)) == (0, 128, 0)
-        assert pixels.getpixel((tile_left[2] + 1, 1)) == (255, 0, 0)
-        assert pixels.getpixel((tile_left[3] + 1, 1)) == (0, 128, 0)

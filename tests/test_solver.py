@@ -138,7 +138,7 @@ def lrs_per_epoch(optimizer, scheduler, epochs, train_step=None):
 
 
 def spec_svpr_lr(epoch):
-    """The reference's warm-up multi-step schedule (docs/method.md) for base 5e-6, W = 10, factor 0.1, steps [30, 50, 80]."""
+    """The reference's warm-up multi-step schedule for base 5e-6, W = 10, factor 0.1, steps [30, 50, 80]."""
     if epoch <= 10:
         return 5e-6 * (0.1 + 0.09 * (epoch - 1))
     if epoch <= 30:

@@ -75,7 +75,8 @@ def test_full_model_shapes_and_every_trainable_parameter_gets_a_gradient(opts, v
     assert list(out.features) == ["inv", "cvpr", "local", "penultimate"]
     assert all(t.shape == (6, WIDTH) for t in out.features.values())
     aux = out.aux
-    assert aux["view_logits"].shape == (6, view_classes) and aux["view_feat"].shape == aux["inv_feat"].shape == (6, WIDTH)
+    assert aux["view_logits"].shape == (6, view_classes)
+    assert aux["view_feat"].shape == aux["inv_feat"].shape == (6, WIDTH)
     assert [t.shape for t in aux["attr_logits"]] == [(6, 2), (6, 4), (6, 2)]
     loss = sum(t.logsumexp(-1).mean() for t in [*out.id_logits.values(), *aux["attr_logits"], aux["view_logits"]])
     loss = loss + sum(t.square().mean() for t in [*out.features.values(), aux["view_feat"]])

@@ -325,8 +325,9 @@ def reference_features(R, clip, images, viewids, tokens):
         mask = torch.zeros_like(score, dtype=torch.bool).scatter(1, idx, True)
         selected = key[mask].view(batch, -1, C)
         w_q, w_k, w_v = R[blk + "attn.qkv.weight"].chunk(3)
-        query = layer_norm(R, blk + "norm1", query + attention(query, query, query, w_q, w_k, w_v,
-                                                               R[blk + "attn.proj.weight"], R[blk + "attn.proj.bias"], 8))
+        self_attended = attention(query, query, query, w_q, w_k, w_v, R[blk + "attn.proj.weight"],
+                                  R[blk + "attn.proj.bias"], 8)
+        query = layer_norm(R, blk + "norm1", query + self_attended)
         query = layer_norm(R, blk + "norm2", query + cross(R, blk + "cross_attn", query, selected))
         query = layer_norm(R, blk + "norm4", query + mlp(R, blk + "mlp", query))
         selected = layer_norm(R, blk + "norm3", selected + cross(R, blk + "cross_attn2", selected, query))

@@ -39,7 +39,8 @@ def main(argv=None):
     from processor import run_testing
 
     run_testing(cfg, resolve_device(cfg.MODEL.DEVICE), config_file=args.config_file)
-    print(f"ranked lists in {os.path.join(cfg.OUTPUT_DIR, 'rank_lists')}, page {os.path.join(cfg.OUTPUT_DIR, 'report.html')}")
+    out = cfg.OUTPUT_DIR
+    print(f"ranked lists in {os.path.join(out, 'rank_lists')}, page {os.path.join(out, 'report.html')}")
 
 
 if __name__ == "__main__":
