@@ -43,6 +43,22 @@ class Protocol:
     view_mode: str = "mix"
 
 
+def read_id_list(list_path, line_rule):
+    """``(line number, name, identity)`` of each non-empty line ``<name> <integer id>`` of a split list file;
+    a ``DataError`` names the file, the line and ``line_rule`` otherwise."""
+    with open(list_path, encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    entries = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != 2 or not fields[1].isdigit():
+            raise DataError(f"list file '{list_path}' line {number}: {line!r} is not '{line_rule}'")
+        entries.append((number, fields[0], int(fields[1])))
+    return entries
+
+
 def list_images(folder):
     """Sorted absolute paths of every image below ``folder`` (recursive)."""
     found = []

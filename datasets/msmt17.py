@@ -18,7 +18,7 @@ import re
 from text import prompts
 from utils.errors import DataError
 
-from .bases import GROUND, ReIDDataset, Sample
+from .bases import GROUND, ReIDDataset, Sample, read_id_list
 from .market1501 import locate_folder
 from .registry import register_dataset
 
@@ -76,18 +76,11 @@ class MSMT17(ReIDDataset):
 
     def _read_list(self, list_path, images):
         samples = []
-        with open(list_path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            fields = line.split()
-            if len(fields) != 2 or not fields[1].isdigit():
-                raise DataError(f"list file '{list_path}' line {number}: {line!r} is not '<relative/path.jpg> <pid>'")
-            path = os.path.join(images, fields[0])
+        for number, name, pid in read_id_list(list_path, "<relative/path.jpg> <pid>"):
+            path = os.path.join(images, name)
             if not os.path.isfile(path):
                 raise DataError(f"list file '{list_path}' line {number}: image '{path}' not found")
-            samples.append(Sample(path, int(fields[1]), parse_msmt17_camera(path), GROUND, 0))
+            samples.append(Sample(path, pid, parse_msmt17_camera(path), GROUND, 0))
         return samples
 
     def annotate(self, sample, split):

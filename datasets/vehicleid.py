@@ -15,7 +15,7 @@ import numpy as np
 from text import prompts
 from utils.errors import ConfigError, DataError
 
-from .bases import GROUND, ReIDDataset, Sample
+from .bases import GROUND, ReIDDataset, Sample, read_id_list
 from .registry import register_dataset
 
 QUERY_CAMERA, GALLERY_CAMERA = 0, 1
@@ -66,19 +66,12 @@ class VehicleID(ReIDDataset):
         if not os.path.isfile(list_path):
             raise DataError(f"dataset {self.name}: list file '{list_path}' not found; expected {self._layout()}")
         pairs = []
-        with open(list_path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            fields = line.split()
-            if len(fields) != 2 or not fields[1].isdigit():
-                raise DataError(f"list file '{list_path}' line {number}: {line!r} is not '<image name> <vehicle id>'")
-            name = fields[0] if fields[0].lower().endswith(".jpg") else fields[0] + ".jpg"
+        for number, name, pid in read_id_list(list_path, "<image name> <vehicle id>"):
+            name = name if name.lower().endswith(".jpg") else name + ".jpg"
             if name not in self._images:
                 raise DataError(f"list file '{list_path}' line {number}: image "
                                 f"'{os.path.join(self.dataset_dir, 'image', name)}' not found")
-            pairs.append((os.path.join(self.dataset_dir, "image", name), int(fields[1])))
+            pairs.append((os.path.join(self.dataset_dir, "image", name), pid))
         return pairs
 
     def _draw(self, trial):

@@ -20,6 +20,16 @@ def run_script(args, cwd=REPO_ROOT, env=None, timeout=600):
                           timeout=timeout)
 
 
+def set_keys(cfg, overrides):
+    """Set dotted config keys (``{"MODEL.SIE_CAMERA": True}``) to Python values in an unfrozen config."""
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+
+
 @pytest.fixture
 def repo_root():
     return REPO_ROOT

@@ -14,7 +14,7 @@ from model import build_model
 from model.backbone import build_clip_from_config
 from model.checkpoint_fit import load_model_weights
 from text import tokenize
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, set_keys
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import CheckpointError
 
@@ -37,12 +37,7 @@ def tiny_cfg(arch, **overrides):
     cfg.MODEL.FREEZE_TEXT = True
     cfg.INPUT.SIZE_TRAIN = [64, 32]
     cfg.INPUT.SIZE_TEST = [64, 32]
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+    set_keys(cfg, overrides)
     return cfg
 
 

@@ -18,6 +18,7 @@ from model import build_model
 from model.checkpoint_fit import load_model_weights
 from model.clip import build_clip
 from model.contract import ReIDModel
+from tests.conftest import set_keys
 from text import tokenize
 from utils.errors import CheckpointError, ConfigError
 
@@ -38,12 +39,7 @@ def tiny_cfg(arch, **overrides):
     clip.TEXT_WIDTH, clip.TEXT_LAYERS, clip.TEXT_HEADS, clip.PATCH_SIZE = TEXT_WIDTH, TEXT_LAYERS, 2, PATCH
     cfg.MODEL.FREEZE_TEXT = True
     cfg.INPUT.SIZE_TRAIN = cfg.INPUT.SIZE_TEST = [HEIGHT, IMG_WIDTH]
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+    set_keys(cfg, overrides)
     return cfg
 
 
