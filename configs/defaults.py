@@ -180,6 +180,9 @@ _C.DATALOADER.SAMPLER_NAME = "RandomIdentitySampler"
 _C.DATALOADER.AUG = False
 # Images per identity (K) in a P x K batch.
 _C.DATALOADER.NUM_INSTANCE = 16
+# Before training, decode every image of every split (not only check that it exists): slower, but a
+# corrupt file stops the run at startup instead of mid-training.
+_C.DATALOADER.CHECK_IMAGES = False
 
 # ---------------------------------------------------------------------------------------------------
 # SOLVER (stage 2, i.e. ReID fine-tuning; SVPR-ReID has only this stage)
@@ -286,6 +289,15 @@ _C.TEST.DIST_METRIC = "euclidean"
 _C.TEST.TIME_MODE = "mix"
 # Largest rank of the reported CMC curve.
 _C.TEST.MAX_RANK = 50
+
+# ---------------------------------------------------------------------------------------------------
+# DIST (multi-process training under torchrun)
+# ---------------------------------------------------------------------------------------------------
+_C.DIST = CN()
+# How long a process waits for the others at a collective operation (gradient all-reduce, barrier,
+# gather) before it stops with an error naming the fault: a stalled or dead rank ends the run after
+# this many minutes instead of hanging it.
+_C.DIST.TIMEOUT_MINUTES = 10.0
 
 # Output folder: logs, config.yaml, checkpoints, results.json/results.csv.
 _C.OUTPUT_DIR = "./outputs/default"

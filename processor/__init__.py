@@ -12,6 +12,7 @@ from processor.hooks import BEST_CHECKPOINT, FINAL_CHECKPOINT, LAST_CHECKPOINT, 
 from processor.inference import evaluate
 from processor.model_io import build_from_args, load_trained_model, model_args_from_dataset
 from processor.phases import PHASES
+from processor.preflight import check_data
 from processor.trainer import Trainer
 from utils.checkpoint import save_checkpoint
 from utils.distributed import barrier, is_main_process
@@ -53,20 +54,18 @@ def _report(cfg, results, checkpoint, config_file, epoch):
 def run_training(cfg, device, resume=False, config_file=None):
     """Train ``cfg``'s model, then evaluate the final weights on every test protocol."""
     bundle = make_dataloaders(cfg)
+    check_data(cfg, bundle.dataset)
     model_args = model_args_from_dataset(bundle.dataset)
     model = build_from_args(cfg, model_args, device)
     last_path = os.path.join(cfg.OUTPUT_DIR, LAST_CHECKPOINT)
-    resume = resume and os.path.isfile(last_path)
     for phase in model.training_phases:
         PHASES.get(phase)(cfg, model, bundle, device).run(resume)
     criterion = build_criterion(cfg, model, model_args["num_classes"]).to(device)
     first_test = cfg.DATASETS.TESTS[0]
     trainer = Trainer(cfg, model, criterion, bundle.train_loader, (*_eval_data(cfg, first_test, bundle), first_test),
                       device, model_args)
-    if resume:
+    if resume and os.path.isfile(last_path):  # (resuming in stage 1 has no stage-2 checkpoint yet)
         trainer.resume(last_path)
-    elif os.path.isfile(last_path):
-        logger.warning("%s exists and will be overwritten; pass --resume to continue it", last_path)
     last_epoch = trainer.fit()
     final_path = os.path.join(cfg.OUTPUT_DIR, FINAL_CHECKPOINT)
     if is_main_process():

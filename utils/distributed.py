@@ -8,20 +8,35 @@ import os
 import torch
 import torch.distributed as dist
 
+_TIMEOUT = datetime.timedelta(minutes=10)  # set by init_distributed from DIST.TIMEOUT_MINUTES
+
 
 def launched_by_torchrun():
     """True when the torchrun environment asks for more than one process."""
     return int(os.environ.get("WORLD_SIZE", 1)) > 1
 
 
-def init_distributed(device):
-    """Start the process group (NCCL on CUDA, gloo on CPU) if torchrun launched several processes."""
+def restart_count():
+    """How many times torchrun's elastic agent restarted the workers (``--max-restarts``); 0 otherwise."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0) or 0)
+
+
+def init_distributed(device, timeout_minutes=10.0):
+    """Start the process group (NCCL on CUDA, gloo on CPU) if torchrun launched several processes.
+
+    Every collective (and ``barrier``) gives up after ``timeout_minutes`` with an error, so a stalled or
+    dead rank stops the others instead of hanging them.
+    """
     if not launched_by_torchrun() or is_initialized():
         return
+    global _TIMEOUT
+    _TIMEOUT = datetime.timedelta(minutes=float(timeout_minutes))
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
+        # Without asynchronous error handling a timed-out NCCL collective blocks forever instead of raising.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(minutes=30))
+    dist.init_process_group(backend=backend, init_method="env://", timeout=_TIMEOUT)
 
 
 def is_initialized():
@@ -41,7 +56,12 @@ def is_main_process():
 
 
 def barrier():
-    if is_initialized():
+    """Wait for every rank; on gloo a monitored barrier whose timeout error names the missing ranks."""
+    if not is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        dist.monitored_barrier(timeout=_TIMEOUT)
+    else:
         dist.barrier()
 
 

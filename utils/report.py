@@ -4,9 +4,10 @@ import csv
 import io
 import json
 import os
-import tempfile
 
 from PIL import Image, ImageDraw, ImageOps
+
+from utils.io import atomic_write
 
 METRIC_COLUMNS = ("mAP", "rank1", "rank5", "rank10", "mINP")
 CSV_COLUMNS = ("protocol",) + METRIC_COLUMNS + ("num_query", "num_gallery", "epoch", "checkpoint", "config")
@@ -37,15 +38,7 @@ def format_table(protocols):
 
 
 def _write_atomic(path, text):
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    atomic_write(path, text)
 
 
 def write_results(output_dir, checkpoint, config, epoch, protocols):
