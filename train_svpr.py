@@ -6,6 +6,7 @@
 """
 from processor.launch import build_parser, prepare_run
 from processor.preflight import TRAINING_RUN_FILES
+from utils.distributed import collective_errors
 from utils.entrypoint import run_main
 
 
@@ -19,7 +20,8 @@ def main():
     cfg, device = prepare_run(args, "train.log", run_files=TRAINING_RUN_FILES)
     from processor import run_training
 
-    run_training(cfg, device, resume=args.resume, config_file=args.config_file)
+    with collective_errors():
+        run_training(cfg, device, resume=args.resume, config_file=args.config_file)
 
 
 if __name__ == "__main__":

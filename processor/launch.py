@@ -9,7 +9,8 @@ import sys
 from configs import load_config
 from datasets import DATASETS
 from model import MODELS
-from processor.preflight import check_output_dir, check_resume_config, check_writable, remove_run_files
+from processor.preflight import (check_output_dir, check_resume_config, check_writable, remove_run_files,
+                                 remove_stale_temporaries)
 from utils.device import resolve_device
 from utils.distributed import get_rank, init_distributed, is_main_process, restart_count
 from utils.errors import ConfigError
@@ -73,9 +74,11 @@ def prepare_run(args, log_file, run_files=()):
         args.resume = resume
     device = resolve_device(cfg.MODEL.DEVICE)
     init_distributed(device, cfg.DIST.TIMEOUT_MINUTES)
-    if overwrite and not resume and is_main_process():
-        remove_run_files(cfg.OUTPUT_DIR, run_files)
     setup_logger(cfg.OUTPUT_DIR, log_file, rank=get_rank())
+    if is_main_process():
+        remove_stale_temporaries(cfg.OUTPUT_DIR)
+        if overwrite and not resume:
+            remove_run_files(cfg.OUTPUT_DIR, run_files)
     logger = logging.getLogger("svpr")
     logger.info("command: %s", " ".join(sys.argv))
     logger.info("config file: %s", args.config_file)

@@ -12,6 +12,7 @@ from datasets.loader import check_image_files, load_dataset
 from processor.hooks import LAST_CHECKPOINT
 from processor.stage1 import STAGE1_CHECKPOINT
 from utils.errors import CheckpointError, ConfigError, DataError
+from utils.io import TEMP_PREFIX
 from utils.metrics import _removal_mask
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,14 @@ def remove_run_files(output_dir, run_files):
         if os.path.isfile(path):
             os.remove(path)
             logger.info("--overwrite: removed %s of the previous run", path)
+
+
+def remove_stale_temporaries(output_dir):
+    """Delete temporary files of atomic writes that a killed process (SIGKILL, power loss) left behind."""
+    for name in os.listdir(output_dir):
+        if name.startswith(TEMP_PREFIX):
+            os.remove(os.path.join(output_dir, name))
+            logger.info("removed %s, left by an interrupted write", os.path.join(output_dir, name))
 
 
 def check_writable(output_dir):
