@@ -296,7 +296,7 @@ _C.TEST.MAX_RANK = 50
 _C.DIST = CN()
 # How long a process waits for the others at a collective operation (gradient all-reduce, barrier,
 # gather) before it stops with an error naming the fault: a stalled or dead rank ends the run after
-# this many minutes instead of hanging it.
+# this many minutes instead of hanging it. A float (write 5.0, not 5); fractions such as 0.5 work.
 _C.DIST.TIMEOUT_MINUTES = 10.0
 
 # Output folder: logs, config.yaml, checkpoints, results.json/results.csv.
