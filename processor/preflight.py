@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import yaml
 
+from configs import get_cfg_defaults
 from datasets.loader import check_image_files, load_dataset
 from processor.hooks import LAST_CHECKPOINT
 from processor.stage1 import STAGE1_CHECKPOINT
@@ -107,6 +108,11 @@ def check_resume_config(cfg, path):
     """The config stored in ``path`` equals ``cfg`` except for :data:`RESUME_MAY_CHANGE`; a one-line
     ``ConfigError`` naming the differing keys otherwise."""
     stored, current = _flatten(stored_config(path)), _flatten(yaml.safe_load(cfg.dump()))
+    # A key added to the framework after the checkpoint was written counts as unchanged at its default.
+    defaults = _flatten(yaml.safe_load(get_cfg_defaults().dump()))
+    for key in set(current) - set(stored):
+        if key in defaults and current[key] == defaults[key]:
+            stored[key] = current[key]
     differing = sorted(key for key in set(stored) | set(current)
                        if not key.startswith(RESUME_MAY_CHANGE) and key not in RESUME_MAY_CHANGE
                        and stored.get(key, "<absent>") != current.get(key, "<absent>"))

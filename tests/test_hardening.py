@@ -31,7 +31,7 @@ from tests.conftest import REPO_ROOT, run_script
 from tests.test_engine import BASELINE, CLIPREID, tiny
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.entrypoint import run_main
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, ConfigError
 from utils.io import atomic_write
 from utils.report import write_results
 
@@ -448,3 +448,19 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(synth_root, tmp_path):
     log = open(os.path.join(out, "train.log"), encoding="utf-8").read()
     assert "elastic restart 1: resuming" in log and "resumed from" in log and "1 epochs done" in log
     assert load_checkpoint(os.path.join(out, "model_final.pth"))["epoch"] == 2
+
+
+def test_resume_config_check_ignores_keys_added_later_at_their_default(synth_root, tmp_path):
+    from processor.preflight import check_resume_config
+
+    out = str(tmp_path / "run")
+    cfg = load_config(BASELINE, tiny(synth_root, out))
+    stored = cfg.clone()
+    stored.defrost()
+    del stored.MODEL["GRAD_CHECKPOINT"]  # a checkpoint written before this key existed
+    path = str(tmp_path / "checkpoint_last.pth")
+    save_checkpoint({"config": stored.dump()}, path)
+    check_resume_config(cfg, path)
+    changed = load_config(BASELINE, tiny(synth_root, out, extra=["MODEL.GRAD_CHECKPOINT", "True"]))
+    with pytest.raises(ConfigError, match="MODEL.GRAD_CHECKPOINT"):
+        check_resume_config(changed, path)
