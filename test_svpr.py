@@ -10,6 +10,7 @@ import os
 
 from configs import stored_config
 from processor.launch import build_parser, prepare_run
+from processor.preflight import RESULTS_FILE
 from utils.entrypoint import run_main
 
 
@@ -17,6 +18,7 @@ def main():
     parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--weights", help="checkpoint to evaluate; its stored config is used unless --config_file "
                                           "is given (same as TEST.WEIGHT)")
+    parser.add_argument("--overwrite", action="store_true", help="replace results.json/results.csv in OUTPUT_DIR")
     args = parser.parse_args()
     base = None
     if args.weights:
@@ -25,7 +27,7 @@ def main():
         # Before the user's overrides, so that an explicit OUTPUT_DIR still wins.
         args.opts = ["TEST.WEIGHT", args.weights,
                      "OUTPUT_DIR", os.path.join(os.path.dirname(os.path.abspath(args.weights)), "test"), *args.opts]
-    cfg, device = prepare_run(args, "test.log", base_config=base)
+    cfg, device = prepare_run(args, "test.log", run_files=(RESULTS_FILE,), base_config=base)
     from processor import run_testing
 
     run_testing(cfg, device, config_file=args.config_file)

@@ -5,18 +5,23 @@
     torchrun --nproc_per_node=4 train_svpr.py --config_file ...
 """
 from processor.launch import build_parser, prepare_run
+from processor.preflight import TRAINING_RUN_FILES
+from utils.distributed import collective_errors
 from utils.entrypoint import run_main
 
 
 def main():
     parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--resume", action="store_true",
-                        help="continue from OUTPUT_DIR/checkpoint_last.pth if it exists")
+                        help="continue the run in OUTPUT_DIR from its last checkpoint (the interrupted epoch restarts)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in OUTPUT_DIR (its checkpoint_last.pth, stage1.pth and results)")
     args = parser.parse_args()
-    cfg, device = prepare_run(args, "train.log")
+    cfg, device = prepare_run(args, "train.log", run_files=TRAINING_RUN_FILES)
     from processor import run_training
 
-    run_training(cfg, device, resume=args.resume, config_file=args.config_file)
+    with collective_errors():
+        run_training(cfg, device, resume=args.resume, config_file=args.config_file)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,21 @@ def config_value(cfg, dotted):
 
 
 def _check_values(cfg):
+    # Counts that must be at least 1, and counts that may also be 0 (SOLVER.MAX_EPOCHS 0: evaluate only).
+    positive = ("DATALOADER.NUM_INSTANCE", "SOLVER.IMS_PER_BATCH", "SOLVER.STAGE1.IMS_PER_BATCH", "TEST.IMS_PER_BATCH",
+                "SOLVER.EVAL_PERIOD", "SOLVER.CHECKPOINT_PERIOD", "SOLVER.LOG_PERIOD", "SOLVER.STAGE1.LOG_PERIOD",
+                "SOLVER.STAGE1.CHECKPOINT_PERIOD", "TEST.MAX_RANK")
+    non_negative = ("SOLVER.MAX_EPOCHS", "SOLVER.STAGE1.MAX_EPOCHS", "DATALOADER.NUM_WORKERS")
+    for key in positive + non_negative:
+        value, least = config_value(cfg, key), 1 if key in positive else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"config key {key} = {value!r}: expected an integer >= {least}")
+    if not cfg.DIST.TIMEOUT_MINUTES > 0:
+        raise ConfigError(f"config key DIST.TIMEOUT_MINUTES = {cfg.DIST.TIMEOUT_MINUTES!r}: expected a positive "
+                          "number of minutes")
+    if not isinstance(cfg.DATASETS.TESTS, str) and not cfg.DATASETS.TESTS:
+        raise ConfigError("config key DATASETS.TESTS is empty: expected at least one protocol to evaluate, "
+                          f"e.g. ('{cfg.DATASETS.NAMES}',)")
     for key, allowed in _CHOICES.items():
         value = config_value(cfg, key)
         if allowed is not None and value not in allowed:

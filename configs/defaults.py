@@ -204,6 +204,9 @@ _C.DATALOADER.NUM_WORKERS = 8
 _C.DATALOADER.SAMPLER = "softmax_triplet"
 # Images per identity (K) in a P x K batch.
 _C.DATALOADER.NUM_INSTANCE = 16
+# Before training, decode every image of every split (not only check that it exists): slower, but a
+# corrupt file stops the run at startup instead of mid-training.
+_C.DATALOADER.CHECK_IMAGES = False
 
 # ---------------------------------------------------------------------------------------------------
 # SOLVER (stage 2, i.e. ReID fine-tuning; SVPR-ReID has only this stage)
@@ -304,6 +307,15 @@ _C.TEST.SAVE_FEATURES = False
 # Ranked-list pictures after each evaluation: the top-k kept gallery images of the worst, best and some
 # random queries of every protocol, under OUTPUT_DIR/rank_lists/ (docs/outputs.md); 0 writes none.
 _C.TEST.VISUALIZE_TOPK = 0
+
+# ---------------------------------------------------------------------------------------------------
+# DIST (multi-process training under torchrun)
+# ---------------------------------------------------------------------------------------------------
+_C.DIST = CN()
+# How long a process waits for the others at a collective operation (gradient all-reduce, barrier,
+# gather) before it stops with an error naming the fault: a stalled or dead rank ends the run after
+# this many minutes instead of hanging it. A float (write 5.0, not 5); fractions such as 0.5 work.
+_C.DIST.TIMEOUT_MINUTES = 10.0
 
 # Output folder: logs, config.yaml, checkpoints, results.json/results.csv.
 _C.OUTPUT_DIR = "./outputs/default"

@@ -1,5 +1,7 @@
 """Image dataset wrapper, batch collation and the data loaders of training and evaluation."""
+import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Optional
@@ -101,20 +103,78 @@ def _per_rank(total, world_size, key):
     return total // world_size
 
 
+def _unwrap_worker_error(exc):
+    """The one-line ``DataError`` raised inside a loader worker, from the message the DataLoader re-raises
+    (``Caught DataError in DataLoader worker process N. Original Traceback ...``), or None."""
+    lines = str(exc).strip().splitlines()
+    if len(lines) < 2 or not lines[0].startswith("Caught "):
+        return None
+    last = lines[-1]
+    marker = f"{type(exc).__name__}: "
+    return type(exc)(last.split(marker, 1)[1]) if marker in last else None
+
+
+class ReIDDataLoader(DataLoader):
+    """A ``DataLoader`` whose workers' ``DataError`` (e.g. an unreadable image) arrives as the same one-line
+    error the main process would raise, naming the file instead of the worker."""
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except DataError as exc:
+                unwrapped = _unwrap_worker_error(exc)
+                if unwrapped is None:
+                    raise
+                raise unwrapped from None
+            yield batch
+
+
+def load_dataset(cfg, name=None):
+    """The dataset ``name`` (default ``DATASETS.NAMES``) as the config describes it, made available first
+    (e.g. SynthAG generated) by its ``prepare``."""
+    name = name or cfg.DATASETS.NAMES
+    dataset_class = DATASETS.get(name)
+    dataset_class.prepare(cfg.DATASETS.ROOT_DIR, cfg)
+    return build_dataset(name, cfg.DATASETS.ROOT_DIR, version=cfg.DATASETS.VERSION, use_text=cfg.MODEL.USE_TEXT,
+                         use_attr=cfg.MODEL.USE_ATTR, text_type=cfg.MODEL.TEXT_TYPE,
+                         text_prompt=cfg.MODEL.TEXT_PROMPT, verbose=distributed.is_main_process(),
+                         annotation_per_image=cfg.MODEL.FIXES.ANNOTATION_PER_IMAGE,
+                         **dataset_class.options_from_config(cfg))
+
+
+def check_image_files(paths, decode=False, workers=8):
+    """Every file of ``paths`` exists (and, with ``decode``, decodes); else one ``DataError`` naming the first
+    bad file and how many there are."""
+    paths = sorted(set(paths))
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        raise DataError(f"image '{missing[0]}' not found ({len(missing)} of {len(paths)} images of the splits are "
+                        "missing)")
+    if decode:
+        def readable(path):
+            try:
+                read_image(path, attempts=1)
+                return None
+            except DataError as exc:
+                return str(exc)
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            errors = [error for error in pool.map(readable, paths) if error]
+        if errors:
+            raise DataError(f"{errors[0]} ({len(errors)} of {len(paths)} images cannot be decoded)")
+
+
 def make_dataloaders(cfg, dataset_name=None, tokenizer=tokenize):
     """Build the dataset ``dataset_name`` (default ``DATASETS.NAMES``) and its loaders (see :class:`DataBundle`).
 
     Under torchrun the P x K batches and the evaluation set are shared between the processes.
     ``tokenizer`` turns texts into (N, MODEL.TEXT_LEN) token ids (default: CLIP's).
     """
-    name = dataset_name or cfg.DATASETS.NAMES
-    dataset_class = DATASETS.get(name)
-    dataset_class.prepare(cfg.DATASETS.ROOT_DIR, cfg)
-    dataset = build_dataset(name, cfg.DATASETS.ROOT_DIR, version=cfg.DATASETS.VERSION, use_text=cfg.MODEL.USE_TEXT,
-                            use_attr=cfg.MODEL.USE_ATTR, text_type=cfg.MODEL.TEXT_TYPE,
-                            text_prompt=cfg.MODEL.TEXT_PROMPT, verbose=distributed.is_main_process(),
-                            annotation_per_image=cfg.MODEL.FIXES.ANNOTATION_PER_IMAGE,
-                            **dataset_class.options_from_config(cfg))
+    dataset = load_dataset(cfg, dataset_name)
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     seed = cfg.SOLVER.SEED
     loader = partial(_make_loader, cfg, tokenizer=tokenizer)
@@ -156,7 +216,7 @@ def _make_loader(cfg, samples, transform, batch_size, sampler, tokenizer=tokeniz
     workers = cfg.DATALOADER.NUM_WORKERS
     data = ImageDataset(samples, transform, tokenizer=tokenizer, text_len=cfg.MODEL.TEXT_LEN)
     generator = torch.Generator().manual_seed(cfg.SOLVER.SEED + 1000 * offset + distributed.get_rank())
-    return DataLoader(data, batch_size=batch_size, sampler=sampler, generator=generator,
+    return ReIDDataLoader(data, batch_size=batch_size, sampler=sampler, generator=generator,
                       persistent_workers=persistent and workers > 0, collate_fn=partial(collate, with_paths=with_paths),
                       num_workers=workers, pin_memory=resolve_device(cfg.MODEL.DEVICE).type == "cuda",
                       worker_init_fn=seed_worker)

@@ -1,4 +1,5 @@
 """SynthAG protocols: the synthetic benchmark read through the CP2108-format loader from ``<root>/SynthAG``."""
+import dataclasses
 import logging
 import os
 
@@ -6,9 +7,11 @@ from utils import distributed
 
 from .cp2108 import PROTOCOLS, CP2108Format
 from .registry import register_dataset
-from .synthetic import generate_synthag, synth_config_from_cfg
+from .synthetic import generate_synthag, stored_settings, synth_config_from_cfg
 
 logger = logging.getLogger(__name__)
+
+ORIGIN = "DATASETS.SYNTH"  # the synth_config.json origin of folders generated here
 
 
 class SynthAGBase(CP2108Format):
@@ -18,13 +21,32 @@ class SynthAGBase(CP2108Format):
 
     @classmethod
     def prepare(cls, root, cfg):
-        """Generate the benchmark under ``root`` when it is missing and ``DATASETS.AUTO_GENERATE`` is on."""
+        """With ``DATASETS.AUTO_GENERATE``, generate the benchmark under ``root`` when it is missing, or again
+        when this setting generated it with other ``DATASETS.SYNTH.*`` values (its ``synth_config.json``).
+
+        A folder made otherwise (``tools/make_synthetic.py``, an older version) is used as it is, with a warning
+        when its settings differ: it is the user's data, not ours to replace.
+        """
+        if not cfg.DATASETS.AUTO_GENERATE:
+            return
         target = os.path.join(root, cls.folder)
-        if cfg.DATASETS.AUTO_GENERATE and not os.path.isdir(target):
-            if distributed.is_main_process():
+        wanted = dataclasses.asdict(synth_config_from_cfg(cfg))
+        stored = stored_settings(target) if os.path.isdir(target) else None
+        same = stored is not None and {k: v for k, v in stored.items() if k != "origin"} == wanted
+        if os.path.isdir(target) and (same or (stored or {}).get("origin") != ORIGIN):
+            if not same and distributed.is_main_process():
+                logger.warning("%s was not generated from DATASETS.SYNTH (settings %s, wanted %s): using it as it "
+                               "is; delete it to generate it from the config", target, stored or "unknown", wanted)
+            return
+        if distributed.is_main_process():
+            if os.path.isdir(target):
+                logger.warning("%s was generated with other DATASETS.SYNTH values (%s); generating it again",
+                               target, stored)
+            else:
                 logger.info("generating the synthetic benchmark in %s", target)
-                generate_synthag(root, synth_config_from_cfg(cfg), num_workers=cfg.DATALOADER.NUM_WORKERS or None)
-            distributed.barrier()
+            generate_synthag(root, synth_config_from_cfg(cfg), num_workers=cfg.DATALOADER.NUM_WORKERS or None,
+                             overwrite=True, origin=ORIGIN)
+        distributed.barrier()
 
 
 @register_dataset("SynthAG_ALL")

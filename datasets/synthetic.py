@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -422,8 +423,39 @@ def _write_json(path, obj):
         f.write("\n")
 
 
-def generate_synthag(root, config=SynthConfig(), num_workers=None, folder="SynthAG", overwrite=False):
-    """Write the benchmark to ``<root>/<folder>`` (atomically) and return that path."""
+SETTINGS_FILE = "synth_config.json"
+
+
+def stored_settings(target):
+    """``{"origin": ..., <SynthConfig fields>}`` a generated benchmark folder was made with (None if unknown)."""
+    try:
+        with open(os.path.join(target, SETTINGS_FILE), encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def _remove_stale_staging(target):
+    """Delete staging folders ``<target>.tmp-<pid>`` left by generators that died (SIGKILL, power loss)."""
+    parent, name = os.path.split(target)
+    for entry in os.listdir(parent):
+        if not entry.startswith(f"{name}.tmp-") and not entry.startswith(f"{name}.old-"):
+            continue
+        pid = entry.rsplit("-", 1)[-1]
+        alive = pid.isdigit() and int(pid) != os.getpid() and os.path.exists(f"/proc/{pid}")
+        if not alive:
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def generate_synthag(root, config=SynthConfig(), num_workers=None, folder="SynthAG", overwrite=False,
+                     origin="generate_synthag"):
+    """Write the benchmark to ``<root>/<folder>`` and return that path.
+
+    Everything is written to a staging folder next to it that is renamed into place at the end, so the
+    benchmark is either complete or absent; a failure (also Ctrl-C or SIGTERM) removes the staging folder.
+    The settings are stored in ``synth_config.json`` inside it, with ``origin`` (who asked for it: the
+    training's ``DATASETS.SYNTH`` values regenerate only what they generated themselves).
+    """
     if config.num_ids < 4 or config.images_per_id < 6 or config.height < 16 or config.width < 8:
         raise DataError(f"SynthAG size too small: num_ids={config.num_ids} (>= 4), images_per_id="
                         f"{config.images_per_id} (>= 6), height={config.height} (>= 16), width={config.width} (>= 8)")
@@ -432,8 +464,26 @@ def generate_synthag(root, config=SynthConfig(), num_workers=None, folder="Synth
     if os.path.exists(target) and not overwrite:
         raise DataError(f"'{target}' already exists; remove it or pass overwrite")
     os.makedirs(root, exist_ok=True)
+    _remove_stale_staging(target)
     staging = f"{target}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _write_benchmark(staging, config, num_workers, origin)
+        if os.path.exists(target):
+            # Swap by renames: the old benchmark stays whole until the new one is in place.
+            retired = f"{target}.old-{os.getpid()}"
+            os.replace(target, retired)
+            os.replace(staging, target)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _write_benchmark(staging, config, num_workers, origin):
+    """Render every image and write the split and annotation files into the folder ``staging``."""
     image_dir = os.path.join(staging, "images")
     os.makedirs(image_dir)
 
@@ -486,10 +536,7 @@ def generate_synthag(root, config=SynthConfig(), num_workers=None, folder="Synth
                 {name: {value: i for i, value in enumerate(values)} for name, values in VOCABULARY.items()})
     _write_json(os.path.join(staging, "attributes_labeled_qwen.json"), labels)
     _write_json(os.path.join(staging, "attribute_captions_doubao.json"), captions)
-    if os.path.exists(target):
-        shutil.rmtree(target)
-    os.replace(staging, target)
-    return target
+    _write_json(os.path.join(staging, SETTINGS_FILE), {"origin": origin, **dataclasses.asdict(config)})
 
 
 def synth_config_from_cfg(cfg):

@@ -5,9 +5,10 @@ import io
 import json
 import os
 import subprocess
-import tempfile
 
 import torch
+
+from utils.io import atomic_write
 
 
 METRIC_COLUMNS = ("mAP", "rank1", "rank5", "rank10", "mINP")
@@ -72,18 +73,6 @@ def evaluation_settings(cfg, trained_on=None):
     }
 
 
-def _write_atomic(path, text):
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 def write_results(output_dir, checkpoint, config, epoch, protocols, settings=None):
     """Write ``results.json`` and ``results.csv`` (atomically) for ``{protocol: result}``; returns the
     JSON document. ``settings``: everything else that changes the numbers (recorded in the JSON)."""
@@ -91,7 +80,7 @@ def write_results(output_dir, checkpoint, config, epoch, protocols, settings=Non
     document = {"checkpoint": checkpoint, "config": config, "epoch": None if epoch is None else int(epoch),
                 "settings": dict(settings or {}),
                 "protocols": {name: summarize(result) for name, result in protocols.items()}}
-    _write_atomic(os.path.join(output_dir, "results.json"), json.dumps(document, indent=2) + "\n")
+    atomic_write(os.path.join(output_dir, "results.json"), json.dumps(document, indent=2) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
@@ -99,7 +88,7 @@ def write_results(output_dir, checkpoint, config, epoch, protocols, settings=Non
         writer.writerow([name, row.get("benchmark", "")]
                         + [row[c] for c in METRIC_COLUMNS + ("num_query", "num_gallery")]
                         + ["" if epoch is None else int(epoch), checkpoint, config])
-    _write_atomic(os.path.join(output_dir, "results.csv"), buffer.getvalue())
+    atomic_write(os.path.join(output_dir, "results.csv"), buffer.getvalue())
     return document
 
 

@@ -14,6 +14,7 @@ from processor.inference import RANK_LIST_FOLDER, evaluate
 from processor.metrics_log import CURVES_FILE, MetricsLogHook
 from processor.model_io import build_from_args, load_trained_model, model_args_from_dataset
 from processor.phases import PHASES
+from processor.preflight import check_data
 from processor.trainer import Trainer
 from utils.checkpoint import save_checkpoint
 from model.sync_batchnorm import convert_sync_batchnorm
@@ -66,10 +67,10 @@ def _report(cfg, results, checkpoint, config_file, epoch, trained_on=None):
 def run_training(cfg, device, resume=False, config_file=None):
     """Train ``cfg``'s model, then evaluate the final weights on every test protocol."""
     bundle = make_dataloaders(cfg)
+    check_data(cfg, bundle.dataset)
     model_args = model_args_from_dataset(bundle.dataset)
     model = build_from_args(cfg, model_args, device)
     last_path = os.path.join(cfg.OUTPUT_DIR, LAST_CHECKPOINT)
-    resume = resume and os.path.isfile(last_path)
     for phase in model.training_phases:
         PHASES.get(phase)(cfg, model, bundle, device).run(resume)
     criterion = build_criterion(cfg, model, model_args["num_classes"]).to(device)
@@ -78,10 +79,8 @@ def run_training(cfg, device, resume=False, config_file=None):
     first_test = build_evaluation_protocol(cfg, cfg.DATASETS.TESTS[0], bundle)
     trainer = Trainer(cfg, model, criterion, bundle.train_loader, first_test, device, model_args,
                       hooks=[EvalHook(), CheckpointHook(), MetricsLogHook()])
-    if resume:
+    if resume and os.path.isfile(last_path):  # (resuming in stage 1 has no stage-2 checkpoint yet)
         trainer.resume(last_path)
-    elif os.path.isfile(last_path):
-        logger.warning("%s exists and will be overwritten; pass --resume to continue it", last_path)
     last_epoch = trainer.fit()
     final_path = os.path.join(cfg.OUTPUT_DIR, FINAL_CHECKPOINT)
     if is_main_process():

@@ -4,13 +4,18 @@ import argparse
 import glob
 import logging
 import os
+import signal
 import sys
 
 from configs import ignored_keys_message, read_config
 from datasets import DATASETS
 from model import MODELS
+from processor.preflight import (check_output_dir, check_resume_config, check_writable, remove_run_files,
+                                 remove_stale_temporaries)
 from utils.device import resolve_device
-from utils.distributed import get_rank, init_distributed, is_main_process
+from utils.distributed import get_rank, init_distributed, is_main_process, restart_count
+from utils.errors import ConfigError
+from utils.io import atomic_write
 from utils.logger import setup_logger
 from utils.seed import set_seed
 
@@ -74,28 +79,58 @@ def check_registered_names(cfg):
         DATASETS.get(name, "DATASETS.TESTS")
 
 
-def prepare_run(args, log_file, base_config=None):
+def _terminate(signum, frame):
+    # SIGTERM (a scheduler, torchrun stopping the other ranks) unwinds like Ctrl-C: cleanup code runs and
+    # temporary files are removed; checkpoint_last.pth keeps the start of the interrupted epoch.
+    raise SystemExit(128 + signum)
+
+
+def prepare_run(args, log_file, run_files=(), base_config=None):
     """Config, device, process group, logger, seed and ``OUTPUT_DIR/config.yaml`` for one run.
 
     ``base_config`` (YAML text, e.g. the config stored in a checkpoint) replaces the default config file
-    when ``--config_file`` is not given.
+    when ``--config_file`` is not given. ``run_files``: names whose presence in OUTPUT_DIR means a previous
+    run (e.g. ``TRAINING_RUN_FILES``). With them, ``args.resume`` / ``args.overwrite`` (when the parser has
+    them) are checked before anything is written: no silent overwrite, no silent fresh start, no resume under
+    another config. ``args.resume`` is set to the decision (also True after a torchrun elastic restart that
+    has a checkpoint to resume).
     """
     if args.config_file is None and base_config is None:
         args.config_file = DEFAULT_CONFIG
     cfg, ignored = read_config(args.config_file, args.opts, base_yaml=None if args.config_file else base_config)
     check_registered_names(cfg)
+    signal.signal(signal.SIGTERM, _terminate)
+    resume, overwrite = bool(getattr(args, "resume", False)), bool(getattr(args, "overwrite", False))
+    if restart_count() > 0:
+        # An elastic restart continues its own run, from the last checkpoint if one was written.
+        resume = any(os.path.isfile(os.path.join(cfg.OUTPUT_DIR, name)) for name in run_files[:2])
+        overwrite = True
+    if resume and overwrite and restart_count() == 0:
+        raise ConfigError("--resume and --overwrite contradict each other: pass one of them")
+    if run_files:
+        resume_path = check_output_dir(cfg.OUTPUT_DIR, run_files, resume, overwrite)
+        if resume_path:
+            check_resume_config(cfg, resume_path)
+    check_writable(cfg.OUTPUT_DIR)
+    if hasattr(args, "resume"):
+        args.resume = resume
     device = resolve_device(cfg.MODEL.DEVICE)
-    init_distributed(device)
+    init_distributed(device, cfg.DIST.TIMEOUT_MINUTES)
     setup_logger(cfg.OUTPUT_DIR, log_file, rank=get_rank())
+    if is_main_process():
+        remove_stale_temporaries(cfg.OUTPUT_DIR)
+        if overwrite and not resume:
+            remove_run_files(cfg.OUTPUT_DIR, run_files)
     logger = logging.getLogger("svpr")
     logger.info("command: %s", " ".join(sys.argv))
     logger.info("config file: %s", args.config_file or "(stored in the checkpoint)")
     if ignored:
         logger.warning(ignored_keys_message(ignored))
+    if restart_count() > 0:
+        logger.warning("torchrun elastic restart %d: %s", restart_count(),
+                       "resuming from the last checkpoint" if resume else "no checkpoint yet, starting again")
     if is_main_process():
-        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-        with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w", encoding="utf-8") as handle:
-            handle.write(cfg.dump())
+        atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
     logger.info("running on %s; merged config saved to %s", device, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
     # Each rank gets its own stream so that augmentations differ across ranks; samplers share the seed.
     set_seed(cfg.SOLVER.SEED + get_rank())

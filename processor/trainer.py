@@ -4,24 +4,47 @@
 (``processor/hooks.py``): by default ``EvalHook`` (periodic evaluation, best weights) and
 ``CheckpointHook`` (``checkpoint_last.pth`` after every epoch, periodic weights). ``checkpoint_last.pth``
 holds everything needed to continue exactly: model, optimisers, scheduler, gradient scaler, epoch, best
-score, RNG states and the config. Ctrl-C saves the state of the epoch in progress first; resuming then
-continues with the next batch.
+score, every rank's RNG states and the config. It is written before the first epoch and after every
+epoch, so it always holds the state at the start of the epoch in progress: after any interruption
+(Ctrl-C, SIGTERM, SIGKILL, a crash) ``--resume`` restarts that epoch from its beginning, and the epoch's
+batches and augmentations depend only on (seed, epoch, rank), so the result is bit-identical to an
+uninterrupted run. A non-finite loss stops the run before anything of that epoch is written.
 """
 import logging
 import os
 import time
 
+import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from processor.common import autocast, make_grad_scaler, show_progress, to_device, unwrap
+from processor.faults import fault_point
 from processor.hooks import LAST_CHECKPOINT, CheckpointHook, EvalHook
 from solver import make_optimizer, make_scheduler
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.distributed import barrier, get_rank, get_world_size, is_initialized, is_main_process
+from utils.distributed import (all_gather_object, barrier, get_rank, get_world_size, is_initialized,
+                               is_main_process)
+from utils.errors import CheckpointError, UserError
 from utils.seed import get_rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
+
+
+class DivergedError(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def rng_states():
+    """Every rank's RNG states, in rank order (a collective under torchrun: call it on every rank)."""
+    return all_gather_object(get_rng_state())
+
+
+def restore_rng(states):
+    """Restore this rank's entry of :func:`rng_states` (a single state dict is accepted too)."""
+    if isinstance(states, (list, tuple)):
+        states = states[get_rank() % len(states)]
+    set_rng_state(states)
 
 
 class Trainer:
@@ -41,9 +64,7 @@ class Trainer:
         self.scheduler = make_scheduler(cfg, self.optimizer)
         self.scaler = make_grad_scaler(cfg, device)
         self.start_epoch = 1
-        self.skip_iterations = 0
-        self._rng_to_restore = None  # RNG state of a resumed checkpoint, restored where the run stopped
-        self._iteration = 0  # batches trained in the current epoch (saved on Ctrl-C)
+        self._rng_to_restore = None  # RNG states of a resumed checkpoint, restored when fit() starts
         self.best = {"mAP": -1.0, "epoch": 0}
         self.last_eval = (None, None)  # (epoch, metrics) of the latest evaluation on the first test protocol
         self.output_dir = cfg.OUTPUT_DIR
@@ -66,8 +87,8 @@ class Trainer:
             getattr(hook, stage)(*args)
 
     # ------------------------------------------------------------------ state
-    def state_dict(self, epoch, iteration=0):
-        """Everything needed to continue: ``epoch`` completed epochs plus ``iteration`` batches of the next."""
+    def state_dict(self, epoch):
+        """Everything needed to continue after ``epoch`` completed epochs (call it on every rank)."""
         return {
             "model": unwrap(self.model).state_dict(),
             "criterion": self.criterion.state_dict(),
@@ -76,29 +97,31 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": epoch,
-            "iteration": iteration,
             "best": dict(self.best),
-            "rng": get_rng_state(),
+            "rng": rng_states(),
             "config": self.cfg.dump(),
             "model_args": self.model_args,
         }
 
     def resume(self, path):
-        """Restore the state saved in ``path`` (a checkpoint_last.pth)."""
+        """Restore the state saved in ``path`` (a checkpoint_last.pth); the next epoch is restarted from it."""
         state = load_checkpoint(path, map_location=self.device)
-        unwrap(self.model).load_state_dict(state["model"])
-        self.criterion.load_state_dict(state["criterion"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.center_optimizer and state["center_optimizer"]:
-            self.center_optimizer.load_state_dict(state["center_optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.best = dict(state["best"])
-        self.start_epoch = state["epoch"] + 1
-        self.skip_iterations = state["iteration"]
-        self._rng_to_restore = state["rng"]
-        logger.info("resumed from %s: %d epochs done%s, best mAP %.2f%% at epoch %d", path, state["epoch"],
-                    f" + {self.skip_iterations} batches" if self.skip_iterations else "",
+        try:
+            unwrap(self.model).load_state_dict(state["model"])
+            self.criterion.load_state_dict(state["criterion"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.center_optimizer and state["center_optimizer"]:
+                self.center_optimizer.load_state_dict(state["center_optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.best = {"mAP": float(state["best"]["mAP"]), "epoch": int(state["best"]["epoch"])}
+            self.start_epoch = int(state["epoch"]) + 1
+            self._rng_to_restore = state["rng"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            reason = " ".join(str(exc).split())[:200]
+            raise CheckpointError(f"cannot resume from {path}: it does not fit this model and config ({reason})") \
+                from None
+        logger.info("resumed from %s: %d epochs done, best mAP %.2f%% at epoch %d", path, state["epoch"],
                     100 * max(self.best["mAP"], 0), self.best["epoch"])
 
     def save(self, name, content):
@@ -121,33 +144,42 @@ class Trainer:
 
     def fit(self):
         """Train from ``start_epoch`` to ``SOLVER.MAX_EPOCHS``; return the number of the last epoch."""
-        cfg = self.cfg
-        max_epochs = cfg.SOLVER.MAX_EPOCHS
-        rng_state = self._rng_to_restore
-        if rng_state is not None and not self.skip_iterations:
-            set_rng_state(rng_state)
-            rng_state = None
+        max_epochs = self.cfg.SOLVER.MAX_EPOCHS
+        if self._rng_to_restore is not None:
+            restore_rng(self._rng_to_restore)
+            self._rng_to_restore = None
+        elif self.start_epoch == 1:
+            # The state before epoch 1, so that even an interruption in the first epoch can be resumed.
+            self.save(LAST_CHECKPOINT, self.state_dict(0))
         self._call_hooks("before_train")
         for epoch in range(self.start_epoch, max_epochs + 1):
             self._seed_epoch(epoch)
-            epoch_done = False
             try:
-                self.train_one_epoch(epoch, rng_state)
-                epoch_done = True
-                rng_state = None
-                self.skip_iterations = 0
-                self.scheduler.step()
-                self._call_hooks("after_epoch", epoch)
-            except KeyboardInterrupt:
-                logger.warning("interrupted: saving %s before exiting", LAST_CHECKPOINT)
-                state = self.state_dict(epoch) if epoch_done else self.state_dict(epoch - 1, self._iteration)
-                self.save(LAST_CHECKPOINT, state)
+                self.train_one_epoch(epoch)
+            except (KeyboardInterrupt, SystemExit):
+                logger.warning("interrupted in epoch %d: %s holds the state after epoch %d; --resume restarts "
+                               "epoch %d from there", epoch, LAST_CHECKPOINT, epoch - 1, epoch)
                 raise
+            self.scheduler.step()
+            self._call_hooks("after_epoch", epoch)
             barrier()
         self._call_hooks("after_train")
         return max_epochs
 
-    def train_one_epoch(self, epoch, rng_state=None):
+    def _check_finite(self, epoch, names, first_bad):
+        """Raise ``DivergedError`` when a loss term was non-finite (``first_bad``: (T,) first iteration, 0 = never)."""
+        if first_bad is None or not bool(first_bad.any()):
+            return
+        iterations = first_bad.tolist()
+        iteration = min(i for i in iterations if i)
+        terms = [name for name, i in zip(names, iterations) if i == iteration]
+        raise DivergedError(
+            f"loss term {', '.join(terms)} is not finite at epoch {epoch} iteration {iteration}: training stopped; "
+            f"{os.path.join(self.output_dir, LAST_CHECKPOINT)} keeps the state after epoch {epoch - 1} (try a "
+            "lower SOLVER.BASE_LR, or SOLVER.AMP_DTYPE bfloat16)")
+
+    def train_one_epoch(self, epoch):
+        """One pass over the training loader."""
         cfg = self.cfg
         self.train_model.train()
         num_batches = len(self.train_loader)
@@ -155,17 +187,9 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         sums, count, correct, seen = {}, 0, 0, 0
         start = time.time()
-        self._iteration = 0
+        first_bad = None  # (T,) per loss term, the first iteration where it was non-finite; stays on the device
         bar = tqdm(total=num_batches, desc=f"epoch {epoch}", leave=False, disable=not show_progress(get_rank()))
         for iteration, batch in enumerate(self.train_loader, start=1):
-            if iteration <= self.skip_iterations:
-                # Replays the interrupted epoch's batches without training on them; the RNG state saved at
-                # the interruption is restored after the last skipped batch.
-                bar.update(1)
-                if iteration == self.skip_iterations and rng_state is not None:
-                    set_rng_state(rng_state)
-                self._iteration = iteration
-                continue
             batch = to_device(batch, self.device)
             self.optimizer.zero_grad(set_to_none=True)
             if self.center_optimizer:
@@ -173,7 +197,13 @@ class Trainer:
             with autocast(cfg, self.device):
                 outputs = self.train_model(batch["images"], **unwrap(self.model).forward_inputs(batch))
                 terms = self.criterion(outputs, batch)
+                if fault_point("stage2", epoch, iteration):
+                    name = next(iter(terms))
+                    terms[name] = terms[name] * float("nan")
                 loss = sum(terms.values())
+            flags = torch.stack([~torch.isfinite(value.detach()).all() for value in terms.values()])
+            first_bad = flags * iteration if first_bad is None else \
+                torch.where((first_bad == 0) & flags, iteration, first_bad)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             if self.center_optimizer:
@@ -184,7 +214,6 @@ class Trainer:
                         param.grad.mul_(1.0 / cfg.SOLVER.CENTER_LOSS_WEIGHT)
                 self.scaler.step(self.center_optimizer)
             self.scaler.update()
-            self._iteration = iteration
 
             # Running sums stay on the device: reading them (a GPU sync) happens only when logging.
             for name, value in terms.items():
@@ -194,6 +223,7 @@ class Trainer:
             seen += batch["pids"].numel()
             bar.update(1)
             if iteration % log_period == 0 or iteration == num_batches:
+                self._check_finite(epoch, list(terms), first_bad)
                 elapsed = time.time() - start
                 losses = {name: float(total) / count for name, total in sums.items()}
                 info = {"epoch": epoch, "iteration": iteration, "num_iterations": num_batches, "losses": losses,

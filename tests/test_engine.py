@@ -5,9 +5,6 @@ and a real ``torchrun`` with the gloo backend.
 """
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -75,7 +72,7 @@ def test_baseline_trains_evaluates_and_writes_everything(baseline_run):
     for row in results["protocols"].values():
         assert 0 <= row["mAP"] <= 100 and 0 <= row["rank1"] <= row["rank5"] <= row["rank10"] <= 100
     state = load_checkpoint(os.path.join(baseline_run, "checkpoint_last.pth"))
-    assert state["epoch"] == 2 and state["iteration"] == 0
+    assert state["epoch"] == 2
     log = open(os.path.join(baseline_run, "train.log"), encoding="utf-8").read()
     assert "epoch 2 iter" in log and "img/s" in log and "triplet" in log
 
@@ -166,7 +163,7 @@ def _assert_same_weights(a, b):
 
 
 def test_resume_at_epoch_boundary_reproduces_uninterrupted_run(synth_root, tmp_path):
-    """With real loader workers (the Ctrl-C test below covers loading in the main process)."""
+    """With real loader workers (tests/test_resume.py covers interruptions inside an epoch)."""
     workers = 2
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     check_ok(run_script(["train_svpr.py", "--config_file", SVPR, *tiny(synth_root, straight, 3, workers)]))
@@ -174,31 +171,6 @@ def test_resume_at_epoch_boundary_reproduces_uninterrupted_run(synth_root, tmp_p
     check_ok(run_script(["train_svpr.py", "--config_file", SVPR, "--resume", *tiny(synth_root, split, 3, workers)]))
     _assert_same_weights(_final_weights(straight), _final_weights(split))
     assert "resumed from" in open(os.path.join(split, "train.log"), encoding="utf-8").read()
-
-
-def test_ctrl_c_saves_then_resume_finishes_identically(synth_root, tmp_path):
-    # Tiny epochs take ~0.1 s: six of them keep a signal that reaches a busy machine late inside training.
-    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
-    extra = ["SOLVER.LOG_PERIOD", "1"]
-    check_ok(run_script(["train_svpr.py", "--config_file", BASELINE, *tiny(synth_root, straight, 6, extra=extra)]))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen([sys.executable, "train_svpr.py", "--config_file", BASELINE,
-                                *tiny(synth_root, interrupted, 6, extra=extra)],
-                               cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    for line in process.stdout:
-        seen.append(line)
-        if "epoch 2 iter 2/" in line:
-            process.send_signal(signal.SIGINT)
-            break
-    output = "".join(seen) + process.communicate(timeout=120)[0]
-    assert process.returncode == 130, output[-3000:]
-    assert "saving checkpoint_last.pth" in output
-    state = load_checkpoint(os.path.join(interrupted, "checkpoint_last.pth"))
-    assert (state["epoch"], state["iteration"]) >= (1, 2) and (state["epoch"], state["iteration"]) < (6, 0)
-    check_ok(run_script(["train_svpr.py", "--config_file", BASELINE, "--resume",
-                         *tiny(synth_root, interrupted, 6, extra=extra)]))
-    _assert_same_weights(_final_weights(straight), _final_weights(interrupted))
 
 
 @pytest.mark.parametrize("config", [BASELINE, SVPR])

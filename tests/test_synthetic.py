@@ -34,7 +34,8 @@ def test_same_seed_gives_identical_files(synth_root, tmp_path):
     a, b = os.path.join(synth_root, "SynthAG"), os.path.join(tmp_path, "SynthAG")
     assert _tree(a) == _tree(b)
     match, mismatch, errors = filecmp.cmpfiles(a, b, _tree(a), shallow=False)
-    assert not mismatch and not errors and len(match) == TINY.num_ids * TINY.images_per_id + 6
+    # Images, 3 split files, 3 annotation files and the generator settings (synth_config.json).
+    assert not mismatch and not errors and len(match) == TINY.num_ids * TINY.images_per_id + 7
 
 
 def test_other_seed_gives_other_images(synth_root, tmp_path):

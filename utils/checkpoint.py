@@ -2,38 +2,17 @@
 ``.safetensors`` files as written by ``tools/export.py``."""
 import json
 import os
-import tempfile
 
 import torch
 
 from utils.errors import CheckpointError
+from utils.io import atomic_write
 
 
 def save_checkpoint(obj, path):
-    """Write ``obj`` with ``torch.save`` so that ``path`` is either the old file or the complete new one.
-
-    The data goes to a temporary file in the same folder, is flushed and fsynced, then renamed over
-    ``path`` (an atomic operation on POSIX and Windows); the folder entry is fsynced too.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    if hasattr(os, "O_DIRECTORY"):
-        dir_fd = os.open(folder, os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    """Write ``obj`` with ``torch.save`` so that ``path`` is either the old file or the complete new one
+    (``utils.io.atomic_write``: same-folder temporary file, fsync, rename, the user's umask)."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 SAFETENSORS_SUFFIX = ".safetensors"

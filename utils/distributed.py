@@ -2,11 +2,16 @@
 
 All functions are no-ops (or return single-process answers) when not running under torchrun.
 """
+import contextlib
 import datetime
 import os
 
 import torch
 import torch.distributed as dist
+
+from utils.errors import UserError
+
+_TIMEOUT = datetime.timedelta(minutes=10)  # set by init_distributed from DIST.TIMEOUT_MINUTES
 
 
 def launched_by_torchrun():
@@ -14,14 +19,58 @@ def launched_by_torchrun():
     return int(os.environ.get("WORLD_SIZE", 1)) > 1
 
 
-def init_distributed(device):
-    """Start the process group (NCCL on CUDA, gloo on CPU) if torchrun launched several processes."""
+def restart_count():
+    """How many times torchrun's elastic agent restarted the workers (``--max-restarts``); 0 otherwise."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0) or 0)
+
+
+def init_distributed(device, timeout_minutes=10.0):
+    """Start the process group (NCCL on CUDA, gloo on CPU) if torchrun launched several processes.
+
+    Every collective (and ``barrier``) gives up after ``timeout_minutes`` with an error, so a stalled or
+    dead rank stops the others instead of hanging them.
+    """
     if not launched_by_torchrun() or is_initialized():
         return
+    global _TIMEOUT
+    _TIMEOUT = datetime.timedelta(minutes=float(timeout_minutes))
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
+        # Without asynchronous error handling a timed-out NCCL collective blocks forever instead of raising.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(minutes=30))
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=_TIMEOUT))
+    # After an elastic restart (torchrun --max-restarts) the store can still hold the previous attempt's
+    # connection keys; a per-attempt prefix keeps the new process group from reading them.
+    store = dist.PrefixStore(f"attempt{restart_count()}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=_TIMEOUT)
+
+
+class DistributedError(UserError):
+    """A collective operation failed or timed out: another rank stalled or died (not a user mistake)."""
+
+    exit_code = 1
+
+
+# Messages of gloo/NCCL/c10d failures that are raised as plain RuntimeErrors.
+_COLLECTIVE_FAILURES = ("timed out", "timeout", "pair closure", "connection closed", "connection reset",
+                        "broken pipe", "nccl", "gloo", "processgroup", "watchdog")
+
+
+@contextlib.contextmanager
+def collective_errors():
+    """Turn a failed or timed-out collective under torchrun into a one-line ``DistributedError``."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as exc:
+        text = " ".join(str(exc).split())
+        if not is_initialized() or not (isinstance(exc, dist.DistError)
+                                        or any(marker in text.lower() for marker in _COLLECTIVE_FAILURES)):
+            raise
+        raise DistributedError(
+            f"rank {get_rank()}: a collective operation with the other processes failed after at most "
+            f"DIST.TIMEOUT_MINUTES = {_TIMEOUT.total_seconds() / 60:g} min ({text[-160:]}); another rank stalled "
+            "or died (see its log); --resume continues from the last checkpoint") from None
 
 
 def is_initialized():
@@ -41,7 +90,12 @@ def is_main_process():
 
 
 def barrier():
-    if is_initialized():
+    """Wait for every rank; on gloo a monitored barrier whose timeout error names the missing ranks."""
+    if not is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        dist.monitored_barrier(timeout=_TIMEOUT)
+    else:
         dist.barrier()
 
 

@@ -1,11 +1,11 @@
 """Load OpenAI CLIP weights (TorchScript archive or plain state dict) into our CLIP, resizing position tables."""
 import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
+from model.clip.archive import is_torchscript_archive, read_torchscript_state_dict
 from model.clip.model import CLIP, patch_grid
 from utils.checkpoint import load_checkpoint
 from utils.errors import CheckpointError, ConfigError
@@ -22,12 +22,7 @@ def read_state_dict(path):
     """Tensors of a CLIP weights file: a TorchScript archive (OpenAI's release) or a ``torch.save``d dict."""
     if not path or not os.path.isfile(path):
         raise CheckpointError(f"CLIP weights file not found: {path or '(empty MODEL.PRETRAIN_PATH)'}")
-    try:
-        with warnings.catch_warnings():  # OpenAI's release format is TorchScript, deprecated or not
-            warnings.simplefilter("ignore", FutureWarning)
-            state_dict = torch.jit.load(path, map_location="cpu").state_dict()
-    except Exception:  # not a TorchScript archive (torch raises several types): read it as a state dict
-        state_dict = load_checkpoint(path)
+    state_dict = read_torchscript_state_dict(path) if is_torchscript_archive(path) else load_checkpoint(path)
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{path} is not a CLIP checkpoint: expected a TorchScript archive or a state dict "
                               f"of tensors, got {type(state_dict).__name__}")
