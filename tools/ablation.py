@@ -105,7 +105,8 @@ def run_row(config_file, extra, overrides, row_dir, seeds, base_seed, table_only
         if not table_only:
             # --overwrite: running the table again retrains the row in place.
             command = [sys.executable, os.path.join(REPO_ROOT, "train_svpr.py"), "--overwrite",
-                       "--config_file", config_file, *extra, *overrides, "SOLVER.SEED", str(base_seed + k), "OUTPUT_DIR", run_dir]
+                       "--config_file", config_file, *extra, *overrides, "SOLVER.SEED", str(base_seed + k),
+                       "OUTPUT_DIR", run_dir]
             print(f"== {' '.join(command[1:])}", flush=True)
             start = time.monotonic()
             if subprocess.run(command, cwd=REPO_ROOT).returncode != 0:
