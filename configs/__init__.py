@@ -48,7 +48,7 @@ def _check_values(cfg):
     # Counts that must be at least 1, and counts that may also be 0 (SOLVER.MAX_EPOCHS 0: evaluate only).
     positive = ("DATALOADER.NUM_INSTANCE", "SOLVER.IMS_PER_BATCH", "SOLVER.STAGE1.IMS_PER_BATCH", "TEST.IMS_PER_BATCH",
                 "SOLVER.EVAL_PERIOD", "SOLVER.CHECKPOINT_PERIOD", "SOLVER.LOG_PERIOD", "SOLVER.STAGE1.LOG_PERIOD",
-                "SOLVER.STAGE1.CHECKPOINT_PERIOD", "TEST.MAX_RANK")
+                "TEST.MAX_RANK")
     non_negative = ("SOLVER.MAX_EPOCHS", "SOLVER.STAGE1.MAX_EPOCHS", "DATALOADER.NUM_WORKERS")
     for key in positive + non_negative:
         value, least = config_value(cfg, key), 1 if key in positive else 0

@@ -32,8 +32,15 @@ def test_component_rows_add_one_switch_each():
     cfg = load_config("configs/Synthetic/svpr_reid.yml")
     rows = component_rows(cfg)
     assert [name for name, _ in rows] == ["baseline", "+VDFE", "+ASMOE", "+CVPR", "+LOCAL"]
+    assert dict(zip(rows[0][1][0::2], rows[0][1][1::2])) == {f"MODEL.SVPR.{c}": "False"
+                                                             for c in ("VDFE", "ASMOE", "CVPR", "LOCAL")}
+    assert dict(zip(rows[2][1][0::2], rows[2][1][1::2]))["MODEL.SVPR.ASMOE"] == "True"
     last = dict(zip(rows[-1][1][0::2], rows[-1][1][1::2]))
     assert all(value == "True" for value in last.values())
+    # CARGO has no attributes: no ASMOE row, and ASMOE stays off in every row.
+    cargo = component_rows(load_config("configs/CARGO/svpr_reid.yml"))
+    assert [name for name, _ in cargo] == ["baseline", "+VDFE", "+CVPR", "+LOCAL"]
+    assert all(dict(zip(o[0::2], o[1::2]))["MODEL.SVPR.ASMOE"] == "False" for _, o in cargo)
 
 
 @pytest.mark.parametrize("mode", ["configs", "seeds"])
