@@ -90,7 +90,8 @@ class _FixedCountSmoothing(nn.Module):
 
     def forward(self, logits, targets):
         log_probs = F.log_softmax(logits, dim=1)
-        target = (1 - self.epsilon) * F.one_hot(targets, logits.shape[1]).to(log_probs.dtype) + self.epsilon / self.count
+        onehot = F.one_hot(targets, logits.shape[1]).to(log_probs.dtype)
+        target = (1 - self.epsilon) * onehot + self.epsilon / self.count
         return -(target * log_probs).sum(dim=1).mean()
 
 
