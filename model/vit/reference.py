@@ -31,12 +31,12 @@ class ReferenceLayout:
 
     def _rename(self, key, to_ours):
         pairs = self.prefixes if to_ours else tuple((ours, ref) for ref, ours in self.prefixes)
-        ours_key = key if not to_ours else None
+        original = key
         for old, new in pairs:
             if key.startswith(old):
                 key = new + key[len(old):]
                 break
-        ours_key = ours_key or key
+        ours_key = key if to_ours else original  # the fragment scope is given in this package's names
         if self.fragment_scope and ours_key.startswith(self.fragment_scope):
             for ref, ours in self.fragments:
                 key = key.replace(ref, ours) if to_ours else key.replace(ours, ref)
