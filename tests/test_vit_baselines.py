@@ -239,6 +239,18 @@ def test_drop_rates_reach_the_timm_blocks():
     assert model.backbone.pos_drop.p == pytest.approx(0.2)
 
 
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(batch):
+    results = []
+    for checkpointing in (False, True):
+        model = build("VDT", **{"MODEL.GRAD_CHECKPOINT": checkpointing, "MODEL.DROP_PATH": 0.0}).train()
+        out = model(batch["images"], **model.forward_inputs(batch))
+        loss = sum(build_criterion(tiny_cfg("VDT"), model, NUM_CLASSES)(out, batch).values())
+        loss.backward()
+        results.append((loss.detach(), model.backbone.blocks[0].attn.qkv.weight.grad.clone()))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+
+
 def test_jpm_shift_and_shuffle_follow_the_index_formula():
     n, width = 128, 3
     tokens = torch.arange(1 + n, dtype=torch.float32).view(1, 1 + n, 1).expand(2, -1, width)  # value = position
