@@ -15,15 +15,19 @@ _C = CN()
 _C.MODEL = CN()
 # Where to run: "auto" (CUDA if available, else CPU), "cuda" (falls back to CPU with a warning), "cpu".
 _C.MODEL.DEVICE = "auto"
-# Backbone name: "ViT-B-16" (CLIP ViT-B/16). Also the prefix of periodic checkpoint files.
+# Backbone name: "ViT-B-16" (CLIP ViT-B/16) for the CLIP models; for the ImageNet-ViT baselines
+# "vit_base_patch16_224_TransReID" ([cls, patches]; ViT, TransReID) or "vit_base_patch16_224_VDT"
+# ([cls, view, patches]; VDT, SeCap). Also the prefix of periodic checkpoint files.
 _C.MODEL.NAME = "ViT-B-16"
-# Model class in the model registry: "CLIP_SVPR_ReID", "CLIP_ReID" or "CLIP_baseline".
+# Model class in the model registry: "CLIP_SVPR_ReID", "CLIP_ReID", "CLIP_baseline", or the ImageNet-ViT
+# baselines "ViT", "TransReID", "VDT", "SeCap" (docs/baselines.md).
 _C.MODEL.ARCH_NAME = "CLIP_SVPR_ReID"
-# OpenAI CLIP checkpoint (TorchScript archive such as ViT-B-16.pt, or a plain state dict). Required
-# unless MODEL.RANDOM_INIT is True.
+# Pretrained backbone weights. CLIP models: OpenAI CLIP checkpoint (TorchScript archive such as
+# ViT-B-16.pt, or a plain state dict). ImageNet-ViT baselines: the original jx_vit_base_p16_224-80ecf9dd.pth
+# or a timm ViT weight file (.pth or .safetensors). Required unless MODEL.RANDOM_INIT is True.
 _C.MODEL.PRETRAIN_PATH = ""
-# Build the CLIP backbone from MODEL.CLIP.* with random weights instead of loading PRETRAIN_PATH
-# (tests, benchmarks and the synthetic quickstart).
+# Build the backbone with random weights from MODEL.CLIP.* (CLIP models) or MODEL.VIT.* (ImageNet-ViT
+# baselines) instead of loading PRETRAIN_PATH (tests, benchmarks and the synthetic quickstart).
 _C.MODEL.RANDOM_INIT = False
 # Triplet loss without margin (soft-margin form log(1 + exp(d_ap - d_an))). The reference's effective
 # default is True, so SOLVER.MARGIN only matters when this is False.
@@ -40,9 +44,11 @@ _C.MODEL.TRIPLET_LOSS_WEIGHT = 1.0
 _C.MODEL.METRIC_LOSS_TYPE = "triplet"
 # Weight of CLIP-ReID's stage-2 image-to-text cross-entropy.
 _C.MODEL.I2T_LOSS_WEIGHT = 1.0
-# (compatibility; no effect) Drop rates of the reference's timm ViT baselines.
+# ImageNet-ViT baselines only: stochastic-depth rate of the last block (block i gets DROP_PATH * i / (depth - 1)),
 _C.MODEL.DROP_PATH = 0.1
+# dropout after the positional embedding, the attention projection and the MLP layers,
 _C.MODEL.DROP_OUT = 0.0
+# and dropout of the attention weights.
 _C.MODEL.ATT_DROP_RATE = 0.0
 # Patch-embedding stride (rows, columns); smaller than the patch size gives overlapping patches.
 _C.MODEL.STRIDE_SIZE = [16, 16]
@@ -96,6 +102,42 @@ _C.MODEL.CLIP.TEXT_WIDTH = 512  # text transformer width
 _C.MODEL.CLIP.TEXT_LAYERS = 12  # text transformer depth
 _C.MODEL.CLIP.TEXT_HEADS = 8  # text transformer heads
 _C.MODEL.CLIP.VOCAB_SIZE = 49408  # BPE vocabulary size (CLIP's tokenizer needs 49408)
+
+# ImageNet-ViT hyper-parameters used only with MODEL.RANDOM_INIT; with a checkpoint they are read from the
+# weights (heads = width / 64, as in every ViT of that family).
+_C.MODEL.VIT = CN()
+_C.MODEL.VIT.EMBED_DIM = 768  # token width
+_C.MODEL.VIT.DEPTH = 12  # number of transformer blocks
+_C.MODEL.VIT.NUM_HEADS = 12  # attention heads per block
+_C.MODEL.VIT.PATCH_SIZE = 16  # patch (kernel) size of the patch embedding; its stride is MODEL.STRIDE_SIZE
+
+# TransReID's jigsaw patch module (JPM): the patch tokens are rotated left by SHIFT - 1, interleaved from
+# SHUFFLE_GROUPS equal parts and cut into NUM_GROUPS local groups (the authors' fixed 5 / 2 / 4).
+_C.MODEL.JPM = CN()
+_C.MODEL.JPM.SHIFT = 5  # the patch tokens are rotated left by SHIFT - 1
+_C.MODEL.JPM.SHUFFLE_GROUPS = 2  # equal parts interleaved after the shift
+_C.MODEL.JPM.NUM_GROUPS = 4  # local groups (local branches); the test feature divides each by this number
+
+# VDT and SeCap: weight of the view loss (view classification + |cos(global, view)|).
+_C.MODEL.VDT = CN()
+_C.MODEL.VDT.VIEW_LOSS_WEIGHT = 0.1  # weight of the view loss of VDT and SeCap
+
+# SeCap: number of learnable prompts recalibrated by PRM, and number of two-way LFRM layers.
+_C.MODEL.SECAP = CN()
+_C.MODEL.SECAP.PROMPT_LEN = 64  # learnable prompts re-calibrated by PRM
+_C.MODEL.SECAP.LFRM_DEPTH = 2  # two-way transformer layers of LFRM
+
+# MODEL.FIXES (continued) for the ImageNet-ViT baselines (docs/baselines.md).
+# VDT/SeCap: place the pretrained positional embedding at [cls, view (= cls position), patches] instead of
+# the authors' table shifted by one row (view token at patch 0's position, each patch at its right
+# neighbour's, last patch on a row the authors leave uninitialised and this code sets to zeros).
+_C.MODEL.FIXES.VIEW_POS_EMBED = False
+# TransReID: apply the global BNNeck once per training step (the authors apply it twice, so its running
+# statistics move twice per step).
+_C.MODEL.FIXES.TRANSREID_SINGLE_BN = False
+# VDT/SeCap: smooth the view cross-entropy over the V views (targets sum to 1) instead of the authors'
+# epsilon / number-of-identities.
+_C.MODEL.FIXES.VIEW_LOSS_SMOOTHING = False
 
 # SVPR-ReID components (MODEL.ARCH_NAME CLIP_SVPR_ReID). Each switch removes its branch entirely.
 _C.MODEL.SVPR = CN()

@@ -95,6 +95,31 @@ class ViewLoss(nn.Module):
         return self.xent(_aux(outputs, "view_logits", "view"), batch["viewids"]) + decoupling
 
 
+class _FixedCountSmoothing(nn.Module):
+    """Cross-entropy against ``(1 - epsilon) * onehot(y) + epsilon / count`` for a fixed ``count`` that need
+    not be the logit width (then the target does not sum to 1)."""
+
+    def __init__(self, epsilon, count):
+        super().__init__()
+        self.epsilon, self.count = epsilon, count
+
+    def forward(self, logits, targets):
+        log_probs = F.log_softmax(logits, dim=1)
+        onehot = F.one_hot(targets, logits.shape[1]).to(log_probs.dtype)
+        target = (1 - self.epsilon) * onehot + self.epsilon / self.count
+        return -(target * log_probs).sum(dim=1).mean()
+
+
+@register_loss("view_identity_smoothing")
+class ViewLossIdentitySmoothing(ViewLoss):
+    """The ``view`` term with the VDT/SeCap authors' smoothing: epsilon / (number of identities) on each of
+    the V view logits (MODEL.FIXES.VIEW_LOSS_SMOOTHING selects the plain ``view`` term instead)."""
+
+    def __init__(self, cfg, num_classes, feature_dim):
+        super().__init__(cfg, num_classes, feature_dim)
+        self.xent = _FixedCountSmoothing(label_smoothing(cfg), num_classes)
+
+
 @register_loss("attr")
 class AttributeLoss(nn.Module):
     """Sum over attributes of the plain cross-entropy of ``aux["attr_logits"][a]`` against ``attrs[:, a]``."""

@@ -50,6 +50,8 @@ def prompt_length(cfg):
 class CLIP_ReID(ClipImageModel):
     """The CLIP-ReID image side (``ClipImageModel``) plus the frozen text tower and per-identity prompts."""
 
+    fixes = ("CLIPREID_PROMPT_AT_TEXT_LEN",)
+
     training_phases = ("prompt_learning",)
     visual_prefix = "clip.visual."
 

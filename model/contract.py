@@ -10,6 +10,8 @@ A model is a ``ReIDModel`` subclass registered with ``@MODELS.register("Name")``
   test-time feature that evaluation ranks with;
 * ``loss_specs(cfg)``: the loss terms (names in ``loss.LOSSES``) and their weights, the one place a
   model's loss weights are read from the config;
+* ``fixes``: the ``MODEL.FIXES`` switches (defects of the authors' code) the model honours, for
+  ``tools/ablation.py --fixes``;
 * ``training_phases``: names of engine phases (``processor.phases.PHASES``) to run before the main
   training loop, e.g. CLIP-ReID's prompt learning;
 * ``from_reference_state_dict`` / ``to_reference_state_dict``: the mapping between this model's
@@ -60,6 +62,7 @@ class ReIDModel(nn.Module):
 
     batch_inputs = ()
     training_phases = ()
+    fixes = ()
     #: Width of the test-time feature and of the first training feature; set by the constructor.
     embedding_dim = 0
     feature_dim = 0

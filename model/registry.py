@@ -6,7 +6,7 @@ modules below are imported on the first lookup.
 from utils.registry import Registry
 
 MODELS = Registry("model", "MODEL.ARCH_NAME",
-                  builtin_modules=("model.clip_baseline", "model.clip_reid", "model.svpr"))
+                  builtin_modules=("model.clip_baseline", "model.clip_reid", "model.svpr", "model.vit"))
 register_model = MODELS.register
 
 

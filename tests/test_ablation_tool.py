@@ -7,6 +7,7 @@ import pytest
 from tests.conftest import run_script
 from tools.ablation import component_rows, fix_rows, markdown_table, mean_std
 from configs import load_config
+from model.svpr import CLIPSVPRReID
 
 
 def write_run(folder, maps, seconds):
@@ -76,7 +77,9 @@ def test_missing_results_is_one_line(tmp_path):
 def test_fix_rows_start_from_the_shipped_reference_and_add_each_fix():
     cfg = load_config("configs/Synthetic/svpr_reid.yml")
     rows = fix_rows(cfg)
-    off = sorted(name for name, value in cfg.MODEL.FIXES.items() if not value)
+    svpr_fixes = CLIPSVPRReID.fixes
+    off = sorted(name for name in svpr_fixes if not cfg.MODEL.FIXES[name])
     assert rows[0] == ("reference", []) and rows[-1][0] == "all fixes"
-    assert [name for name, _ in rows[1:-1]] == [f"+{fix}" for fix in off] and len(off) >= 5
-    assert dict(zip(rows[-1][1][0::2], rows[-1][1][1::2])) == {f"MODEL.FIXES.{fix}": "True" for fix in cfg.MODEL.FIXES}
+    assert [name for name, _ in rows[1:-1]] == [f"+{fix}" for fix in off] and len(off) == 8
+    assert "+TRANSREID_SINGLE_BN" not in dict(rows)  # another model's switch
+    assert dict(zip(rows[-1][1][0::2], rows[-1][1][1::2])) == {f"MODEL.FIXES.{fix}": "True" for fix in svpr_fixes}

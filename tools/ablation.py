@@ -21,6 +21,7 @@ import sys
 import time
 
 from configs import load_config
+from model import MODELS
 from utils.entrypoint import run_main
 from utils.errors import ConfigError, DataError, UserError
 
@@ -43,11 +44,11 @@ def component_rows(cfg):
 
 
 def fix_rows(cfg):
-    """(name, overrides) rows: the reference's behaviour (the config's MODEL.FIXES as shipped: fixes that
-    change numerics off, crash fixes on), each fix that is off turned on alone, then all fixes on."""
-    fixes = dict(getattr(cfg.MODEL, "FIXES", {}) or {})
+    """(name, overrides) rows: the reference's behaviour (MODEL.FIXES as shipped: fixes that change numerics
+    off, crash fixes on), each of the model's fixes that is off turned on alone, then all of them on."""
+    fixes = {name: cfg.MODEL.FIXES[name] for name in MODELS.get(cfg.MODEL.ARCH_NAME).fixes}
     if not fixes:
-        raise ConfigError("--fixes needs the MODEL.FIXES switches in the config")
+        raise ConfigError(f"MODEL.ARCH_NAME {cfg.MODEL.ARCH_NAME} has no MODEL.FIXES switches to ablate")
     rows = [("reference", [])]
     rows += [(f"+{fix}", [f"MODEL.FIXES.{fix}", "True"]) for fix in sorted(fixes) if not fixes[fix]]
     rows.append(("all fixes", [item for fix in sorted(fixes) for item in (f"MODEL.FIXES.{fix}", "True")]))

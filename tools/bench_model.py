@@ -2,9 +2,17 @@
 
     python tools/bench_model.py --config_file configs/CP2108/svpr_reid.yml --random-weights [--batch 16]
 
+More models (e.g. the ImageNet-ViT baselines) are timed in the same run with ``--also CONFIG ...``, and the
+CLIP baseline can be built from another config (``--baseline_config``, e.g. the Synthetic CLIP baseline
+next to the Synthetic ViT baselines):
+
+    python tools/bench_model.py --config_file configs/Synthetic/vit.yml --also configs/Synthetic/transreid.yml \
+        configs/Synthetic/vdt.yml configs/Synthetic/secap.yml --baseline_config configs/Synthetic/clip_baseline.yml \
+        --random-weights --device cpu
+
 A training step is forward + criterion + backward + optimiser step on a synthetic P x K batch (one caption
 and one attribute vector per identity, alternating views). CUDA with autocast when available, else CPU
-fp32. The two models' timed steps alternate. The last line printed is one JSON object.
+fp32. The models' timed steps alternate. The last line printed is one JSON object.
 """
 import argparse
 import json
@@ -100,17 +108,22 @@ def measure(candidates, batch_size, device, warmup, iters):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config_file", required=True)
+    parser.add_argument("--also", nargs="+", default=[], metavar="CONFIG",
+                        help="further config files whose models are timed in the same run")
+    parser.add_argument("--baseline_config", default=None,
+                        help="config of the CLIP baseline (default: --config_file with MODEL.ARCH_NAME CLIP_baseline)")
     parser.add_argument("--batch", type=int, default=16, help="images per step (default 16)")
     parser.add_argument("--iters", type=int, default=5, help="timed iterations per measurement (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
     parser.add_argument("--random-weights", action="store_true",
-                        help="random CLIP weights from MODEL.CLIP.* instead of MODEL.PRETRAIN_PATH")
+                        help="random weights (MODEL.CLIP.* / MODEL.VIT.*) instead of MODEL.PRETRAIN_PATH")
     parser.add_argument("--num-classes", type=int, default=500, help="identities of the classifiers")
     parser.add_argument("--num-views", type=int, default=2, help="views of the synthetic batch")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when available)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (torch.set_num_threads); 1 avoids OpenMP waits on a busy machine")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                        help="config overrides KEY VALUE (applied to every config)")
     args = parser.parse_args()
     if args.batch < 2 or args.iters < 1 or args.warmup < 0:
         raise ConfigError("--batch must be >= 2, --iters >= 1 and --warmup >= 0")
@@ -121,9 +134,11 @@ def main():
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.SOLVER.SEED)
     batch = synthetic_batch(cfg, args.batch, args.num_classes, args.num_views, device)
-    baseline_cfg = load_config(args.config_file, opts + ["MODEL.ARCH_NAME", "CLIP_baseline"])
+    baseline_cfg = load_config(args.baseline_config or args.config_file, opts + ["MODEL.ARCH_NAME", "CLIP_baseline"])
+    configs = {"model": cfg, "baseline": baseline_cfg}
+    configs.update({f"also{i}": load_config(path, opts) for i, path in enumerate(args.also)})
     candidates = {name: make_steps(config, batch, args.num_classes, args.num_views, device)
-                  for name, config in (("model", cfg), ("baseline", baseline_cfg))}
+                  for name, config in configs.items()}
     rates = measure(candidates, args.batch, device, args.warmup, args.iters)
     (train_rate, infer_rate), (base_train, base_infer) = rates["model"], rates["baseline"]
     height, width = cfg.INPUT.SIZE_TRAIN
@@ -131,12 +146,19 @@ def main():
         "config": args.config_file, "arch": cfg.MODEL.ARCH_NAME, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "amp": device.type == "cuda" and cfg.SOLVER.AMP, "batch": args.batch, "input": [height, width],
-        "vision_width": cfg.MODEL.CLIP.VISION_WIDTH if cfg.MODEL.RANDOM_INIT else "checkpoint",
+        "vision_width": baseline_cfg.MODEL.CLIP.VISION_WIDTH if baseline_cfg.MODEL.RANDOM_INIT else "checkpoint",
         "threads": torch.get_num_threads(),
         "train_img_per_s": round(train_rate, 3), "infer_img_per_s": round(infer_rate, 3),
         "baseline_train_img_per_s": round(base_train, 3), "baseline_infer_img_per_s": round(base_infer, 3),
         "svpr_over_baseline_train_cost": round(base_train / train_rate, 3),
         "svpr_over_baseline_infer_cost": round(base_infer / infer_rate, 3),
+        "train_step_s": {configs[name].MODEL.ARCH_NAME: round(args.batch / rates[name][0], 4) for name in configs},
+        "params_m": {configs[name].MODEL.ARCH_NAME: round(sum(p.numel() for p in candidates[name][0].parameters())
+                                                          / 1e6, 3) for name in configs},
+        "also": [{"config": path, "arch": configs[f"also{i}"].MODEL.ARCH_NAME,
+                  "train_img_per_s": round(rates[f"also{i}"][0], 3), "infer_img_per_s": round(rates[f"also{i}"][1], 3),
+                  "over_baseline_train_cost": round(base_train / rates[f"also{i}"][0], 3)}
+                 for i, path in enumerate(args.also)],
     }))
 
 

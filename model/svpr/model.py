@@ -40,6 +40,10 @@ class CLIPSVPRReID(ReIDModel):
     (docs/reference_differences.md).
     """
 
+    fixes = ("CVPR_PER_SAMPLE_KEY", "CVPR_SCATTER_ORDER", "CVPR_PROGRESSIVE_KEYS", "CVPR_SEPARATE_BLOCKS", "VIEW_WORDS",
+             "VIEW_HEAD_CLASSES", "DROP_UNUSED_PARAMETERS", "NO_ATTRIBUTES", "LOCAL_PATCH_COUNT",
+             "ANNOTATION_PER_IMAGE")
+
     batch_inputs = ("camids", "viewids", "text_tokens")
 
     def __init__(self, cfg, num_classes, num_cameras=1, num_views=1, attributes=()):

@@ -1,0 +1,132 @@
+"""The ImageNet ViT backbone of the ViT / TransReID / VDT / SeCap baselines, on timm's ``VisionTransformer``.
+
+Differences from timm's own ``vit_base_patch16_224``: the patch embedding may overlap (stride
+MODEL.STRIDE_SIZE smaller than the patch), the input is a fixed ReID size (e.g. 256x128), an optional
+side-information embedding (SIE) of camera and/or view ids is added with the positional embedding, and an
+optional learnable view token (timm's register token, zero at start) follows the class token. With
+``subtract_view`` the view token is subtracted from the class token after every block (VDT's hierarchical
+subtraction). Pretrained weights are read by ``model.vit.weights``.
+"""
+from functools import partial
+
+import torch
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.clip.sie import SideInfoEmbedding
+from model.vit.weights import architecture_of, load_pretrained_vit, read_vit_weights
+from utils.errors import ConfigError
+
+#: MODEL.NAME -> whether the backbone has a view token ([cls, view, patches] instead of [cls, patches]).
+BACKBONES = {
+    "vit_base_patch16_224_TransReID": False,
+    "vit_base_patch16_224_VDT": True,
+}
+#: Sizes of ViT-B/16, the architecture every MODEL.NAME above names.
+VIT_BASE = {"embed_dim": 768, "depth": 12, "num_heads": 12, "patch_size": 16}
+LAYER_NORM_EPS = 1e-6
+
+
+class OverlapPatchEmbed(PatchEmbed):
+    """timm's ``PatchEmbed`` with a convolution stride that may be smaller than the patch size.
+
+    The grid is ``((H - p) // s_y + 1, (W - p) // s_x + 1)`` patches, flattened row-major.
+    """
+
+    def __init__(self, *args, stride=(16, 16), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.proj.stride = tuple(stride)
+        self.grid_size = tuple((size - patch) // step + 1
+                               for size, patch, step in zip(self.img_size, self.patch_size, stride))
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+
+class ReIDVisionTransformer(VisionTransformer):
+    """timm ViT (token pooling, no classification head) with overlapping patches, SIE and a view token.
+
+    ``num_cameras`` / ``num_views`` > 1 switch the SIE on for cameras / views (``sie_coe`` scales it).
+    """
+
+    def __init__(self, img_size, patch_size=16, stride=(16, 16), embed_dim=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, qkv_bias=True, view_token=False, drop_path=0.0, drop_out=0.0, attn_drop=0.0,
+                 num_cameras=0, num_views=0, sie_coe=3.0):
+        super().__init__(img_size=tuple(img_size), patch_size=patch_size, num_classes=0, global_pool="token",
+                         embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                         qkv_bias=qkv_bias, reg_tokens=int(view_token), pos_drop_rate=drop_out,
+                         proj_drop_rate=drop_out, attn_drop_rate=attn_drop, drop_path_rate=drop_path,
+                         embed_layer=partial(OverlapPatchEmbed, stride=tuple(stride)),
+                         norm_layer=partial(nn.LayerNorm, eps=LAYER_NORM_EPS))
+        if self.reg_token is not None:
+            nn.init.zeros_(self.reg_token)  # the authors' view token starts at zero and is never loaded
+        self.sie_embed = None
+        if num_cameras > 1 or num_views > 1:
+            self.sie_embed = SideInfoEmbedding(num_cameras, num_views, embed_dim, sie_coe)
+
+    @property
+    def has_view_token(self):
+        """Whether the tokens are [cls, view, patches]."""
+        return self.reg_token is not None
+
+    def embed(self, images, camids=None, viewids=None):
+        """Tokens before the first block: (B, P + N, C) with P = 1 or 2 prefix tokens."""
+        x = self.patch_embed(images)  # (B, N, C)
+        prefix = [self.cls_token.expand(x.shape[0], -1, -1)]
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(x.shape[0], -1, -1))
+        x = torch.cat(prefix + [x], dim=1) + self.pos_embed  # (B, P + N, C)
+        if self.sie_embed is not None:
+            x = x + self.sie_embed(camids, viewids).unsqueeze(1)
+        return self.pos_drop(x)
+
+    def run_blocks(self, x, blocks, subtract_view=False):
+        """Apply ``blocks`` to tokens ``x``; with ``subtract_view``, ``cls <- cls - view`` after each block."""
+        for block in blocks:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+            if subtract_view:
+                x = torch.cat([x[:, :1] - x[:, 1:2], x[:, 1:]], dim=1)
+        return x
+
+    def forward(self, images, camids=None, viewids=None, num_blocks=None, subtract_view=False, final_norm=True):
+        """All tokens (B, P + N, C) after the first ``num_blocks`` blocks (all by default) and the final LN."""
+        x = self.run_blocks(self.embed(images, camids, viewids), self.blocks[:num_blocks], subtract_view)
+        return self.norm(x) if final_norm else x
+
+
+def vit_architecture(cfg):
+    """Backbone sizes: MODEL.VIT.* with MODEL.RANDOM_INIT, else those of the weights file."""
+    if cfg.MODEL.RANDOM_INIT:
+        vit = cfg.MODEL.VIT
+        return {"embed_dim": vit.EMBED_DIM, "depth": vit.DEPTH, "num_heads": vit.NUM_HEADS,
+                "patch_size": vit.PATCH_SIZE, "mlp_ratio": 4.0, "qkv_bias": True}, None
+    state = read_vit_weights(cfg.MODEL.PRETRAIN_PATH)
+    return architecture_of(state, cfg.MODEL.PRETRAIN_PATH), state
+
+
+def build_vit_backbone(cfg, num_cameras, num_views, view_token):
+    """The backbone of ``cfg`` (MODEL.NAME, INPUT.SIZE_TRAIN, MODEL.STRIDE_SIZE, drop rates, SIE), with the
+    weights of MODEL.PRETRAIN_PATH unless MODEL.RANDOM_INIT. ``view_token`` is what the model needs."""
+    if cfg.MODEL.NAME not in BACKBONES:
+        raise ConfigError(f"config key MODEL.NAME = {cfg.MODEL.NAME!r}: expected one of {', '.join(BACKBONES)} "
+                          f"for MODEL.ARCH_NAME {cfg.MODEL.ARCH_NAME}")
+    if BACKBONES[cfg.MODEL.NAME] != view_token:
+        wanted = next(name for name, has_view in BACKBONES.items() if has_view == view_token)
+        raise ConfigError(f"config key MODEL.NAME = {cfg.MODEL.NAME!r}: MODEL.ARCH_NAME {cfg.MODEL.ARCH_NAME} "
+                          f"needs {wanted!r}")
+    arch, state = vit_architecture(cfg)
+    if arch["embed_dim"] % arch["num_heads"]:
+        raise ConfigError(f"config key MODEL.VIT.NUM_HEADS = {arch['num_heads']}: expected a divisor of "
+                          f"MODEL.VIT.EMBED_DIM = {arch['embed_dim']}")
+    backbone = ReIDVisionTransformer(
+        cfg.INPUT.SIZE_TRAIN, stride=cfg.MODEL.STRIDE_SIZE, view_token=view_token, drop_path=cfg.MODEL.DROP_PATH,
+        drop_out=cfg.MODEL.DROP_OUT, attn_drop=cfg.MODEL.ATT_DROP_RATE,
+        num_cameras=num_cameras if cfg.MODEL.SIE_CAMERA else 0, num_views=num_views if cfg.MODEL.SIE_VIEW else 0,
+        sie_coe=cfg.MODEL.SIE_COE, **arch)
+    if state is not None:
+        load_pretrained_vit(backbone, state, cfg.MODEL.PRETRAIN_PATH, fix_view_pos=cfg.MODEL.FIXES.VIEW_POS_EMBED)
+    backbone.set_grad_checkpointing(cfg.MODEL.GRAD_CHECKPOINT)
+    return backbone
