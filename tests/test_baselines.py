@@ -20,7 +20,7 @@ from utils.errors import CheckpointError
 
 NUM_CLASSES, NUM_CAMERAS, NUM_VIEWS, BATCH = 5, 3, 2, 4
 WIDTH, EMBED_DIM = 64, 32
-X_TOKEN = 343  # BPE id of "x" (SPEC 3.6)
+X_TOKEN = 343  # BPE id of "x" in CLIP's vocabulary
 
 
 def tiny_cfg(arch, **overrides):
