@@ -10,6 +10,7 @@ epoch, so it always holds the state at the start of the epoch in progress: after
 batches and augmentations depend only on (seed, epoch, rank), so the result is bit-identical to an
 uninterrupted run. A non-finite loss stops the run before anything of that epoch is written.
 """
+import datetime
 import logging
 import os
 import time
@@ -29,6 +30,11 @@ from utils.errors import CheckpointError, UserError
 from utils.seed import get_rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
+
+
+def format_duration(seconds):
+    """``H:MM:SS`` of a number of seconds (for ETAs in the log)."""
+    return str(datetime.timedelta(seconds=max(0, int(round(seconds)))))
 
 
 class DivergedError(UserError):
@@ -230,9 +236,13 @@ class Trainer:
                         "loss": sum(losses.values()), "accuracy": float(correct) / max(seen, 1), "lr": lr,
                         "images_per_second": seen * get_world_size() / max(elapsed, 1e-9)}
                 parts = ", ".join(f"{name} {value:.3f}" for name, value in losses.items())
-                logger.info("epoch %d iter %d/%d: loss %.3f (%s), acc %.3f, lr %.2e, %.1f img/s", epoch,
-                            iteration, num_batches, info["loss"], parts, info["accuracy"], lr,
-                            info["images_per_second"])
+                # ETAs from this epoch's pace (evaluations not included).
+                epoch_seconds = elapsed / count * num_batches
+                epoch_eta = epoch_seconds - elapsed
+                run_eta = epoch_eta + epoch_seconds * (self.cfg.SOLVER.MAX_EPOCHS - epoch)
+                logger.info("epoch %d iter %d/%d: loss %.3f (%s), acc %.3f, lr %.2e, %.1f img/s, ETA epoch %s, "
+                            "run %s", epoch, iteration, num_batches, info["loss"], parts, info["accuracy"], lr,
+                            info["images_per_second"], format_duration(epoch_eta), format_duration(run_eta))
                 self._call_hooks("after_log", info)
         bar.close()
         if count:

@@ -83,3 +83,20 @@ def test_test_script_without_stored_config_asks_for_one(tmp_path):
     result = run_script(["test_svpr.py", "--weights", path])
     assert result.returncode == 2 and "--config_file" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_log_lines_report_progress_with_etas(trained):
+    """A non-terminal log gets, every SOLVER.LOG_PERIOD iterations, the epoch, iteration/total, losses, lr,
+    images/s and the ETAs of the epoch and of the run."""
+    import re
+
+    from processor.trainer import format_duration
+
+    _, out = trained
+    log = open(os.path.join(out, "train.log"), encoding="utf-8").read()
+    lines = [line for line in log.splitlines() if " iter " in line]
+    assert lines, log[-2000:]
+    pattern = re.compile(r"epoch 1 iter \d+/\d+: loss [\d.]+ \(id [\d.]+, triplet [\d.]+.*\), acc [\d.]+, "
+                         r"lr [\d.e+-]+, [\d.]+ img/s, ETA epoch \d+:\d\d:\d\d, run \d+:\d\d:\d\d")
+    assert all(pattern.search(line) for line in lines), lines[0]
+    assert format_duration(3725.4) == "1:02:05" and format_duration(-3) == "0:00:00"
