@@ -12,6 +12,7 @@ from tests.test_engine import BASELINE, check_ok, tiny
 pytestmark = pytest.mark.slow
 
 STEP = """
+import gc
 import sys
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -49,7 +50,11 @@ if rank == 0:
                 "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
                 "buffers": {n: b.clone() for n, b in model.named_buffers()}}, sys.argv[2])
 if world > 1:
+    # Release DDP's reducer before the process group: a reducer outliving the group can abort the process
+    # at interpreter exit ("terminate called without an active exception").
     torch.distributed.barrier()
+    del net, outputs, terms, loss
+    gc.collect()
     torch.distributed.destroy_process_group()
 """
 
