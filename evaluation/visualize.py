@@ -156,7 +156,7 @@ def write_rank_lists(out_dir, protocol, distmat, query, gallery, removed, topk=1
         counts[kind] += 1
         order = kept_order(distmat[q], removed[q])[:topk]
         items = [(gallery["paths"][g], "match" if matches[q, g] else "non-match",
-                  f"{float(distmat[q, g]):.3f}\n{_where(gallery, g)}") for g in order]
+                  f"{float(distmat[q, g]):.4f}\n{_where(gallery, g)}") for g in order]
         title = f"{protocol} {kind} #{counts[kind]}: query {q}, AP {100 * ap[q]:.1f}%"
         strip = draw_strip(query["paths"][q], items, title, f"query\n{_where(query, q)}")
         path = os.path.join(folder, f"{kind}_{counts[kind]}_q{q}.png")

@@ -36,7 +36,8 @@ def evaluate_protocols(cfg, model, device, train_data=None, known=None):
     known, results = known or {}, {}
     for name in cfg.DATASETS.TESTS:
         protocol = build_evaluation_protocol(cfg, name, train_data)
-        if name in known and not cfg.TEST.SAVE_FEATURES and protocol.num_trials == 1:
+        # Known metrics come without features: protocols whose features are saved or drawn are embedded again.
+        if name in known and not cfg.TEST.SAVE_FEATURES and cfg.TEST.VISUALIZE_TOPK <= 0 and protocol.num_trials == 1:
             metrics = known[name]
         else:
             trials = []
