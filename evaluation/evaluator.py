@@ -10,6 +10,9 @@ from evaluation.reranking import re_ranking
 from utils import distributed
 from utils.errors import ConfigError, DataError
 
+# Columns of the evaluator's (N, 6) label rows that name a sample (the last two flag given view/time ids).
+LABEL_COLUMNS = ((0, "pids"), (1, "camids"), (2, "viewids"), (3, "timeids"))
+
 
 def _parse_feat_norm(value):
     if isinstance(value, bool):
@@ -148,6 +151,19 @@ class ReIDEvaluator:
         self._last = (labels, view_mode, time_mode)
         return result
 
+    def _sides(self, labels, paths):
+        """``{"query": ..., "gallery": ...}`` label dicts (``pids``, ``camids``, ``viewids``, ``timeids`` arrays
+        and ``paths``) of the (N, 6) ``labels`` rows, queries first."""
+        labels = labels.numpy()
+        sides = {}
+        for side, rows in self._side_rows().items():
+            sides[side] = {name: labels[rows, column] for column, name in LABEL_COLUMNS}
+            sides[side]["paths"] = paths[rows] if paths is not None else []
+        return sides
+
+    def _side_rows(self):
+        return {"query": slice(0, self.num_query), "gallery": slice(self.num_query, None)}
+
     def save_features(self, path):
         """Write the last ``compute()``'s features (before normalisation) and labels to an ``.npz`` file:
         ``query_features``/``gallery_features`` (Q, E)/(G, E) and ``query_``/``gallery_`` ``pids``, ``camids``,
@@ -155,12 +171,11 @@ class ReIDEvaluator:
         if self.features is None:
             raise ValueError("save_features() needs a compute() first")
         feats, labels, paths = self.features
-        arrays = {}
-        for side, rows in (("query", slice(0, self.num_query)), ("gallery", slice(self.num_query, None))):
-            arrays[f"{side}_features"] = feats[rows].numpy()
-            for column, name in enumerate(("pids", "camids", "viewids", "timeids")):
-                arrays[f"{side}_{name}"] = labels[rows, column].numpy()
-            arrays[f"{side}_paths"] = np.array(paths[rows] if paths is not None else [], dtype=str)
+        arrays, rows = {}, self._side_rows()
+        for side, values in self._sides(labels, paths).items():
+            arrays[f"{side}_features"] = feats[rows[side]].numpy()
+            arrays.update({f"{side}_{name}": np.array(value, dtype=str) if name == "paths" else value
+                           for name, value in values.items()})
         np.savez(path, **arrays)
         return path
 
@@ -169,11 +184,6 @@ class ReIDEvaluator:
         ``camids``, ``viewids``, ``timeids`` (arrays) and ``paths`` (lists), as ranked-list pictures take them."""
         if self._last is None or self.paths is None:
             raise ValueError("ranking_inputs() needs a compute() over batches that passed paths")
-        labels = self._last[0].numpy()
-        sides = {}
-        for side, rows in (("query", slice(0, self.num_query)), ("gallery", slice(self.num_query, None))):
-            sides[side] = {name: labels[rows, column] for column, name in
-                           enumerate(("pids", "camids", "viewids", "timeids"))}
-            sides[side]["paths"] = self.paths[rows]
+        sides = self._sides(self._last[0], self.paths)
         distmat = self.distmat.cpu().numpy() if isinstance(self.distmat, torch.Tensor) else np.asarray(self.distmat)
         return distmat, sides["query"], sides["gallery"]
