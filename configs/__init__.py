@@ -171,9 +171,10 @@ def _protect_strings(data, defaults):
     return protected
 
 
-def stored_config(path):
-    """The config YAML a checkpoint written by this framework stores."""
-    state = load_checkpoint(path, map_location="cpu")
+def stored_config(path, state=None):
+    """The config YAML a checkpoint written by this framework stores (``state``: the checkpoint ``path``
+    already loaded, to read it once)."""
+    state = load_checkpoint(path, map_location="cpu") if state is None else state
     stored = state.get("config") if isinstance(state, dict) else None
     if not isinstance(stored, str):
         raise ConfigError(f"checkpoint {path} stores no config (a bare state dict?): pass --config_file with the "
@@ -181,12 +182,12 @@ def stored_config(path):
     return stored
 
 
-def config_from_checkpoint(path, config_file=None, opts=()):
+def config_from_checkpoint(path, config_file=None, opts=(), state=None):
     """``(cfg, ignored)`` for evaluating checkpoint ``path``: ``config_file`` when given, else the config the
-    checkpoint stores, then ``opts``."""
+    checkpoint stores, then ``opts`` (``state``: as for ``stored_config``)."""
     if config_file:
         return read_config(config_file, opts)
-    return read_config(None, opts, base_yaml=stored_config(path))
+    return read_config(None, opts, base_yaml=stored_config(path, state))
 
 
 def _merge_mapping(cfg, data, where, ignored):

@@ -155,7 +155,7 @@ def main(argv=None):
     state = load_checkpoint(args.weights)
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {args.weights}: expected a dict of weights, got {type(state).__name__}")
-    cfg, _ = config_from_checkpoint(args.weights, args.config_file, args.opts)
+    cfg, _ = config_from_checkpoint(args.weights, args.config_file, args.opts, state=state)
     # Exports are built on the CPU: traced graphs would otherwise record the device of their constants.
     model, epoch = load_trained_model(cfg, args.weights, torch.device("cpu"))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
