@@ -11,20 +11,18 @@ import os
 
 import yaml
 from yacs.config import CfgNode
+from yacs.config import CfgNode as CN
 
 from configs.compat import REFERENCE_ONLY_KEYS, split_reference_only
 from configs.defaults import get_cfg_defaults
+from configs.schema import check_choice, check_count, check_declared, config_value, declare_config
 from utils.checkpoint import load_checkpoint
 from utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# Keys whose value must be one of a fixed set.
+# Framework keys whose value must be one of a fixed set (components check their own keys).
 _CHOICES = {
-    "MODEL.DEVICE": None,  # checked by _check_device: auto, cpu, cuda or cuda:N
-    "MODEL.IF_LABELSMOOTH": ("on", "off"),
-    "MODEL.IF_WITH_CENTER": ("yes", "no"),
-    "MODEL.METRIC_LOSS_TYPE": ("triplet", "triplet_center"),
     "MODEL.TEXT_TYPE": ("attribute", "captions"),
     "MODEL.PROMPT_SUBJECT": ("person", "vehicle"),
     "DATALOADER.SAMPLER": ("softmax_triplet", "softmax"),
@@ -36,24 +34,13 @@ _CHOICES = {
 }
 
 
-def config_value(cfg, dotted):
-    """The value of the dotted key ``dotted`` (e.g. ``"MODEL.SIE_CAMERA"``) in ``cfg``."""
-    node = cfg
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
 def _check_values(cfg):
     # Counts that must be at least 1, and counts that may also be 0 (SOLVER.MAX_EPOCHS 0: evaluate only).
-    positive = ("DATALOADER.NUM_INSTANCE", "SOLVER.IMS_PER_BATCH", "SOLVER.STAGE1.IMS_PER_BATCH", "TEST.IMS_PER_BATCH",
-                "SOLVER.EVAL_PERIOD", "SOLVER.CHECKPOINT_PERIOD", "SOLVER.LOG_PERIOD", "SOLVER.STAGE1.LOG_PERIOD",
-                "TEST.MAX_RANK")
-    non_negative = ("SOLVER.MAX_EPOCHS", "SOLVER.STAGE1.MAX_EPOCHS", "DATALOADER.NUM_WORKERS")
+    positive = ("DATALOADER.NUM_INSTANCE", "SOLVER.IMS_PER_BATCH", "TEST.IMS_PER_BATCH", "SOLVER.EVAL_PERIOD",
+                "SOLVER.CHECKPOINT_PERIOD", "SOLVER.LOG_PERIOD", "TEST.MAX_RANK")
+    non_negative = ("SOLVER.MAX_EPOCHS", "DATALOADER.NUM_WORKERS")
     for key in positive + non_negative:
-        value, least = config_value(cfg, key), 1 if key in positive else 0
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ConfigError(f"config key {key} = {value!r}: expected an integer >= {least}")
+        check_count(cfg, key, 1 if key in positive else 0)
     if not cfg.DIST.TIMEOUT_MINUTES > 0:
         raise ConfigError(f"config key DIST.TIMEOUT_MINUTES = {cfg.DIST.TIMEOUT_MINUTES!r}: expected a positive "
                           "number of minutes")
@@ -61,9 +48,7 @@ def _check_values(cfg):
         raise ConfigError("config key DATASETS.TESTS is empty: expected at least one protocol to evaluate, "
                           f"e.g. ('{cfg.DATASETS.NAMES}',)")
     for key, allowed in _CHOICES.items():
-        value = config_value(cfg, key)
-        if allowed is not None and value not in allowed:
-            raise ConfigError(f"config key {key} = {value!r}: expected one of {', '.join(allowed)}")
+        check_choice(cfg, key, allowed)
     device = cfg.MODEL.DEVICE
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise ConfigError(f"config key MODEL.DEVICE = {device!r}: expected auto, cpu, cuda or cuda:N")
@@ -86,6 +71,7 @@ def _check_values(cfg):
     if isinstance(cfg.DATASETS.TESTS, str):
         raise ConfigError(f"config key DATASETS.TESTS = {cfg.DATASETS.TESTS!r}: expected a list of names, "
                           f"e.g. ('{cfg.DATASETS.TESTS}',)")
+    check_declared(cfg)
 
 
 def _short(exc):
@@ -254,5 +240,5 @@ def ignored_keys_message(ignored):
             f"{', '.join(sorted(set(ignored)))} (see configs/compat.py)")
 
 
-__all__ = ["config_from_checkpoint", "config_value", "get_cfg_defaults", "ignored_keys_message", "load_config",
-           "read_config", "stored_config"]
+__all__ = ["CN", "check_choice", "check_count", "config_from_checkpoint", "config_value", "declare_config",
+           "get_cfg_defaults", "ignored_keys_message", "load_config", "read_config", "stored_config"]

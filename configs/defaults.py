@@ -1,11 +1,15 @@
-"""Every configuration key of the framework, with its default and meaning.
+"""The framework's configuration keys, with their defaults and meanings.
 
-Key names follow the reference SVPR-ReID / CLIP-ReID code so that its YAML files merge unchanged. The
-reference's keys that have no effect there either are not defined here: ``configs/compat.py`` lists them,
-and loading ignores them with one warning. Override any key from a YAML file (``--config_file``) or
-from the command line (``KEY VALUE`` pairs after the options).
+Keys of one model, dataset, loss term or training phase are declared next to its code
+(``configs/schema.py``); ``get_cfg_defaults`` adds them to these, and ``python -m configs`` lists every key
+with the module that declares it. Key names follow the reference SVPR-ReID / CLIP-ReID code so that its
+YAML files merge unchanged. The reference's keys that have no effect there either are not defined:
+``configs/compat.py`` lists them, and loading ignores them with one warning. Override any key from a YAML
+file (``--config_file``) or from the command line (``KEY VALUE`` pairs after the options).
 """
 from yacs.config import CfgNode as CN
+
+from configs.schema import add_declared_keys, declared_names
 
 _C = CN()
 
@@ -29,35 +33,12 @@ _C.MODEL.PRETRAIN_PATH = ""
 # Build the backbone with random weights from MODEL.CLIP.* (CLIP models) or MODEL.VIT.* (ImageNet-ViT
 # baselines) instead of loading PRETRAIN_PATH (tests, benchmarks and the synthetic quickstart).
 _C.MODEL.RANDOM_INIT = False
-# Triplet loss without margin (soft-margin form log(1 + exp(d_ap - d_an))). The reference's effective
-# default is True, so SOLVER.MARGIN only matters when this is False.
-_C.MODEL.NO_MARGIN = True
-# Label smoothing (epsilon 0.1) in the identity and view cross-entropy losses: "on" or "off".
-_C.MODEL.IF_LABELSMOOTH = "on"
-# Add the center loss to the metric loss: "yes" or "no" (same as "center" in METRIC_LOSS_TYPE).
-_C.MODEL.IF_WITH_CENTER = "no"
-# Weight of the identity (classification) loss.
-_C.MODEL.ID_LOSS_WEIGHT = 1.0
-# Weight of the triplet loss.
-_C.MODEL.TRIPLET_LOSS_WEIGHT = 1.0
-# Metric loss: "triplet" or "triplet_center" (adds the center loss).
-_C.MODEL.METRIC_LOSS_TYPE = "triplet"
-# Weight of CLIP-ReID's stage-2 image-to-text cross-entropy.
-_C.MODEL.I2T_LOSS_WEIGHT = 1.0
-# ImageNet-ViT baselines only: stochastic-depth rate of the last block (block i gets DROP_PATH * i / (depth - 1)),
-_C.MODEL.DROP_PATH = 0.1
-# dropout after the positional embedding, the attention projection and the MLP layers,
-_C.MODEL.DROP_OUT = 0.0
-# and dropout of the attention weights.
-_C.MODEL.ATT_DROP_RATE = 0.0
 # Patch-embedding stride (rows, columns); smaller than the patch size gives overlapping patches.
 _C.MODEL.STRIDE_SIZE = [16, 16]
 # Side-information embedding (SIE): scale, and whether camera and/or view ids are embedded.
 _C.MODEL.SIE_COE = 3.0
 _C.MODEL.SIE_CAMERA = False
 _C.MODEL.SIE_VIEW = False
-# Freeze the CLIP text tower (token embedding, transformer, positional embedding, final LN, projection).
-_C.MODEL.FREEZE_TEXT = False
 # Build the text branch and feed per-image texts (SVPR's attribute captions).
 _C.MODEL.USE_TEXT = False
 # Number of learnable "X" prompt tokens in the attribute text ("A photo of a X X X X person ...").
@@ -65,9 +46,6 @@ _C.MODEL.TEXT_PROMPT = 4
 # Text context length: the tokenizer pads/truncates to it and the CLIP text positional embedding is
 # resized to it (77 is CLIP's own).
 _C.MODEL.TEXT_LEN = 77
-# Interpolation of CLIP's 14x14 image position grid to the input's patch grid: "bilinear" (the
-# reference's, align_corners False, no antialiasing) or "bicubic".
-_C.MODEL.POS_EMBED_INTERP = "bilinear"
 # CP2108 text source: "attribute" (text built from the attribute labels) or "captions" (caption JSON).
 _C.MODEL.TEXT_TYPE = "attribute"
 # The noun of the prompts the model writes itself ("person" or "vehicle"): CLIP-ReID's "A photo of a X X X X
@@ -75,119 +53,14 @@ _C.MODEL.TEXT_TYPE = "attribute"
 _C.MODEL.PROMPT_SUBJECT = "person"
 # Use the attribute labels (SVPR's attribute loss and ASMOE).
 _C.MODEL.USE_ATTR = False
-# Number of learnable "X" prompt tokens in SVPR's view caption ("A photo of a X X X X person from X view.").
-_C.MODEL.VIEW_PROMPT = 4
 # Recompute transformer blocks in the backward pass to save memory (slower).
 _C.MODEL.GRAD_CHECKPOINT = False
 
-# Fixes of defects of the authors' code, one bool each (docs/reference_differences.md). False reproduces the
-# reference's model exactly where the fix changes numerics or parameters; fixes that only prevent a crash
-# default to True. Flat on purpose: tools/ablation.py --fixes enumerates the keys of this node.
+# Fixes of defects of the authors' code, one bool each (docs/reference_differences.md), declared by the
+# component that honours it. False reproduces the reference exactly where the fix changes numerics or
+# parameters; fixes that only prevent a crash default to True. Flat on purpose: tools/ablation.py --fixes
+# enumerates the switches a model lists in its ``fixes``.
 _C.MODEL.FIXES = CN()
-# CP2108 captions and attribute labels: the reference gives every image (train, query, gallery) the entry
-# of (identity, view 0, time 1); True looks up each image's own (identity, view, time) entry.
-_C.MODEL.FIXES.ANNOTATION_PER_IMAGE = False
-# CLIP-ReID's prompt: the reference tokenizes it at 77 tokens and crashes when MODEL.TEXT_LEN is not 77
-# (False raises a ConfigError there); True tokenizes it at MODEL.TEXT_LEN (identical results at 77).
-_C.MODEL.FIXES.CLIPREID_PROMPT_AT_TEXT_LEN = True
-
-# CLIP hyper-parameters used only with MODEL.RANDOM_INIT; with a checkpoint they are read from the weights.
-_C.MODEL.CLIP = CN()
-_C.MODEL.CLIP.EMBED_DIM = 512  # joint image-text embedding size
-_C.MODEL.CLIP.VISION_WIDTH = 768  # image transformer width
-_C.MODEL.CLIP.VISION_LAYERS = 12  # image transformer depth
-_C.MODEL.CLIP.VISION_HEADS = 12  # image transformer heads
-_C.MODEL.CLIP.PATCH_SIZE = 16  # patch (kernel) size of the patch embedding
-_C.MODEL.CLIP.TEXT_WIDTH = 512  # text transformer width
-_C.MODEL.CLIP.TEXT_LAYERS = 12  # text transformer depth
-_C.MODEL.CLIP.TEXT_HEADS = 8  # text transformer heads
-_C.MODEL.CLIP.VOCAB_SIZE = 49408  # BPE vocabulary size (CLIP's tokenizer needs 49408)
-
-# ImageNet-ViT hyper-parameters used only with MODEL.RANDOM_INIT; with a checkpoint they are read from the
-# weights (heads = width / 64, as in every ViT of that family).
-_C.MODEL.VIT = CN()
-_C.MODEL.VIT.EMBED_DIM = 768  # token width
-_C.MODEL.VIT.DEPTH = 12  # number of transformer blocks
-_C.MODEL.VIT.NUM_HEADS = 12  # attention heads per block
-_C.MODEL.VIT.PATCH_SIZE = 16  # patch (kernel) size of the patch embedding; its stride is MODEL.STRIDE_SIZE
-
-# TransReID's jigsaw patch module (JPM): the patch tokens are rotated left by SHIFT - 1, interleaved from
-# SHUFFLE_GROUPS equal parts and cut into NUM_GROUPS local groups (the authors' fixed 5 / 2 / 4).
-_C.MODEL.JPM = CN()
-_C.MODEL.JPM.SHIFT = 5  # the patch tokens are rotated left by SHIFT - 1
-_C.MODEL.JPM.SHUFFLE_GROUPS = 2  # equal parts interleaved after the shift
-_C.MODEL.JPM.NUM_GROUPS = 4  # local groups (local branches); the test feature divides each by this number
-
-# VDT and SeCap: weight of the view loss (view classification + |cos(global, view)|).
-_C.MODEL.VDT = CN()
-_C.MODEL.VDT.VIEW_LOSS_WEIGHT = 0.1  # weight of the view loss of VDT and SeCap
-
-# SeCap: number of learnable prompts recalibrated by PRM, and number of two-way LFRM layers.
-_C.MODEL.SECAP = CN()
-_C.MODEL.SECAP.PROMPT_LEN = 64  # learnable prompts re-calibrated by PRM
-_C.MODEL.SECAP.LFRM_DEPTH = 2  # two-way transformer layers of LFRM
-
-# MODEL.FIXES (continued) for the ImageNet-ViT baselines (docs/baselines.md).
-# VDT/SeCap: place the pretrained positional embedding at [cls, view (= cls position), patches] instead of
-# the authors' table shifted by one row (view token at patch 0's position, each patch at its right
-# neighbour's, last patch on a row the authors leave uninitialised and this code sets to zeros).
-_C.MODEL.FIXES.VIEW_POS_EMBED = False
-# TransReID: apply the global BNNeck once per training step (the authors apply it twice, so its running
-# statistics move twice per step).
-_C.MODEL.FIXES.TRANSREID_SINGLE_BN = False
-# VDT/SeCap: smooth the view cross-entropy over the V views (targets sum to 1) instead of the authors'
-# epsilon / number-of-identities.
-_C.MODEL.FIXES.VIEW_LOSS_SMOOTHING = False
-
-# SVPR-ReID components (MODEL.ARCH_NAME CLIP_SVPR_ReID). Each switch removes its branch entirely.
-_C.MODEL.SVPR = CN()
-# View-Decoupled Feature Extractor: view caption prompts, view token and View Bidirectional Decoupling.
-_C.MODEL.SVPR.VDFE = True
-# Attribute-Scattered Mixture of Experts (needs attribute labels: MODEL.USE_ATTR and a dataset with them).
-_C.MODEL.SVPR.ASMOE = True
-# Context-Vision Progressive Refinement of the patch tokens.
-_C.MODEL.SVPR.CVPR = True
-# Learned per-patch weighting of the (refined) patch tokens into a local feature.
-_C.MODEL.SVPR.LOCAL = True
-# Number of CVPR refinement stages; each keeps the top CVPR_TOPK fraction of the previous selection.
-_C.MODEL.SVPR.CVPR_LAYERS = 3
-_C.MODEL.SVPR.CVPR_TOPK = 0.5
-# Weight of the refined patches added back to the patch tokens (F + w * F_refined).
-_C.MODEL.SVPR.PATCH_UPDATE = 0.1
-# ASMOE: number of experts, experts used per input, fraction of attributes kept by the router.
-_C.MODEL.SVPR.NUM_EXPERTS = 4
-_C.MODEL.SVPR.EXPERT_TOPK = 3
-_C.MODEL.SVPR.ATTR_TOPK = 0.7
-# Loss weights of the view loss (VDFE) and of the summed attribute cross-entropies (ASMOE).
-_C.MODEL.SVPR.VIEW_LOSS_WEIGHT = 1.0
-_C.MODEL.SVPR.ATTR_LOSS_WEIGHT = 0.05
-
-# SVPR CVPR: the reference adds f_asmoe (B, C) to f_inv (B, 1, C), a (B, B, C) semantic key, so every image's
-# CVPR query attends over the whole batch's attribute features. True: a per-sample (B, 1, C) key.
-_C.MODEL.FIXES.CVPR_PER_SAMPLE_KEY = False
-# SVPR CVPR: the reference reads the selected tokens in position order but writes the refined ones back in
-# score order (to permuted patches). True: each refined token goes back to the patch it was read from.
-_C.MODEL.FIXES.CVPR_SCATTER_ORDER = False
-# SVPR CVPR: every reference stage ranks and refines the original backbone patches of the remaining
-# candidates. True: each stage reads the tokens the previous stage refined (progressive refinement).
-_C.MODEL.FIXES.CVPR_PROGRESSIVE_KEYS = False
-# SVPR CVPR: the reference uses one block for all stages (weights shared). True: one block per stage.
-_C.MODEL.FIXES.CVPR_SEPARATE_BLOCKS = False
-# SVPR view caption: the reference words view id v as token v+1 of "ground aerial" (0 ground, 1 aerial, 2 the
-# end-of-text token: AG-ReID.v2's wearable becomes "aerial", its UAV EOT). True: ground/aerial for two views,
-# cctv/wearable/uav for three.
-_C.MODEL.FIXES.VIEW_WORDS = False
-# SVPR view head: the reference always has 3 view classes. True: as many classes as the dataset has views.
-_C.MODEL.FIXES.VIEW_HEAD_CLASSES = False
-# SVPR: the reference builds parameters its forward never uses (q/k projections of attentions over a single
-# key, LayerNorms never applied: CrossAttention "normy", MLP "norm_layer", CVPR "ln_norm"). True: they are
-# not built (same outputs; fewer parameters, a state dict that no longer matches the reference's).
-_C.MODEL.FIXES.DROP_UNUSED_PARAMETERS = False
-# SVPR: the reference crashes when the dataset has no attribute labels (CARGO). True: ASMOE is not built.
-_C.MODEL.FIXES.NO_ATTRIBUTES = True
-# SVPR: the reference hard-codes 128 local weights (256x128 inputs, stride 16) and crashes on other sizes.
-# True: one weight row per real patch (identical for 256x128).
-_C.MODEL.FIXES.LOCAL_PATCH_COUNT = True
 
 # ---------------------------------------------------------------------------------------------------
 # INPUT
@@ -217,24 +90,6 @@ _C.DATASETS.ROOT_DIR = "./data"
 # Protocols evaluated at the end of training and by test_svpr.py; the first is also used for the
 # periodic evaluation during training.
 _C.DATASETS.TESTS = ("SynthAG_ALL",)
-# CP2108 split version (split_v{V}/ and images_v{V}/).
-_C.DATASETS.VERSION = 100
-# Generate the synthetic benchmark under ROOT_DIR when it is missing (SynthAG datasets only).
-_C.DATASETS.AUTO_GENERATE = True
-# VehicleID: test set size, picks train_test_split/test_list_<size>.txt (800, 1600 or 2400).
-_C.DATASETS.VEHICLEID_TEST_SIZE = 800
-# VehicleID: number of random query/gallery draws (trials) the results are averaged over.
-_C.DATASETS.VEHICLEID_TRIALS = 10
-# VehicleID: seed of the gallery draws; trial t draws with (seed, t), so a seed fixes every trial.
-_C.DATASETS.VEHICLEID_SEED = 0
-
-# Synthetic aerial-ground benchmark generator settings (used when it is generated).
-_C.DATASETS.SYNTH = CN()
-_C.DATASETS.SYNTH.NUM_IDS = 200  # identities in total (split into train and test identities)
-_C.DATASETS.SYNTH.IMAGES_PER_ID = 40  # images per identity across all cameras
-_C.DATASETS.SYNTH.HEIGHT = 128  # image height in pixels
-_C.DATASETS.SYNTH.WIDTH = 64  # image width in pixels
-_C.DATASETS.SYNTH.SEED = 0  # generator seed; same seed gives identical files
 
 # ---------------------------------------------------------------------------------------------------
 # DATALOADER
@@ -268,11 +123,6 @@ _C.SOLVER.LARGE_FC_LR = False
 _C.SOLVER.BIAS_LR_FACTOR = 2
 # SGD momentum.
 _C.SOLVER.MOMENTUM = 0.9
-# Triplet margin (only with MODEL.NO_MARGIN False).
-_C.SOLVER.MARGIN = 0.3
-# Center loss: SGD learning rate of the centres and weight of the loss.
-_C.SOLVER.CENTER_LR = 0.5
-_C.SOLVER.CENTER_LOSS_WEIGHT = 0.0005
 # Weight decay for weights and for biases.
 _C.SOLVER.WEIGHT_DECAY = 0.0001
 _C.SOLVER.WEIGHT_DECAY_BIAS = 0.0001
@@ -302,23 +152,6 @@ _C.SOLVER.AMP_DTYPE = "float16"
 # computes the loss and gradients one process would on the whole P x K batch (see docs/distributed.md).
 _C.SOLVER.SYNC_BN = True
 _C.SOLVER.GLOBAL_TRIPLET = True
-
-# CLIP-ReID stage 1 (prompt learning).
-_C.SOLVER.STAGE1 = CN()
-# Run stage 1 before stage 2 (CLIP_ReID only).
-_C.SOLVER.STAGE1.TRAIN = False
-# Stage-1 weights to load when stage 1 is not trained here (CLIP_ReID only).
-_C.SOLVER.STAGE1.PRETRAIN_PATH = ""
-_C.SOLVER.STAGE1.IMS_PER_BATCH = 64  # stage-1 batch size
-_C.SOLVER.STAGE1.OPTIMIZER_NAME = "Adam"  # stage-1 optimiser
-_C.SOLVER.STAGE1.MAX_EPOCHS = 100  # stage-1 epochs
-_C.SOLVER.STAGE1.BASE_LR = 0.0003  # stage-1 learning rate
-_C.SOLVER.STAGE1.MOMENTUM = 0.9  # stage-1 SGD momentum
-_C.SOLVER.STAGE1.WEIGHT_DECAY = 0.0005  # stage-1 weight decay
-_C.SOLVER.STAGE1.WARMUP_EPOCHS = 5  # linear warm-up epochs of the stage-1 cosine schedule
-_C.SOLVER.STAGE1.WARMUP_LR_INIT = 0.00001  # learning rate at the start of the warm-up
-_C.SOLVER.STAGE1.LR_MIN = 1e-6  # final learning rate of the cosine schedule
-_C.SOLVER.STAGE1.LOG_PERIOD = 100  # stage-1 log period in iterations
 
 # ---------------------------------------------------------------------------------------------------
 # TEST
@@ -362,7 +195,15 @@ _C.DIST.TIMEOUT_MINUTES = 10.0
 # Output folder: logs, config.yaml, checkpoints, results.json/results.csv.
 _C.OUTPUT_DIR = "./outputs/default"
 
+_assembled = {}
 
 def get_cfg_defaults():
-    """Return a fresh, mutable copy of the default configuration."""
-    return _C.clone()
+    """A fresh, mutable copy of the default configuration: the framework's keys above plus every key a
+    component declares (``configs/schema.py``)."""
+    known = tuple(declared_names())
+    if known not in _assembled:
+        cfg = _C.clone()
+        add_declared_keys(cfg)
+        _assembled.clear()
+        _assembled[known] = cfg
+    return _assembled[known].clone()

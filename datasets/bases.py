@@ -86,8 +86,7 @@ class ReIDDataset:
     # on ``num_trials`` draws, selected with :meth:`select_trial`, and the results are averaged.
     num_trials = 1
 
-    def __init__(self, root, version=100, use_text=False, use_attr=False, text_type="attribute", text_prompt=4,
-                 verbose=True, annotation_per_image=False):
+    def __init__(self, root, use_text=False, use_attr=False, text_type="attribute", text_prompt=4, verbose=True):
         if text_type not in TEXT_TYPES:
             raise ConfigError(f"text_type (MODEL.TEXT_TYPE) = {text_type!r}: expected one of {', '.join(TEXT_TYPES)}")
         if not isinstance(text_prompt, int) or isinstance(text_prompt, bool) or text_prompt < 0:
@@ -96,14 +95,10 @@ class ReIDDataset:
             raise ConfigError(f"{type(self).__name__}.protocol.view_mode = {self.protocol.view_mode!r}: "
                               f"expected one of {', '.join(VIEW_MODES)}")
         self.root = os.path.abspath(os.path.expanduser(str(root)))
-        self.version = int(version)
         self.use_text = bool(use_text)
         self.use_attr = bool(use_attr)
         self.text_type = text_type
         self.num_prompt_words = text_prompt
-        # Datasets annotated per (identity, view, time) read each image's own entry when True, the reference's
-        # single entry per identity otherwise (MODEL.FIXES.ANNOTATION_PER_IMAGE).
-        self.annotation_per_image = bool(annotation_per_image)
         self.name = self.registry_name or type(self).__name__
         self.view_mode = self.protocol.view_mode
 

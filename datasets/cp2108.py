@@ -13,11 +13,22 @@ import json
 import logging
 import os
 
+from configs import declare_config
 from text import prompts
 from utils.errors import DataError
 
 from .bases import AERIAL, GROUND, Protocol, ReIDDataset, Sample
 from .registry import DATASETS, register_dataset
+
+
+@declare_config
+def add_cp2108_config(cfg):
+    """CP2108's keys: the split version and the annotation-lookup fix."""
+    # CP2108 captions and attribute labels: the reference gives every image (train, query, gallery) the entry
+    # of (identity, view 0, time 1); True looks up each image's own (identity, view, time) entry.
+    cfg.MODEL.FIXES.ANNOTATION_PER_IMAGE = False
+    # CP2108 split version (split_v{V}/ and images_v{V}/).
+    cfg.DATASETS.VERSION = 100
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +102,22 @@ class AnnotationTable:
 
 
 class CP2108Format(ReIDDataset):
-    """Reader of the CP2108 on-disk format; protocol subclasses set ``protocol``."""
+    """Reader of the CP2108 on-disk format; protocol subclasses set ``protocol``.
+
+    ``version`` picks ``split_v{version}/`` and ``images_v{version}/``; ``annotation_per_image`` reads each
+    image's own (identity, view, time) annotation entry instead of the reference's single entry per identity.
+    """
 
     folder = "CP2108"
+
+    def __init__(self, root, version=100, annotation_per_image=False, **options):
+        self.version = int(version)
+        self.annotation_per_image = bool(annotation_per_image)
+        super().__init__(root, **options)
+
+    @classmethod
+    def options_from_config(cls, cfg):
+        return {"version": cfg.DATASETS.VERSION, "annotation_per_image": cfg.MODEL.FIXES.ANNOTATION_PER_IMAGE}
 
     @property
     def dataset_dir(self):

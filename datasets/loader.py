@@ -139,11 +139,9 @@ def load_dataset(cfg, name=None):
     name = name or cfg.DATASETS.NAMES
     dataset_class = DATASETS.get(name)
     dataset_class.prepare(cfg.DATASETS.ROOT_DIR, cfg)
-    return build_dataset(name, cfg.DATASETS.ROOT_DIR, version=cfg.DATASETS.VERSION, use_text=cfg.MODEL.USE_TEXT,
-                         use_attr=cfg.MODEL.USE_ATTR, text_type=cfg.MODEL.TEXT_TYPE,
-                         text_prompt=cfg.MODEL.TEXT_PROMPT, verbose=distributed.is_main_process(),
-                         annotation_per_image=cfg.MODEL.FIXES.ANNOTATION_PER_IMAGE,
-                         **dataset_class.options_from_config(cfg))
+    return build_dataset(name, cfg.DATASETS.ROOT_DIR, use_text=cfg.MODEL.USE_TEXT, use_attr=cfg.MODEL.USE_ATTR,
+                         text_type=cfg.MODEL.TEXT_TYPE, text_prompt=cfg.MODEL.TEXT_PROMPT,
+                         verbose=distributed.is_main_process(), **dataset_class.options_from_config(cfg))
 
 
 def check_image_files(paths, decode=False, workers=8):

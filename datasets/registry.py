@@ -1,15 +1,12 @@
 """Dataset registry: ``DATASETS.NAMES`` / ``DATASETS.TESTS`` name -> dataset (protocol) class.
 
 A new dataset registers itself in one file with ``@register_dataset("Name")`` on a
-:class:`datasets.bases.ReIDDataset` subclass; the built-in benchmark modules below are imported on the
-first lookup.
+:class:`datasets.bases.ReIDDataset` subclass; every module of the ``datasets`` package is imported on
+the first lookup, so a file dropped into ``datasets/`` is found.
 """
 from utils.registry import Registry
 
-DATASETS = Registry("dataset", "DATASETS.NAMES",
-                    builtin_modules=("datasets.cp2108", "datasets.cargo", "datasets.agreid", "datasets.synthag",
-                                     "datasets.market1501", "datasets.dukemtmc", "datasets.msmt17", "datasets.veri",
-                                     "datasets.vehicleid"))
+DATASETS = Registry("dataset", "DATASETS.NAMES", package="datasets")
 
 
 def register_dataset(name):
@@ -24,11 +21,11 @@ def register_dataset(name):
     return wrap
 
 
-def build_dataset(name, root, version=100, **options):
+def build_dataset(name, root, **options):
     """Build dataset ``name`` from the folder ``root`` that holds the benchmark folders.
 
     ``options``: ``use_text``, ``use_attr``, ``text_type`` ("attribute"|"captions"), ``text_prompt``,
-    ``verbose``, ``annotation_per_image`` and a dataset's own ones (e.g. VehicleID's ``test_size``,
-    ``num_trials``, ``seed``).
+    ``verbose`` and a dataset's own ones (``options_from_config``: e.g. CP2108's ``version`` and
+    ``annotation_per_image``, VehicleID's ``test_size``, ``num_trials``, ``seed``).
     """
-    return DATASETS.get(name)(root, version=version, **options)
+    return DATASETS.get(name)(root, **options)

@@ -3,11 +3,26 @@ import dataclasses
 import logging
 import os
 
+from configs import CN, declare_config
 from utils import distributed
 
 from .cp2108 import PROTOCOLS, CP2108Format
 from .registry import register_dataset
 from .synthetic import generate_synthag, stored_settings, synth_config_from_cfg
+
+
+@declare_config
+def add_synthag_config(cfg):
+    """SynthAG's keys: whether to generate it, and the generator's settings (DATASETS.SYNTH)."""
+    # Generate the synthetic benchmark under ROOT_DIR when it is missing (SynthAG datasets only).
+    cfg.DATASETS.AUTO_GENERATE = True
+    # Synthetic aerial-ground benchmark generator settings (used when it is generated).
+    cfg.DATASETS.SYNTH = CN()
+    cfg.DATASETS.SYNTH.NUM_IDS = 200  # identities in total (split into train and test identities)
+    cfg.DATASETS.SYNTH.IMAGES_PER_ID = 40  # images per identity across all cameras
+    cfg.DATASETS.SYNTH.HEIGHT = 128  # image height in pixels
+    cfg.DATASETS.SYNTH.WIDTH = 64  # image width in pixels
+    cfg.DATASETS.SYNTH.SEED = 0  # generator seed; same seed gives identical files
 
 logger = logging.getLogger(__name__)
 

@@ -12,11 +12,23 @@ from collections import defaultdict
 
 import numpy as np
 
+from configs import declare_config
 from text import prompts
 from utils.errors import ConfigError, DataError
 
 from .bases import GROUND, ReIDDataset, Sample, read_id_list
 from .registry import register_dataset
+
+
+@declare_config
+def add_vehicleid_config(cfg):
+    """VehicleID's keys: test-list size and the random gallery draws."""
+    # VehicleID: test set size, picks train_test_split/test_list_<size>.txt (800, 1600 or 2400).
+    cfg.DATASETS.VEHICLEID_TEST_SIZE = 800
+    # VehicleID: number of random query/gallery draws (trials) the results are averaged over.
+    cfg.DATASETS.VEHICLEID_TRIALS = 10
+    # VehicleID: seed of the gallery draws; trial t draws with (seed, t), so a seed fixes every trial.
+    cfg.DATASETS.VEHICLEID_SEED = 0
 
 QUERY_CAMERA, GALLERY_CAMERA = 0, 1
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from configs import check_choice, declare_config
 from loss.center_loss import CenterLoss
 from loss.registry import register_loss
 from loss.softmax_loss import CrossEntropyLabelSmooth
@@ -14,6 +15,38 @@ from loss.triplet_loss import TripletLoss
 from utils.distributed import all_gather_tensor, all_gather_with_grad, get_rank, get_world_size
 
 LABEL_SMOOTHING = 0.1
+
+
+def _check_loss_config(cfg):
+    check_choice(cfg, "MODEL.IF_LABELSMOOTH", ("on", "off"))
+    check_choice(cfg, "MODEL.IF_WITH_CENTER", ("yes", "no"))
+    check_choice(cfg, "MODEL.METRIC_LOSS_TYPE", ("triplet", "triplet_center"))
+
+
+@declare_config(check=_check_loss_config)
+def add_loss_config(cfg):
+    """The keys of the shared loss terms: identity, triplet, view and center."""
+    # Triplet loss without margin (soft-margin form log(1 + exp(d_ap - d_an))). The reference's effective
+    # default is True, so SOLVER.MARGIN only matters when this is False.
+    cfg.MODEL.NO_MARGIN = True
+    # Label smoothing (epsilon 0.1) in the identity and view cross-entropy losses: "on" or "off".
+    cfg.MODEL.IF_LABELSMOOTH = "on"
+    # Weight of the identity (classification) loss.
+    cfg.MODEL.ID_LOSS_WEIGHT = 1.0
+    # Weight of the triplet loss.
+    cfg.MODEL.TRIPLET_LOSS_WEIGHT = 1.0
+    # VDT/SeCap: smooth the view cross-entropy over the V views (targets sum to 1) instead of the authors'
+    # epsilon / number-of-identities.
+    cfg.MODEL.FIXES.VIEW_LOSS_SMOOTHING = False
+    # Triplet margin (only with MODEL.NO_MARGIN False).
+    cfg.SOLVER.MARGIN = 0.3
+    # Add the center loss to the metric loss: "yes" or "no" (same as "center" in METRIC_LOSS_TYPE).
+    cfg.MODEL.IF_WITH_CENTER = "no"
+    # Metric loss: "triplet" or "triplet_center" (adds the center loss).
+    cfg.MODEL.METRIC_LOSS_TYPE = "triplet"
+    # Center loss: SGD learning rate of the centres and weight of the loss.
+    cfg.SOLVER.CENTER_LR = 0.5
+    cfg.SOLVER.CENTER_LOSS_WEIGHT = 0.0005
 
 
 def _reduce(losses, reduction):

@@ -1,5 +1,39 @@
 """Build the CLIP backbone a config asks for: OpenAI weights from MODEL.PRETRAIN_PATH or random weights."""
+from configs import CN, declare_config
 from model.clip import build_clip, load_clip
+
+
+@declare_config
+def add_clip_backbone_config(cfg):
+    """The CLIP backbone's keys: random-init sizes (MODEL.CLIP), position-table interpolation, text
+    freezing."""
+    # Freeze the CLIP text tower (token embedding, transformer, positional embedding, final LN, projection).
+    cfg.MODEL.FREEZE_TEXT = False
+    # Interpolation of CLIP's 14x14 image position grid to the input's patch grid: "bilinear" (the
+    # reference's, align_corners False, no antialiasing) or "bicubic".
+    cfg.MODEL.POS_EMBED_INTERP = "bilinear"
+    # CLIP hyper-parameters used only with MODEL.RANDOM_INIT; with a checkpoint they are read from the weights.
+    cfg.MODEL.CLIP = CN()
+    cfg.MODEL.CLIP.EMBED_DIM = 512  # joint image-text embedding size
+    cfg.MODEL.CLIP.VISION_WIDTH = 768  # image transformer width
+    cfg.MODEL.CLIP.VISION_LAYERS = 12  # image transformer depth
+    cfg.MODEL.CLIP.VISION_HEADS = 12  # image transformer heads
+    cfg.MODEL.CLIP.PATCH_SIZE = 16  # patch (kernel) size of the patch embedding
+    cfg.MODEL.CLIP.TEXT_WIDTH = 512  # text transformer width
+    cfg.MODEL.CLIP.TEXT_LAYERS = 12  # text transformer depth
+    cfg.MODEL.CLIP.TEXT_HEADS = 8  # text transformer heads
+    cfg.MODEL.CLIP.VOCAB_SIZE = 49408  # BPE vocabulary size (CLIP's tokenizer needs 49408)
+
+
+#: ``checkpoint_hints`` rows of the CLIP backbone's parameters (models on CLIP add them to their own).
+CLIP_CHECKPOINT_HINTS = (
+    ("new_positional_embedding", ("MODEL.CLIP.VISION_WIDTH",)),
+    ("visual.positional_embedding", ("INPUT.SIZE_TRAIN", "MODEL.STRIDE_SIZE")),
+    ("visual.conv1", ("MODEL.CLIP.PATCH_SIZE",)),
+    ("visual", ("MODEL.CLIP.VISION_WIDTH", "MODEL.CLIP.VISION_LAYERS", "MODEL.CLIP.EMBED_DIM")),
+    ("positional_embedding", ("MODEL.TEXT_LEN",)),
+    ("text", ("MODEL.TEXT_LEN", "MODEL.USE_TEXT", "MODEL.TEXT_PROMPT")),
+)
 
 
 def _freeze_text_tower(clip):

@@ -2,29 +2,13 @@
 from configs import config_value
 from utils.errors import CheckpointError
 
-# Parameter-name fragment -> config keys that decide whether (and with which shape) it exists.
-# The first matching row explains a key, so specific fragments come before general ones.
+# Parameter-name fragment -> config keys that decide whether (and with which shape) it exists, for the
+# parameters every model may have; a model adds its own rows first (``ReIDModel.checkpoint_hints``). The
+# first matching row explains a key, so specific fragments come before general ones.
 _KEY_HINTS = (
     ("sie_embed", ("MODEL.SIE_CAMERA", "MODEL.SIE_VIEW")),
     ("cv_embed", ("MODEL.SIE_CAMERA", "MODEL.SIE_VIEW")),
-    ("asmoe", ("MODEL.SVPR.ASMOE", "MODEL.USE_ATTR")),
-    ("attr", ("MODEL.USE_ATTR", "DATASETS.NAMES")),
-    ("vdfe", ("MODEL.SVPR.VDFE",)),
-    ("head_view", ("DATASETS.NAMES", "MODEL.FIXES.VIEW_HEAD_CLASSES")),
-    ("view", ("MODEL.SVPR.VDFE", "MODEL.VIEW_PROMPT")),
-    ("cvpr", ("MODEL.SVPR.CVPR", "MODEL.SVPR.CVPR_LAYERS", "MODEL.FIXES.CVPR_SEPARATE_BLOCKS",
-               "MODEL.FIXES.DROP_UNUSED_PARAMETERS")),
-    ("local", ("MODEL.SVPR.LOCAL", "INPUT.SIZE_TRAIN", "MODEL.STRIDE_SIZE")),
     ("classifier", ("DATASETS.NAMES",)),
-    ("cls_ctx", ("DATASETS.NAMES",)),
-    ("class_text_features", ("DATASETS.NAMES",)),
-    ("new_positional_embedding", ("MODEL.CLIP.VISION_WIDTH",)),
-    ("token_suffix", ("MODEL.TEXT_LEN", "MODEL.FIXES.CLIPREID_PROMPT_AT_TEXT_LEN")),
-    ("visual.positional_embedding", ("INPUT.SIZE_TRAIN", "MODEL.STRIDE_SIZE")),
-    ("visual.conv1", ("MODEL.CLIP.PATCH_SIZE",)),
-    ("visual", ("MODEL.CLIP.VISION_WIDTH", "MODEL.CLIP.VISION_LAYERS", "MODEL.CLIP.EMBED_DIM")),
-    ("positional_embedding", ("MODEL.TEXT_LEN",)),
-    ("text", ("MODEL.TEXT_LEN", "MODEL.USE_TEXT", "MODEL.TEXT_PROMPT")),
 )
 _FALLBACK_HINT = ("MODEL.ARCH_NAME",)
 _NAMES_SHOWN = 3
@@ -34,12 +18,12 @@ def _strip_prefix(state_dict, prefix="module."):
     return {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in state_dict.items()}
 
 
-def _hints_for(keys):
+def _hints_for(keys, model_hints=()):
     hints = []
     for key in keys:
         lowered = key.lower()
-        matched = next((config_keys for fragment, config_keys in _KEY_HINTS if fragment in lowered),
-                       _FALLBACK_HINT)
+        matched = next((config_keys for fragment, config_keys in tuple(model_hints) + _KEY_HINTS
+                        if fragment in lowered), _FALLBACK_HINT)
         hints.extend(k for k in matched if k not in hints)
     return hints
 
@@ -85,7 +69,8 @@ def load_model_weights(model, state_dict, cfg, source="checkpoint"):
         renamed = _renamed(missing, unexpected)
         # Parameters found under another prefix come from another model class; the rest get their own hints.
         hint_keys = ["MODEL.ARCH_NAME"] if renamed else []
-        for key in _hints_for([k for k in missing + unexpected if k not in renamed] + reshaped):
+        for key in _hints_for([k for k in missing + unexpected if k not in renamed] + reshaped,
+                              getattr(model, "checkpoint_hints", ())):
             if key not in hint_keys:
                 hint_keys.append(key)
         if (missing or unexpected) and "MODEL.ARCH_NAME" not in hint_keys:

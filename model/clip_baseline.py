@@ -9,7 +9,7 @@ uses; it is kept, frozen, so that parameters and state dicts are the reference's
 import torch
 from torch import nn
 
-from model.backbone import build_clip_from_config
+from model.backbone import CLIP_CHECKPOINT_HINTS, build_clip_from_config
 from model.clip import SideInfoEmbedding
 from model.contract import LossSpec, ModelOutput, ReIDModel
 from model.heads import BNNeckHead
@@ -100,6 +100,7 @@ class ClipImageModel(ReIDModel):
     given here)."""
 
     batch_inputs = ("camids", "viewids")
+    checkpoint_hints = CLIP_CHECKPOINT_HINTS
     #: Where ``visual`` lives in this model's state dict.
     visual_prefix = "visual."
 

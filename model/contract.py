@@ -11,7 +11,10 @@ A model is a ``ReIDModel`` subclass registered with ``@MODELS.register("Name")``
 * ``loss_specs(cfg)``: the loss terms (names in ``loss.LOSSES``) and their weights, the one place a
   model's loss weights are read from the config;
 * ``fixes``: the ``MODEL.FIXES`` switches (defects of the authors' code) the model honours, for
-  ``tools/ablation.py --fixes``;
+  ``tools/ablation.py --fixes``; ``components``: boolean config keys that each remove one part of the
+  model, in the order ``tools/ablation.py`` adds them back (empty: no component ablation);
+* ``checkpoint_hints``: ``(parameter-name fragment, config keys)`` rows naming the keys that decide
+  whether a parameter exists, for the one-line message about a checkpoint that does not fit;
 * ``training_phases``: names of engine phases (``processor.phases.PHASES``) to run before the main
   training loop, e.g. CLIP-ReID's prompt learning;
 * ``from_reference_state_dict`` / ``to_reference_state_dict``: the mapping between this model's
@@ -63,6 +66,8 @@ class ReIDModel(nn.Module):
     batch_inputs = ()
     training_phases = ()
     fixes = ()
+    components = ()
+    checkpoint_hints = ()
     #: Width of the test-time feature and of the first training feature; set by the constructor.
     embedding_dim = 0
     feature_dim = 0

@@ -1,12 +1,11 @@
 """Model registry: ``MODEL.ARCH_NAME`` -> model class (see ``model/contract.py``).
 
-A new model registers itself in its own file with ``@MODELS.register("Name")``; the built-in model
-modules below are imported on the first lookup.
+A new model registers itself in its own file with ``@MODELS.register("Name")``; every module of the
+``model`` package is imported on the first lookup, so a file dropped into ``model/`` is found.
 """
 from utils.registry import Registry
 
-MODELS = Registry("model", "MODEL.ARCH_NAME",
-                  builtin_modules=("model.clip_baseline", "model.clip_reid", "model.svpr", "model.vit"))
+MODELS = Registry("model", "MODEL.ARCH_NAME", package="model")
 register_model = MODELS.register
 
 

@@ -7,5 +7,5 @@ running again.
 """
 from utils.registry import Registry
 
-PHASES = Registry("training phase", "a model's training_phases", builtin_modules=("processor.stage1",))
+PHASES = Registry("training phase", "a model's training_phases", package="processor")
 register_phase = PHASES.register

@@ -20,26 +20,31 @@ import subprocess
 import sys
 import time
 
-from configs import load_config
+from configs import config_value, load_config
 from model import MODELS
 from utils.entrypoint import run_main
 from utils.errors import ConfigError, DataError, UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPONENTS = ("VDFE", "ASMOE", "CVPR", "LOCAL")
 TIME_FILE = "run_seconds.txt"
 
 
 def component_rows(cfg):
-    """(name, overrides) rows: the baseline, then each SVPR component added to the previous row."""
-    components = [c for c in COMPONENTS if c != "ASMOE" or cfg.MODEL.USE_ATTR]
-    if len(components) < len(COMPONENTS):
-        print("note: MODEL.USE_ATTR is False, so ASMOE cannot be built; the +ASMOE row is left out", flush=True)
+    """(name, overrides) rows: the baseline (every component the model lists in ``components`` off), then each
+    component added to the previous row; components the config switches off are left out."""
+    declared = MODELS.get(cfg.MODEL.ARCH_NAME).components
+    if not declared:
+        raise ConfigError(f"MODEL.ARCH_NAME {cfg.MODEL.ARCH_NAME} has no components to ablate; use --fixes or "
+                          "--configs")
+    components = [key for key in declared if config_value(cfg, key)]
+    for key in declared:
+        if key not in components:
+            print(f"note: {key} is False in this config; its row is left out", flush=True)
     rows = []
     for count in range(len(components) + 1):
         enabled = components[:count]
-        overrides = [item for name in COMPONENTS for item in (f"MODEL.SVPR.{name}", str(name in enabled))]
-        rows.append(("baseline" if not count else f"+{components[count - 1]}", overrides))
+        overrides = [item for key in declared for item in (key, str(key in enabled))]
+        rows.append(("baseline" if not count else f"+{components[count - 1].rsplit('.', 1)[-1]}", overrides))
     return rows
 
 

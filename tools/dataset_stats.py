@@ -27,9 +27,10 @@ def main():
     # Dataset-specific options come from the config defaults, as in training, with this tool's overrides.
     cfg = get_cfg_defaults()
     cfg.DATASETS.VEHICLEID_TEST_SIZE = args.vehicleid_test_size
+    cfg.DATASETS.VERSION = args.version
     for name in names:
         options = DATASETS.get(name, "NAME").options_from_config(cfg)
-        dataset = build_dataset(name, root, version=args.version, verbose=False, **options)
+        dataset = build_dataset(name, root, verbose=False, **options)
         print(f"{name} (view_mode {dataset.view_mode}, {dataset.num_train_pids} training identities)")
         print(format_statistics(dataset))
 

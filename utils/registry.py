@@ -1,12 +1,13 @@
 """A name -> object registry: the one list of the models, datasets or loss terms a config can name.
 
 Each kind has one ``Registry`` (``model.MODELS``, ``datasets.DATASETS``, ``loss.LOSSES``). Entries register
-themselves with a decorator in the file that defines them; the registry imports its built-in modules on
-the first lookup, so that file is the only place a new entry has to be written.
+themselves with a decorator in the file that defines them; on the first lookup the registry imports every
+module of its package (found by walking the folder), so that file is the only place a new entry has to be
+written.
 """
 import difflib
-import importlib
 
+from utils.discovery import import_package_modules
 from utils.errors import ConfigError
 
 
@@ -18,13 +19,13 @@ class Registry:
     """Maps names to objects for one kind of component.
 
     ``kind`` is used in messages ("model"), ``config_key`` names the config key that selects entries
-    ("MODEL.ARCH_NAME") and ``builtin_modules`` are imported before the first lookup.
+    ("MODEL.ARCH_NAME") and every module of ``package`` (e.g. "model") is imported before the first lookup.
     """
 
-    def __init__(self, kind, config_key, builtin_modules=()):
+    def __init__(self, kind, config_key, package=None):
         self.kind = kind
         self.config_key = config_key
-        self._builtin_modules = tuple(builtin_modules)
+        self._package = package
         self._entries = {}
         self._loaded = False
 
@@ -43,8 +44,8 @@ class Registry:
     def _load_builtins(self):
         if not self._loaded:
             self._loaded = True
-            for module in self._builtin_modules:
-                importlib.import_module(module)
+            if self._package:
+                import_package_modules(self._package)
 
     def names(self):
         """Sorted names of every entry."""

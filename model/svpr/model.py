@@ -3,7 +3,8 @@ import logging
 
 import torch
 
-from model.backbone import build_clip_from_config
+from configs import CN, declare_config
+from model.backbone import CLIP_CHECKPOINT_HINTS, build_clip_from_config
 from model.clip import SideInfoEmbedding
 from model.contract import LossSpec, ModelOutput, ReIDModel
 from model.heads import BNNeckHead
@@ -15,6 +16,62 @@ from model.svpr.local import LocalPatchWeighting
 from model.svpr.text import AttributeTextEncoder
 from model.svpr.vdfe import ViewDecoupledFeatureExtractor
 from utils.errors import ConfigError
+
+
+@declare_config
+def add_svpr_config(cfg):
+    """SVPR-ReID's keys: its components (MODEL.SVPR), its view caption (MODEL.VIEW_PROMPT) and the
+    MODEL.FIXES switches of its defects."""
+    # Number of learnable "X" prompt tokens in SVPR's view caption ("A photo of a X X X X person from X view.").
+    cfg.MODEL.VIEW_PROMPT = 4
+    # SVPR-ReID components (MODEL.ARCH_NAME CLIP_SVPR_ReID). Each switch removes its branch entirely.
+    cfg.MODEL.SVPR = CN()
+    # View-Decoupled Feature Extractor: view caption prompts, view token and View Bidirectional Decoupling.
+    cfg.MODEL.SVPR.VDFE = True
+    # Attribute-Scattered Mixture of Experts (needs attribute labels: MODEL.USE_ATTR and a dataset with them).
+    cfg.MODEL.SVPR.ASMOE = True
+    # Context-Vision Progressive Refinement of the patch tokens.
+    cfg.MODEL.SVPR.CVPR = True
+    # Learned per-patch weighting of the (refined) patch tokens into a local feature.
+    cfg.MODEL.SVPR.LOCAL = True
+    # Number of CVPR refinement stages; each keeps the top CVPR_TOPK fraction of the previous selection.
+    cfg.MODEL.SVPR.CVPR_LAYERS = 3
+    cfg.MODEL.SVPR.CVPR_TOPK = 0.5
+    # Weight of the refined patches added back to the patch tokens (F + w * F_refined).
+    cfg.MODEL.SVPR.PATCH_UPDATE = 0.1
+    # ASMOE: number of experts, experts used per input, fraction of attributes kept by the router.
+    cfg.MODEL.SVPR.NUM_EXPERTS = 4
+    cfg.MODEL.SVPR.EXPERT_TOPK = 3
+    cfg.MODEL.SVPR.ATTR_TOPK = 0.7
+    # Loss weights of the view loss (VDFE) and of the summed attribute cross-entropies (ASMOE).
+    cfg.MODEL.SVPR.VIEW_LOSS_WEIGHT = 1.0
+    cfg.MODEL.SVPR.ATTR_LOSS_WEIGHT = 0.05
+    # SVPR CVPR: the reference adds f_asmoe (B, C) to f_inv (B, 1, C), a (B, B, C) semantic key, so every image's
+    # CVPR query attends over the whole batch's attribute features. True: a per-sample (B, 1, C) key.
+    cfg.MODEL.FIXES.CVPR_PER_SAMPLE_KEY = False
+    # SVPR CVPR: the reference reads the selected tokens in position order but writes the refined ones back in
+    # score order (to permuted patches). True: each refined token goes back to the patch it was read from.
+    cfg.MODEL.FIXES.CVPR_SCATTER_ORDER = False
+    # SVPR CVPR: every reference stage ranks and refines the original backbone patches of the remaining
+    # candidates. True: each stage reads the tokens the previous stage refined (progressive refinement).
+    cfg.MODEL.FIXES.CVPR_PROGRESSIVE_KEYS = False
+    # SVPR CVPR: the reference uses one block for all stages (weights shared). True: one block per stage.
+    cfg.MODEL.FIXES.CVPR_SEPARATE_BLOCKS = False
+    # SVPR view caption: the reference words view id v as token v+1 of "ground aerial" (0 ground, 1 aerial, 2 the
+    # end-of-text token: AG-ReID.v2's wearable becomes "aerial", its UAV EOT). True: ground/aerial for two views,
+    # cctv/wearable/uav for three.
+    cfg.MODEL.FIXES.VIEW_WORDS = False
+    # SVPR view head: the reference always has 3 view classes. True: as many classes as the dataset has views.
+    cfg.MODEL.FIXES.VIEW_HEAD_CLASSES = False
+    # SVPR: the reference builds parameters its forward never uses (q/k projections of attentions over a single
+    # key, LayerNorms never applied: CrossAttention "normy", MLP "norm_layer", CVPR "ln_norm"). True: they are
+    # not built (same outputs; fewer parameters, a state dict that no longer matches the reference's).
+    cfg.MODEL.FIXES.DROP_UNUSED_PARAMETERS = False
+    # SVPR: the reference crashes when the dataset has no attribute labels (CARGO). True: ASMOE is not built.
+    cfg.MODEL.FIXES.NO_ATTRIBUTES = True
+    # SVPR: the reference hard-codes 128 local weights (256x128 inputs, stride 16) and crashes on other sizes.
+    # True: one weight row per real patch (identical for 256x128).
+    cfg.MODEL.FIXES.LOCAL_PATCH_COUNT = True
 
 logger = logging.getLogger(__name__)
 # The reference sizes its local weights for 256x128 inputs with stride 16 (MODEL.FIXES.LOCAL_PATCH_COUNT).
@@ -45,6 +102,17 @@ class CLIPSVPRReID(ReIDModel):
              "ANNOTATION_PER_IMAGE")
 
     batch_inputs = ("camids", "viewids", "text_tokens")
+    components = ("MODEL.SVPR.VDFE", "MODEL.SVPR.ASMOE", "MODEL.SVPR.CVPR", "MODEL.SVPR.LOCAL")
+    checkpoint_hints = (
+        ("asmoe", ("MODEL.SVPR.ASMOE", "MODEL.USE_ATTR")),
+        ("attr", ("MODEL.USE_ATTR", "DATASETS.NAMES")),
+        ("vdfe", ("MODEL.SVPR.VDFE",)),
+        ("head_view", ("DATASETS.NAMES", "MODEL.FIXES.VIEW_HEAD_CLASSES")),
+        ("view", ("MODEL.SVPR.VDFE", "MODEL.VIEW_PROMPT")),
+        ("cvpr", ("MODEL.SVPR.CVPR", "MODEL.SVPR.CVPR_LAYERS", "MODEL.FIXES.CVPR_SEPARATE_BLOCKS",
+                  "MODEL.FIXES.DROP_UNUSED_PARAMETERS")),
+        ("local", ("MODEL.SVPR.LOCAL", "INPUT.SIZE_TRAIN", "MODEL.STRIDE_SIZE")),
+    ) + CLIP_CHECKPOINT_HINTS
 
     def __init__(self, cfg, num_classes, num_cameras=1, num_views=1, attributes=()):
         super().__init__()

@@ -15,9 +15,34 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from configs import CN, declare_config
 from model.clip.sie import SideInfoEmbedding
 from model.vit.weights import architecture_of, load_pretrained_vit, read_vit_weights
 from utils.errors import ConfigError
+
+
+@declare_config
+def add_vit_backbone_config(cfg):
+    """The ImageNet-ViT backbone's keys: random-init sizes (MODEL.VIT), drop rates, and the VDT/SeCap
+    positional-embedding fix."""
+    # ImageNet-ViT baselines only: stochastic-depth rate of the last block (block i gets DROP_PATH * i / (depth - 1)),
+    cfg.MODEL.DROP_PATH = 0.1
+    # dropout after the positional embedding, the attention projection and the MLP layers,
+    cfg.MODEL.DROP_OUT = 0.0
+    # and dropout of the attention weights.
+    cfg.MODEL.ATT_DROP_RATE = 0.0
+    # ImageNet-ViT hyper-parameters used only with MODEL.RANDOM_INIT; with a checkpoint they are read from the
+    # weights (heads = width / 64, as in every ViT of that family).
+    cfg.MODEL.VIT = CN()
+    cfg.MODEL.VIT.EMBED_DIM = 768  # token width
+    cfg.MODEL.VIT.DEPTH = 12  # number of transformer blocks
+    cfg.MODEL.VIT.NUM_HEADS = 12  # attention heads per block
+    cfg.MODEL.VIT.PATCH_SIZE = 16  # patch (kernel) size of the patch embedding; its stride is MODEL.STRIDE_SIZE
+    # MODEL.FIXES (continued) for the ImageNet-ViT baselines (docs/baselines.md).
+    # VDT/SeCap: place the pretrained positional embedding at [cls, view (= cls position), patches] instead of
+    # the authors' table shifted by one row (view token at patch 0's position, each patch at its right
+    # neighbour's, last patch on a row the authors leave uninitialised and this code sets to zeros).
+    cfg.MODEL.FIXES.VIEW_POS_EMBED = False
 
 #: MODEL.NAME -> whether the backbone has a view token ([cls, view, patches] instead of [cls, patches]).
 BACKBONES = {

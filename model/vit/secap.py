@@ -11,6 +11,7 @@ import copy
 import torch
 from torch import nn
 
+from configs import CN, declare_config
 from model.contract import ModelOutput, ReIDModel
 from model.heads import BNNeckHead
 from model.registry import register_model
@@ -20,6 +21,15 @@ from model.vit.secap_modules import LocalFeatureRefinement, PromptRecalibration
 from model.vit.transreid import id_and_triplet
 from model.vit.vdt import _BACKBONE, _HEADS, view_loss_spec, view_model_args
 from utils.errors import ConfigError
+
+
+@declare_config
+def add_secap_config(cfg):
+    """SeCap's keys (MODEL.SECAP)."""
+    # SeCap: number of learnable prompts recalibrated by PRM, and number of two-way LFRM layers.
+    cfg.MODEL.SECAP = CN()
+    cfg.MODEL.SECAP.PROMPT_LEN = 64  # learnable prompts re-calibrated by PRM
+    cfg.MODEL.SECAP.LFRM_DEPTH = 2  # two-way transformer layers of LFRM
 
 # The authors' names inside PRM / LFRM (their MLP is ``layers.0`` / ``layers.1``, timm's ``fc1`` / ``fc2``).
 _FRAGMENTS = (("prm.cross_attn.v_.", "prm.cross_value."), ("prm.cross_attn.proj.", "prm.cross_proj."),

@@ -10,12 +10,27 @@ import copy
 import torch
 from torch import nn
 
+from configs import CN, declare_config
 from model.contract import LossSpec, ModelOutput, ReIDModel
 from model.heads import BNNeckHead
 from model.registry import register_model
 from model.vit.backbone import build_vit_backbone
 from model.vit.reference import ReferenceLayout, reference_depth, rows, sie_counts, with_dead_last_block
 from utils.errors import ConfigError
+
+
+@declare_config
+def add_transreid_config(cfg):
+    """TransReID's keys: the jigsaw patch module (MODEL.JPM) and its BNNeck fix."""
+    # TransReID's jigsaw patch module (JPM): the patch tokens are rotated left by SHIFT - 1, interleaved from
+    # SHUFFLE_GROUPS equal parts and cut into NUM_GROUPS local groups (the authors' fixed 5 / 2 / 4).
+    cfg.MODEL.JPM = CN()
+    cfg.MODEL.JPM.SHIFT = 5  # the patch tokens are rotated left by SHIFT - 1
+    cfg.MODEL.JPM.SHUFFLE_GROUPS = 2  # equal parts interleaved after the shift
+    cfg.MODEL.JPM.NUM_GROUPS = 4  # local groups (local branches); the test feature divides each by this number
+    # TransReID: apply the global BNNeck once per training step (the authors apply it twice, so its running
+    # statistics move twice per step).
+    cfg.MODEL.FIXES.TRANSREID_SINGLE_BN = False
 
 _BACKBONE = (("BACKBONE.sie_embed", "backbone.sie_embed.table"), ("BACKBONE.view_token", "backbone.reg_token"),
              ("BACKBONE.", "backbone."))

@@ -4,12 +4,21 @@ Tokens [cls, view, patches]; after every block the view token is subtracted from
 (hierarchical subtraction). The final class token g is classified by identity, the final view token v by
 view, and the view loss adds |cos(g, v)|. Test feature: g (C, pre-BN).
 """
+from configs import CN, declare_config
 from model.contract import LossSpec, ModelOutput, ReIDModel
 from model.heads import BNNeckHead
 from model.registry import register_model
 from model.vit.backbone import build_vit_backbone
 from model.vit.reference import ReferenceLayout, rows, sie_counts
 from model.vit.transreid import id_and_triplet
+
+
+@declare_config
+def add_vdt_config(cfg):
+    """VDT's keys (MODEL.VDT; SeCap shares them)."""
+    # VDT and SeCap: weight of the view loss (view classification + |cos(global, view)|).
+    cfg.MODEL.VDT = CN()
+    cfg.MODEL.VDT.VIEW_LOSS_WEIGHT = 0.1  # weight of the view loss of VDT and SeCap
 
 _BACKBONE = (("BACKBONE.sie_embed", "backbone.sie_embed.table"), ("BACKBONE.view_token", "backbone.reg_token"),
              ("BACKBONE.", "backbone."))
