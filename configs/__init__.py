@@ -1,8 +1,8 @@
 """Configuration: documented YACS defaults (``defaults.py``) and the YAML files of each benchmark.
 
-``load_config(config_file, opts)`` merges a YAML file and ``KEY VALUE`` overrides into the defaults,
-checks the values, and returns a frozen config; any mistake raises a one-line ``ConfigError`` (an unknown
-key names the closest existing ones). Keys of the reference code that have no effect are ignored with one
+``load_config(config_file, opts)`` merges a YAML file (after the files it inherits from with ``_BASE_``) and
+``KEY VALUE`` overrides into the defaults, checks the values, and returns a frozen config; any mistake raises
+a one-line ``ConfigError`` (an unknown key names the closest existing ones). Keys of the reference code that have no effect are ignored with one
 warning (``configs/compat.py``).
 """
 import difflib
@@ -141,6 +141,36 @@ def _read_yaml(config_file):
     return _mapping(data, f"config file {config_file}")
 
 
+BASE_KEY = "_BASE_"
+
+
+def _config_chain(config_file, chain=()):
+    """``[(path, mapping), ...]`` of ``config_file`` and the files it inherits from, the root base first.
+
+    A file's ``_BASE_`` names one YAML file, relative to the file's own folder (or absolute); the base may
+    have a base of its own, to any depth. The file's keys override its base's (fast-reid / detectron2
+    semantics). Bases are read from disk only: a URL is refused, and so is a cycle.
+    """
+    data = _read_yaml(config_file)
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return [(config_file, data)]
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"config file {config_file}: {BASE_KEY} = {base!r}: expected the path of a YAML file, "
+                          f"relative to this file's folder")
+    if "://" in base:
+        raise ConfigError(f"config file {config_file}: {BASE_KEY} = {base!r}: expected a local file (configs are "
+                          f"never downloaded)")
+    path = os.path.normpath(os.path.join(os.path.dirname(config_file), os.path.expanduser(base)))
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {config_file}: {BASE_KEY} file {path} not found")
+    seen = [os.path.abspath(f) for f in chain + (config_file,)]
+    if os.path.abspath(path) in seen:
+        raise ConfigError(f"config file {config_file}: {BASE_KEY} {base!r} makes a cycle "
+                          f"({' -> '.join(chain + (config_file, path))})")
+    return _config_chain(path, chain + (config_file,)) + [(config_file, data)]
+
+
 def _protect_strings(data, defaults):
     """Quote the string values of string keys in a dumped config: yacs ``literal_eval``s strings on merging,
     which would turn a dumped string such as '0' into an integer. Only for ``cfg.dump()`` output, whose
@@ -198,7 +228,8 @@ def read_config(config_file=None, opts=(), freeze=True, base_yaml=None):
     cfg = get_cfg_defaults()
     ignored = []
     if config_file:
-        _merge_mapping(cfg, _read_yaml(config_file), f"config file {config_file}", ignored)
+        for path, data in _config_chain(config_file):
+            _merge_mapping(cfg, data, f"config file {path}", ignored)
     elif base_yaml:
         try:
             data = _mapping(yaml.safe_load(base_yaml), "stored config")

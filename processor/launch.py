@@ -24,9 +24,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def shipped_configs():
-    """The YAML files under configs/, relative to the repository (for ``--help``)."""
+    """The runnable YAML files under configs/ (not the ``Base-*.yml`` files they inherit from), relative to the
+    repository (for ``--help``)."""
     paths = glob.glob(os.path.join(REPO_ROOT, "configs", "*", "*.yml"))
-    return sorted(os.path.relpath(path, REPO_ROOT) for path in paths)
+    return sorted(os.path.relpath(path, REPO_ROOT) for path in paths if not os.path.basename(path).startswith("Base-"))
 
 
 class ConfigArgumentParser(argparse.ArgumentParser):

@@ -1,13 +1,17 @@
 """Configuration system: defaults, every shipped YAML, overrides, and one-line errors from the scripts."""
 import glob
+import inspect
 import os
 
 import pytest
 
-from configs import config_value, get_cfg_defaults, load_config, read_config
+from configs import config_value, declare_config, get_cfg_defaults, load_config, read_config, schema
+from configs import defaults as configs_defaults
 from configs.compat import REFERENCE_ONLY_KEYS
+from configs.schema import add_declared_keys, declarations
 from tests.conftest import REPO_ROOT, run_script
 from utils.errors import ConfigError
+from utils.registry import RegistryError
 
 ALL_YAML = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "**", "*.yml"), recursive=True))
 
@@ -137,3 +141,98 @@ def test_scripts_report_bad_key_type_and_file(script, tmp_path):
     bad_yaml = tmp_path / "bad.yml"
     bad_yaml.write_text("MODEL: [unclosed\n")
     _assert_one_line_error(run_script([script, "--config_file", str(bad_yaml)]), str(bad_yaml))
+
+
+# ------------------------------------------------------------------------- keys declared by their components
+def test_component_keys_are_declared_next_to_their_code_with_a_comment():
+    """Each component's keys come from its own module, and every declared key is documented there."""
+    cfg = configs_defaults._C.clone()
+    owners = add_declared_keys(cfg)
+    assert owners["MODEL.SVPR.CVPR_TOPK"] == "model.svpr.model"
+    assert owners["MODEL.JPM.SHIFT"] == "model.vit.transreid"
+    assert owners["SOLVER.STAGE1.BASE_LR"].startswith("model.clip_reid")
+    assert owners["DATASETS.SYNTH.NUM_IDS"] == "datasets.synthag"
+    assert owners["MODEL.FIXES.VIEW_LOSS_SMOOTHING"].startswith("loss.")
+    assert owners["SOLVER.SEED"] == "configs.defaults"
+    defaults_source = open(os.path.join(REPO_ROOT, "configs", "defaults.py"), encoding="utf-8").read()
+    for key, owner in owners.items():
+        if owner != "configs.defaults":
+            assert f"_C.{key} " not in defaults_source, f"{key} is defined in configs/defaults.py and in {owner}"
+    for declaration in declarations():
+        source = inspect.getsource(declaration.add).splitlines()
+        for index, line in enumerate(source):
+            stripped = line.strip()
+            if not stripped.startswith("cfg.") or "CN()" in stripped or "#" in stripped:
+                continue
+            above = index - 1
+            while source[above].strip().startswith("cfg.") and "CN()" not in source[above]:
+                above -= 1
+            assert source[above].strip().startswith("#"), f"{declaration.owner}: '{stripped}' has no comment"
+
+
+def test_a_key_declared_twice_names_both_owners():
+    def add_clash(cfg):
+        # A second definition of a framework key.
+        cfg.SOLVER.SEED = 7
+
+    add_clash.__module__ = "tests.clash"
+    declare_config(add_clash)
+    try:
+        with pytest.raises(RegistryError, match=r"SOLVER\.SEED.*configs\.defaults.*tests\.clash"):
+            get_cfg_defaults()
+    finally:
+        schema._DECLARATIONS.pop(("tests.clash", add_clash.__qualname__))
+    assert get_cfg_defaults().SOLVER.SEED == 1111
+
+
+def test_a_declared_check_runs_on_every_merge():
+    with pytest.raises(ConfigError, match=r"SOLVER\.STAGE1\.IMS_PER_BATCH = 0"):
+        load_config(None, ["SOLVER.STAGE1.IMS_PER_BATCH", "0"])
+    with pytest.raises(ConfigError, match=r"MODEL\.IF_LABELSMOOTH = 'maybe'"):
+        load_config(None, ["MODEL.IF_LABELSMOOTH", "maybe"])
+
+
+# ------------------------------------------------------------------------------------------- _BASE_ files
+SHIPPED = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*.yml"))
+                 + glob.glob(os.path.join(REPO_ROOT, "configs", "*", "*.yml")))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[os.path.relpath(p, REPO_ROOT) for p in SHIPPED])
+def test_no_shipped_config_gives_reference_only_keys(path):
+    """Shipped configs state only keys that do something: loading them prints no warning."""
+    _, ignored = read_config(path)
+    assert ignored == []
+
+
+def test_base_files_inherit_over_several_levels_with_relative_paths(tmp_path):
+    (tmp_path / "bases").mkdir()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "bases" / "root.yml").write_text("SOLVER:\n  MAX_EPOCHS: 7\n  BASE_LR: 0.5\nTEST:\n  MAX_RANK: 9\n")
+    (tmp_path / "bases" / "middle.yml").write_text("_BASE_: root.yml\nSOLVER:\n  BASE_LR: 0.25\n")
+    (tmp_path / "runs" / "run.yml").write_text("_BASE_: ../bases/middle.yml\nTEST:\n  MAX_RANK: 3\n")
+    cfg = load_config(str(tmp_path / "runs" / "run.yml"), ["SOLVER.MAX_EPOCHS", "2"])
+    # The child wins over its base, the base over the root, the command line over every file.
+    assert (cfg.SOLVER.MAX_EPOCHS, cfg.SOLVER.BASE_LR, cfg.TEST.MAX_RANK) == (2, 0.25, 3)
+    assert "_BASE_" not in cfg.dump()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("_BASE_: missing.yml\n", "missing.yml not found"),
+    ("_BASE_: https://example.com/base.yml\n", "never downloaded"),
+    ("_BASE_: [a.yml]\n", "expected the path of a YAML file"),
+    ("_BASE_: run.yml\n", "makes a cycle"),
+])
+def test_bad_base_files_are_one_line_errors_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "run.yml"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(str(path))
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_unknown_key_in_a_base_names_the_base_file(tmp_path):
+    (tmp_path / "base.yml").write_text("SOLVER:\n  MAX_EPOCH: 3\n")
+    (tmp_path / "run.yml").write_text("_BASE_: base.yml\n")
+    with pytest.raises(ConfigError, match=r"base\.yml: unknown config key SOLVER\.MAX_EPOCH; did you mean "
+                                          r"SOLVER\.MAX_EPOCHS"):
+        load_config(str(tmp_path / "run.yml"))
