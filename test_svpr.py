@@ -11,6 +11,7 @@ import os
 from configs import stored_config
 from processor.launch import build_parser, prepare_run
 from processor.preflight import RESULTS_FILE
+from utils.checkpoint import load_checkpoint
 from utils.entrypoint import run_main
 
 
@@ -20,17 +21,19 @@ def main():
                                           "is given (same as TEST.WEIGHT)")
     parser.add_argument("--overwrite", action="store_true", help="replace results.json/results.csv in OUTPUT_DIR")
     args = parser.parse_args()
-    base = None
+    base, loaded = None, {}
     if args.weights:
+        # Read once: its stored config (unless --config_file) and its weights come from this one load.
+        loaded[args.weights] = load_checkpoint(args.weights, map_location="cpu")
         if args.config_file is None:
-            base = stored_config(args.weights)
+            base = stored_config(args.weights, loaded[args.weights])
         # Before the user's overrides, so that an explicit OUTPUT_DIR still wins.
         args.opts = ["TEST.WEIGHT", args.weights,
                      "OUTPUT_DIR", os.path.join(os.path.dirname(os.path.abspath(args.weights)), "test"), *args.opts]
     cfg, device = prepare_run(args, "test.log", run_files=(RESULTS_FILE,), base_config=base)
     from processor import run_testing
 
-    run_testing(cfg, device, config_file=args.config_file)
+    run_testing(cfg, device, config_file=args.config_file, state=loaded.get(cfg.TEST.WEIGHT))
 
 
 if __name__ == "__main__":

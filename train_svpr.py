@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=4 train_svpr.py --config_file ...
 """
 from processor.launch import build_parser, prepare_run
-from processor.preflight import TRAINING_RUN_FILES
+from processor.preflight import training_run_files
 from utils.distributed import collective_errors
 from utils.entrypoint import run_main
 
@@ -17,7 +17,7 @@ def main():
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run already in OUTPUT_DIR (its checkpoint_last.pth, stage1.pth and results)")
     args = parser.parse_args()
-    cfg, device = prepare_run(args, "train.log", run_files=TRAINING_RUN_FILES)
+    cfg, device = prepare_run(args, "train.log", run_files=training_run_files())
     from processor import run_training
 
     with collective_errors():

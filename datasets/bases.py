@@ -76,7 +76,9 @@ class ReIDDataset:
     After construction: ``train`` (pids relabelled 0..N-1 in sorted order of the raw id, junk id -1
     dropped), ``query`` and ``gallery`` (raw ids), ``num_train_pids``, ``num_train_cams``,
     ``num_train_views``, ``attributes`` (``(name, num_classes)`` pairs in label order; empty unless
-    ``use_attr`` and the dataset has attributes), ``view_mode``, ``name``.
+    ``use_attr`` and the dataset has attributes), ``view_mode``, ``name``. With ``load_train=False`` the
+    training split is neither read nor needed on disk (evaluation): ``train`` is empty and
+    ``num_train_pids`` 0.
     """
 
     registry_name = None
@@ -86,7 +88,8 @@ class ReIDDataset:
     # on ``num_trials`` draws, selected with :meth:`select_trial`, and the results are averaged.
     num_trials = 1
 
-    def __init__(self, root, use_text=False, use_attr=False, text_type="attribute", text_prompt=4, verbose=True):
+    def __init__(self, root, use_text=False, use_attr=False, text_type="attribute", text_prompt=4, verbose=True,
+                 load_train=True):
         if text_type not in TEXT_TYPES:
             raise ConfigError(f"text_type (MODEL.TEXT_TYPE) = {text_type!r}: expected one of {', '.join(TEXT_TYPES)}")
         if not isinstance(text_prompt, int) or isinstance(text_prompt, bool) or text_prompt < 0:
@@ -101,10 +104,11 @@ class ReIDDataset:
         self.num_prompt_words = text_prompt
         self.name = self.registry_name or type(self).__name__
         self.view_mode = self.protocol.view_mode
+        self.load_train = bool(load_train)
 
         self.load_annotations()
         self.attributes = tuple(self.attribute_schema()) if self.use_attr else ()
-        self.train = self._make_train(self.read_split("train"))
+        self.train = self._make_train(self.read_split("train")) if self.load_train else []
         gallery = self._keep_views(self.read_split("gallery"), self.protocol.gallery_views)
         query = self._keep_views(self.read_split("query"), self.protocol.query_views)
         if self.protocol.restrict_query:
@@ -115,7 +119,7 @@ class ReIDDataset:
             query = [s._replace(camid=s.viewid) for s in query]
         self.gallery = [self._with_annotation(s, "gallery") for s in gallery]
         self.query = [self._with_annotation(s, "query") for s in query]
-        for split in ("train", "query", "gallery"):
+        for split in self.splits:
             if not getattr(self, split):
                 raise DataError(f"dataset {self.name} under '{self.dataset_dir}': the {split} split is empty "
                                 f"after applying the protocol")
@@ -127,6 +131,11 @@ class ReIDDataset:
         self.num_train_views = max(s.viewid for s in all_samples) + 1
         if verbose:
             logger.info("%s statistics:\n%s", self.name, format_statistics(self))
+
+    @property
+    def splits(self):
+        """The splits this instance reads: ("train", "query", "gallery"), or the last two without training."""
+        return ("train", "query", "gallery") if self.load_train else ("query", "gallery")
 
     # ---- subclass interface -------------------------------------------------------------------------
     @classmethod
@@ -190,7 +199,7 @@ def format_statistics(dataset):
     header = f"  {'subset':<18} | {'# ids':>6} | {'# images':>8} | {'# cameras':>9}"
     rule = "  " + "-" * (len(header) - 2)
     lines = [rule, header, rule]
-    for split in ("train", "query", "gallery"):
+    for split in getattr(dataset, "splits", ("train", "query", "gallery")):
         samples = getattr(dataset, split)
         lines.append(_stats_row(split, samples))
         for viewid in sorted({s.viewid for s in samples}):

@@ -133,9 +133,9 @@ class CP2108Format(ReIDDataset):
         released = {s: os.path.join(base, f"{s}.txt") for s in ("train", "query", "gallery")}
         released_images = os.path.join(base, "images")
         for files, images in ((versioned, versioned_images), (released, released_images)):
-            if all(os.path.isfile(f) for f in files.values()) and os.path.isdir(images):
+            if all(os.path.isfile(files[s]) for s in self.splits) and os.path.isdir(images):
                 return files, images
-        missing = next(p for p in [*versioned.values(), versioned_images] if not os.path.exists(p))
+        missing = next(p for p in [*(versioned[s] for s in self.splits), versioned_images] if not os.path.exists(p))
         raise DataError(f"dataset {self.name}: '{missing}' not found; expected {self._layout_description()}")
 
     def _layout_description(self):

@@ -4,7 +4,7 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,13 +91,14 @@ class DataBundle:
 
     dataset: Any
     train_loader: DataLoader
-    train_loader_stage1: Optional[DataLoader]
     val_loader: DataLoader
     num_query: int
     num_gallery: int
 
 
-def _per_rank(total, world_size, key):
+def per_rank_batch(total, key):
+    """This process's share of a batch of ``total`` images over all processes (``key`` names the config key)."""
+    world_size = distributed.get_world_size()
     if total < world_size or total % world_size:
         raise ConfigError(f"{key} = {total} must be a multiple of the number of processes ({world_size})")
     return total // world_size
@@ -133,15 +134,16 @@ class ReIDDataLoader(DataLoader):
             yield batch
 
 
-def load_dataset(cfg, name=None):
+def load_dataset(cfg, name=None, load_train=True):
     """The dataset ``name`` (default ``DATASETS.NAMES``) as the config describes it, made available first
-    (e.g. SynthAG generated) by its ``prepare``."""
+    (e.g. SynthAG generated) by its ``prepare``; ``load_train=False`` reads only its query and gallery."""
     name = name or cfg.DATASETS.NAMES
     dataset_class = DATASETS.get(name)
     dataset_class.prepare(cfg.DATASETS.ROOT_DIR, cfg)
     return build_dataset(name, cfg.DATASETS.ROOT_DIR, use_text=cfg.MODEL.USE_TEXT, use_attr=cfg.MODEL.USE_ATTR,
                          text_type=cfg.MODEL.TEXT_TYPE, text_prompt=cfg.MODEL.TEXT_PROMPT,
-                         verbose=distributed.is_main_process(), **dataset_class.options_from_config(cfg))
+                         verbose=distributed.is_main_process(), load_train=load_train,
+                         **dataset_class.options_from_config(cfg))
 
 
 def check_image_files(paths, decode=False, workers=8):
@@ -175,7 +177,6 @@ def make_dataloaders(cfg, dataset_name=None, tokenizer=tokenize):
     dataset = load_dataset(cfg, dataset_name)
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     seed = cfg.SOLVER.SEED
-    loader = partial(_make_loader, cfg, tokenizer=tokenizer)
 
     train_batch = cfg.SOLVER.IMS_PER_BATCH
     num_train = len(dataset.train)
@@ -186,31 +187,31 @@ def make_dataloaders(cfg, dataset_name=None, tokenizer=tokenize):
         train_sampler = shuffled_sampler(num_train, seed, rank, world_size)
     else:
         raise ConfigError(f"DATALOADER.SAMPLER = {cfg.DATALOADER.SAMPLER!r}: expected 'softmax_triplet' or 'softmax'")
-    train_loader = loader(dataset.train, build_train_transform(cfg),
-                          _per_rank(train_batch, world_size, "SOLVER.IMS_PER_BATCH"), train_sampler, offset=0,
-                          # Fresh workers each epoch, seeded from the loader's generator, which the trainer
-                          # re-seeds per epoch: augmentations then depend only on (seed, epoch, rank),
-                          # which is what makes a resumed run identical to an uninterrupted one.
-                          persistent=False)
-    stage1_loader = loader(dataset.train, build_test_transform(cfg),
-                           _per_rank(cfg.SOLVER.STAGE1.IMS_PER_BATCH, world_size, "SOLVER.STAGE1.IMS_PER_BATCH"),
-                           shuffled_sampler(num_train, seed + 1, rank, world_size), offset=1)
-    return DataBundle(dataset, train_loader, stage1_loader, make_test_loader(cfg, dataset, tokenizer),
-                      len(dataset.query), len(dataset.gallery))
+    train_loader = make_loader(cfg, dataset.train, build_train_transform(cfg),
+                               per_rank_batch(train_batch, "SOLVER.IMS_PER_BATCH"), train_sampler, tokenizer=tokenizer,
+                               offset=0,
+                               # Fresh workers each epoch, seeded from the loader's generator, which the trainer
+                               # re-seeds per epoch: augmentations then depend only on (seed, epoch, rank),
+                               # which is what makes a resumed run identical to an uninterrupted one.
+                               persistent=False)
+    return DataBundle(dataset, train_loader, make_test_loader(cfg, dataset, tokenizer), len(dataset.query),
+                      len(dataset.gallery))
 
 
 def make_test_loader(cfg, dataset, tokenizer=tokenize):
     """The query + gallery loader of ``dataset`` (queries first, in order; shared between processes)."""
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     samples = dataset.query + dataset.gallery
-    return _make_loader(cfg, samples, build_test_transform(cfg), max(1, cfg.TEST.IMS_PER_BATCH // world_size),
-                        ContiguousShardSampler(len(samples), rank, world_size), tokenizer=tokenizer, with_paths=True,
-                        offset=2)
+    return make_loader(cfg, samples, build_test_transform(cfg), max(1, cfg.TEST.IMS_PER_BATCH // world_size),
+                       ContiguousShardSampler(len(samples), rank, world_size), tokenizer=tokenizer, with_paths=True,
+                       offset=2)
 
 
-def _make_loader(cfg, samples, transform, batch_size, sampler, tokenizer=tokenize, with_paths=False, offset=0,
-                 persistent=True):
-    """A DataLoader over ``samples`` with the config's workers; its generator is seeded per (seed, offset, rank)."""
+def make_loader(cfg, samples, transform, batch_size, sampler, tokenizer=tokenize, with_paths=False, offset=0,
+                persistent=True):
+    """A DataLoader over ``samples`` with the config's workers; its generator is seeded per (seed, offset, rank),
+    so every loader of a run (``offset``: 0 training, 1 a model's extra phase, 2 evaluation) has its own
+    stream."""
     workers = cfg.DATALOADER.NUM_WORKERS
     data = ImageDataset(samples, transform, tokenizer=tokenizer, text_len=cfg.MODEL.TEXT_LEN)
     generator = torch.Generator().manual_seed(cfg.SOLVER.SEED + 1000 * offset + distributed.get_rank())

@@ -57,7 +57,9 @@ class MSMT17(ReIDDataset):
     def _image_folders(self):
         base = self.dataset_dir
         for train, test in IMAGE_FOLDERS:
-            if os.path.isdir(os.path.join(base, train)) and os.path.isdir(os.path.join(base, test)):
+            # Evaluation needs only the test images.
+            if (os.path.isdir(os.path.join(base, train)) or not self.load_train) and \
+                    os.path.isdir(os.path.join(base, test)):
                 return os.path.join(base, train), os.path.join(base, test)
         raise DataError(f"dataset {self.name}: '{base}' holds neither train/ + test/ (MSMT17_V1) nor "
                         f"mask_train_v2/ + mask_test_v2/ (MSMT17_V2)")

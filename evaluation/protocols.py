@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from datasets import make_dataloaders, make_test_loader
+from datasets import make_test_loader
+from datasets.loader import load_dataset
 
 
 @dataclass
@@ -60,8 +61,10 @@ def protocol_of_bundle(data):
                         data.num_gallery, dataset.view_mode, dataset)
 
 
-def build_evaluation_protocol(cfg, name, train_data=None):
-    """The protocol ``name``, reusing ``train_data`` (a ``DataBundle``) when it is that dataset."""
-    if train_data is None or train_data.dataset.name != name:
-        train_data = make_dataloaders(cfg, name)
-    return protocol_of_bundle(train_data)
+def build_evaluation_protocol(cfg, name, dataset=None):
+    """The protocol ``name`` with its query + gallery loader; ``dataset`` is that dataset already read (e.g.
+    by the checks before training), otherwise only its query and gallery are read (no training split)."""
+    if dataset is None:
+        dataset = load_dataset(cfg, name, load_train=False)
+    return EvaluationProtocol(dataset.name, os.path.basename(dataset.dataset_dir), make_test_loader(cfg, dataset),
+                              len(dataset.query), len(dataset.gallery), dataset.view_mode, dataset)

@@ -1,14 +1,11 @@
-"""The loss terms a model can name in its ``loss_specs``; each reads what it needs from the model output.
-
-A term is built as ``Term(cfg, num_classes, feature_dim, **options)`` and called as
-``term(outputs, batch) -> scalar`` with ``outputs`` a ``model.ModelOutput`` and ``batch`` the batch dict.
-"""
+"""The shared loss terms a model can name in its ``loss_specs`` (identity, triplet, view, attribute,
+image-to-text); each reads what it needs from the model output (``loss.base.LossTerm``)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from configs import check_choice, declare_config
-from loss.center_loss import CenterLoss
+from loss.base import LossTerm
 from loss.registry import register_loss
 from loss.softmax_loss import CrossEntropyLabelSmooth
 from loss.triplet_loss import TripletLoss
@@ -19,13 +16,11 @@ LABEL_SMOOTHING = 0.1
 
 def _check_loss_config(cfg):
     check_choice(cfg, "MODEL.IF_LABELSMOOTH", ("on", "off"))
-    check_choice(cfg, "MODEL.IF_WITH_CENTER", ("yes", "no"))
-    check_choice(cfg, "MODEL.METRIC_LOSS_TYPE", ("triplet", "triplet_center"))
 
 
 @declare_config(check=_check_loss_config)
 def add_loss_config(cfg):
-    """The keys of the shared loss terms: identity, triplet, view and center."""
+    """The keys of the shared loss terms: identity, triplet and view."""
     # Triplet loss without margin (soft-margin form log(1 + exp(d_ap - d_an))). The reference's effective
     # default is True, so SOLVER.MARGIN only matters when this is False.
     cfg.MODEL.NO_MARGIN = True
@@ -40,13 +35,6 @@ def add_loss_config(cfg):
     cfg.MODEL.FIXES.VIEW_LOSS_SMOOTHING = False
     # Triplet margin (only with MODEL.NO_MARGIN False).
     cfg.SOLVER.MARGIN = 0.3
-    # Add the center loss to the metric loss: "yes" or "no" (same as "center" in METRIC_LOSS_TYPE).
-    cfg.MODEL.IF_WITH_CENTER = "no"
-    # Metric loss: "triplet" or "triplet_center" (adds the center loss).
-    cfg.MODEL.METRIC_LOSS_TYPE = "triplet"
-    # Center loss: SGD learning rate of the centres and weight of the loss.
-    cfg.SOLVER.CENTER_LR = 0.5
-    cfg.SOLVER.CENTER_LOSS_WEIGHT = 0.0005
 
 
 def _reduce(losses, reduction):
@@ -70,7 +58,7 @@ def _aux(outputs, key, term):
 
 
 @register_loss("id")
-class IdentityLoss(nn.Module):
+class IdentityLoss(LossTerm):
     """Label-smoothed cross-entropy of every identity-logit branch, combined by ``reduction``."""
 
     def __init__(self, cfg, num_classes, feature_dim, reduction="sum"):
@@ -85,7 +73,7 @@ class IdentityLoss(nn.Module):
 
 
 @register_loss("triplet")
-class TripletTerm(nn.Module):
+class TripletTerm(LossTerm):
     """Batch-hard triplet loss of every feature branch (soft margin unless MODEL.NO_MARGIN is False).
 
     Under DDP with SOLVER.GLOBAL_TRIPLET the hardest positives and negatives are mined in the batch of all
@@ -114,7 +102,7 @@ class TripletTerm(nn.Module):
 
 
 @register_loss("view")
-class ViewLoss(nn.Module):
+class ViewLoss(LossTerm):
     """View classification (label-smoothed CE of ``aux["view_logits"]``) plus the decoupling penalty
     ``mean |cos(aux["inv_feat"], aux["view_feat"])|``."""
 
@@ -154,7 +142,7 @@ class ViewLossIdentitySmoothing(ViewLoss):
 
 
 @register_loss("attr")
-class AttributeLoss(nn.Module):
+class AttributeLoss(LossTerm):
     """Sum over attributes of the plain cross-entropy of ``aux["attr_logits"][a]`` against ``attrs[:, a]``."""
 
     def __init__(self, cfg, num_classes, feature_dim):
@@ -169,7 +157,7 @@ class AttributeLoss(nn.Module):
 
 
 @register_loss("i2t")
-class ImageToTextLoss(nn.Module):
+class ImageToTextLoss(LossTerm):
     """Label-smoothed cross-entropy of the image-to-text logits ``aux["i2t_logits"]`` (CLIP-ReID stage 2)."""
 
     def __init__(self, cfg, num_classes, feature_dim):
@@ -178,15 +166,3 @@ class ImageToTextLoss(nn.Module):
 
     def forward(self, outputs, batch):
         return self.xent(_aux(outputs, "i2t_logits", "i2t"), batch["pids"])
-
-
-@register_loss("center")
-class CenterTerm(nn.Module):
-    """Center loss of the first feature branch; its centres are trained by their own SGD optimiser."""
-
-    def __init__(self, cfg, num_classes, feature_dim):
-        super().__init__()
-        self.center_loss = CenterLoss(num_classes, feature_dim)
-
-    def forward(self, outputs, batch):
-        return self.center_loss(next(iter(outputs.features.values())), batch["pids"])

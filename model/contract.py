@@ -15,8 +15,8 @@ A model is a ``ReIDModel`` subclass registered with ``@MODELS.register("Name")``
   model, in the order ``tools/ablation.py`` adds them back (empty: no component ablation);
 * ``checkpoint_hints``: ``(parameter-name fragment, config keys)`` rows naming the keys that decide
   whether a parameter exists, for the one-line message about a checkpoint that does not fit;
-* ``training_phases``: names of engine phases (``processor.phases.PHASES``) to run before the main
-  training loop, e.g. CLIP-ReID's prompt learning;
+* ``training_phases``: :class:`TrainingPhase` classes the engine runs before the main training loop, each
+  with its own data, optimiser and schedule (CLIP-ReID's prompt learning);
 * ``from_reference_state_dict`` / ``to_reference_state_dict``: the mapping between this model's
   parameter names and those of the authors' code (identity unless the layouts differ);
   ``reference_model_args``: the constructor sizes of the authors' model behind one of their state dicts
@@ -100,3 +100,78 @@ class ReIDModel(nn.Module):
         ``state_dict`` (their layout, ``module.`` stripped)."""
         raise CheckpointError(f"{cls.__name__} (MODEL.ARCH_NAME {cfg.MODEL.ARCH_NAME}) cannot read the model "
                               f"sizes from a reference checkpoint: conversion is not implemented for it")
+
+
+class TrainingPhase:
+    """A training phase a model runs before the main loop, with its own loader, optimiser and schedule.
+
+    A model lists its phase classes in ``ReIDModel.training_phases``; the engine
+    (``processor/phase_runner.py``) builds each as ``Phase(cfg, model, dataset, device)`` (``dataset``: the
+    training ``datasets.bases.ReIDDataset``, ``model`` unwrapped) and runs it: when this run trains the phase
+    (``trains()``), it calls ``setup()``, builds ``make_optimizer()`` and ``make_scheduler(optimizer)``, and for
+    every epoch up to ``max_epochs`` steps the optimiser once per payload of ``batches(epoch)`` on
+    ``loss(payload)`` (with the config's gradient scaler; the phase applies autocast where it wants it), steps
+    the scheduler, and writes
+    ``OUTPUT_DIR/<checkpoint_name>`` (``state_dict()`` plus the optimiser, scheduler and RNG states), from which
+    an interrupted phase resumes exactly. Otherwise ``load_result()`` obtains the phase's result without
+    training. ``finish()`` runs last in every case.
+    """
+
+    #: Identifier in fault-injection plans (``processor/faults.py``), and its wording in log lines.
+    name = ""
+    title = ""
+    #: File under OUTPUT_DIR holding the phase's state after each epoch.
+    checkpoint_name = ""
+    #: Config keys of the phase that a resumed run may change (e.g. its log period).
+    resume_may_change = ()
+
+    def __init__(self, cfg, model, dataset, device):
+        self.cfg, self.model, self.dataset, self.device = cfg, model, dataset, device
+
+    @property
+    def max_epochs(self):
+        """Number of epochs of the phase."""
+        raise NotImplementedError
+
+    @property
+    def log_period(self):
+        """Epochs between two log lines."""
+        return 1
+
+    def trains(self):
+        """Whether this run trains the phase (else ``load_result``)."""
+        return True
+
+    def load_result(self):
+        """Obtain the phase's result without training it (e.g. from a file the config names)."""
+        raise NotImplementedError
+
+    def setup(self):
+        """Prepare training (its loader, cached inputs); called once before the first epoch this run trains."""
+
+    def make_optimizer(self):
+        """The phase's optimiser."""
+        raise NotImplementedError
+
+    def make_scheduler(self, optimizer):
+        """The phase's learning-rate schedule, stepped after every epoch."""
+        raise NotImplementedError
+
+    def batches(self, epoch):
+        """The payloads of ``epoch`` (1-based), one optimiser step each."""
+        raise NotImplementedError
+
+    def loss(self, payload):
+        """The scalar loss of one payload."""
+        raise NotImplementedError
+
+    def state_dict(self):
+        """What the phase trains and its own random state (a dict of tensors and plain values)."""
+        return {}
+
+    def load_state_dict(self, state, source):
+        """Restore ``state_dict()`` read from ``source`` (a path, for messages)."""
+
+    def finish(self):
+        """After the phase: hand its result to the model (e.g. fix the text features of every identity)."""
+

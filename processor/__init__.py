@@ -9,33 +9,35 @@ import os
 
 from datasets import make_dataloaders
 from loss import build_criterion
-from processor.hooks import BEST_CHECKPOINT, FINAL_CHECKPOINT, LAST_CHECKPOINT, CheckpointHook, EvalHook, weights_file
+from processor.hooks import BEST_CHECKPOINT, FINAL_CHECKPOINT, LAST_CHECKPOINT, weights_file
 from processor.inference import RANK_LIST_FOLDER, evaluate
-from processor.metrics_log import CURVES_FILE, MetricsLogHook
+from processor.metrics_log import CURVES_FILE
 from processor.model_io import build_from_args, load_trained_model, model_args_from_dataset
-from processor.phases import PHASES
+from processor.phase_runner import run_phases
 from processor.preflight import check_data
 from processor.trainer import Trainer
 from utils.checkpoint import save_checkpoint
 from model.sync_batchnorm import convert_sync_batchnorm
 from utils.distributed import barrier, get_world_size, is_main_process
 from utils.errors import ConfigError
-from evaluation.protocols import average_trials, build_evaluation_protocol
+from evaluation.protocols import average_trials, build_evaluation_protocol, protocol_of_bundle
 from evaluation.html_report import write_html_report
 from evaluation.report import evaluation_settings, format_table, write_results
 
 logger = logging.getLogger(__name__)
 
 
-def evaluate_protocols(cfg, model, device, train_data=None, known=None):
+def evaluate_protocols(cfg, model, device, protocols=None, known=None):
     """Evaluate ``model`` on every protocol of ``DATASETS.TESTS``; return ``{name: metrics}``.
 
-    ``known`` maps protocols already evaluated with these exact weights to their metrics. Each result
-    carries the ``benchmark`` it was measured on (cross-dataset tests name another one than training).
+    ``protocols`` maps names to protocols already built (the others are built here, reading only their
+    query and gallery); ``known`` maps protocols already evaluated with these exact weights to their metrics.
+    Each result carries the ``benchmark`` it was measured on (cross-dataset tests name another one than
+    training).
     """
-    known, results = known or {}, {}
+    known, results, protocols = known or {}, {}, protocols or {}
     for name in cfg.DATASETS.TESTS:
-        protocol = build_evaluation_protocol(cfg, name, train_data)
+        protocol = protocols.get(name) or build_evaluation_protocol(cfg, name)
         # Known metrics come without features: protocols whose features are saved or drawn are embedded again.
         if name in known and not cfg.TEST.SAVE_FEATURES and cfg.TEST.VISUALIZE_TOPK <= 0 and protocol.num_trials == 1:
             metrics = known[name]
@@ -68,18 +70,18 @@ def _report(cfg, results, checkpoint, config_file, epoch, trained_on=None):
 def run_training(cfg, device, resume=False, config_file=None):
     """Train ``cfg``'s model, then evaluate the final weights on every test protocol."""
     bundle = make_dataloaders(cfg)
-    check_data(cfg, bundle.dataset)
+    datasets = check_data(cfg, bundle.dataset)  # every dataset of the run, read once
     model_args = model_args_from_dataset(bundle.dataset)
     model = build_from_args(cfg, model_args, device)
     last_path = os.path.join(cfg.OUTPUT_DIR, LAST_CHECKPOINT)
-    for phase in model.training_phases:
-        PHASES.get(phase)(cfg, model, bundle, device).run(resume)
+    run_phases(cfg, model, bundle.dataset, device, resume)
     criterion = build_criterion(cfg, model, model_args["num_classes"]).to(device)
     if cfg.SOLVER.SYNC_BN and get_world_size() > 1:
         model = convert_sync_batchnorm(model, device)
-    first_test = build_evaluation_protocol(cfg, cfg.DATASETS.TESTS[0], bundle)
-    trainer = Trainer(cfg, model, criterion, bundle.train_loader, first_test, device, model_args,
-                      hooks=[EvalHook(), CheckpointHook(), MetricsLogHook()])
+    protocols = {name: protocol_of_bundle(bundle) if name == bundle.dataset.name else
+                 build_evaluation_protocol(cfg, name, datasets[name]) for name in cfg.DATASETS.TESTS}
+    first_test = protocols[cfg.DATASETS.TESTS[0]]
+    trainer = Trainer(cfg, model, criterion, bundle.train_loader, first_test, device, model_args)
     if resume and os.path.isfile(last_path):  # (resuming in stage 1 has no stage-2 checkpoint yet)
         trainer.resume(last_path)
     last_epoch = trainer.fit()
@@ -92,17 +94,18 @@ def run_training(cfg, device, resume=False, config_file=None):
                 FINAL_CHECKPOINT)
     eval_epoch, metrics = trainer.last_eval
     known = {first_test.name: metrics} if eval_epoch == last_epoch else None
-    results = evaluate_protocols(cfg, model, device, bundle, known)
+    results = evaluate_protocols(cfg, model, device, protocols, known)
     _report(cfg, results, final_path, config_file, last_epoch, trained_on=cfg.DATASETS.NAMES)
     return results
 
 
-def run_testing(cfg, device, config_file=None):
-    """Evaluate ``TEST.WEIGHT`` (a training checkpoint or a bare state dict) on ``DATASETS.TESTS``."""
+def run_testing(cfg, device, config_file=None, state=None):
+    """Evaluate ``TEST.WEIGHT`` (a training checkpoint or a bare state dict; ``state``: its content, already
+    read) on ``DATASETS.TESTS``. Only the test protocols' query and gallery images are read."""
     if not cfg.TEST.WEIGHT:
         raise ConfigError("TEST.WEIGHT is empty: pass the checkpoint to evaluate, e.g. "
                           "TEST.WEIGHT outputs/<run>/model_final.pth")
-    model, epoch = load_trained_model(cfg, cfg.TEST.WEIGHT, device)
+    model, epoch = load_trained_model(cfg, cfg.TEST.WEIGHT, device, state=state)
     results = evaluate_protocols(cfg, model, device)
     _report(cfg, results, cfg.TEST.WEIGHT, config_file, epoch, trained_on=cfg.DATASETS.NAMES)
     return results

@@ -2,9 +2,10 @@
 
 The environment variable ``SVPR_TEST_INTERRUPT`` names one point of a run and what happens there, e.g.
 ``stage2:epoch=2:iter=3:signal=SIGTERM`` (after batch 3 of stage-2 epoch 2 the process sends itself
-SIGTERM). Phases: ``stage1`` (CLIP-ReID prompt learning) and ``stage2`` (the main training loop).
+SIGTERM). Phases: ``stage2`` (the main training loop) and the ``name`` of a model's extra training phase
+(``stage1``: CLIP-ReID's prompt learning).
 Actions (``signal=``): ``SIGINT``, ``SIGTERM``, ``SIGKILL`` (a real signal to this process), ``NAN``
-(the caller turns the loss into NaN), ``STALL`` (this process stops responding) and ``EXIT`` (this
+(the caller makes the batch's loss NaN), ``STALL`` (this process stops responding) and ``EXIT`` (this
 process dies at once). Optional ``rank=R`` limits it to one torchrun rank and ``restart=N`` to one
 elastic attempt. Unset, nothing happens; the variable is read here only.
 """
@@ -26,6 +27,11 @@ def _planned():
     phase, *fields = text.split(":")
     plan = dict(field.split("=", 1) for field in fields)
     return phase, int(plan["epoch"]), int(plan["iter"]), plan["signal"].upper(), plan.get("rank"), plan.get("restart")
+
+
+def fault_injection_planned():
+    """Whether this process runs with a fault plan (only the test suite sets one)."""
+    return _planned() is not None
 
 
 def fault_point(phase, epoch, iteration):

@@ -13,11 +13,13 @@ from configs import config_from_checkpoint
 from datasets import ImageDataset, Sample, build_test_transform, collate
 from evaluation import ReIDEvaluator
 from evaluation.visualize import removal_mask, write_rank_lists
-from processor.common import autocast, show_progress, to_device, unwrap
 from processor.model_io import load_trained_model
 from text import prompts
-from utils.device import resolve_device
-from utils.distributed import get_rank, is_main_process
+from utils.amp import autocast
+from utils.checkpoint import load_checkpoint
+from utils.device import resolve_device, to_device
+from utils.distributed import get_rank, is_main_process, unwrap
+from utils.logger import show_progress
 
 logger = logging.getLogger(__name__)
 
@@ -78,20 +80,20 @@ class FeatureExtractor:
     ``normalize=True`` L2-normalises the features (evaluation does with TEST.FEAT_NORM "yes").
     """
 
-    def __init__(self, cfg, weight, device=None):
+    def __init__(self, cfg, weight, device=None, state=None):
         self.cfg = cfg
         self.device = device or resolve_device(cfg.MODEL.DEVICE)
-        self.model, self.epoch = load_trained_model(cfg, weight, self.device)
+        self.model, self.epoch = load_trained_model(cfg, weight, self.device, state=state)
         self.transform = build_test_transform(cfg)
-        self.text = (prompts.test_caption(cfg.MODEL.TEXT_PROMPT, subject=cfg.MODEL.PROMPT_SUBJECT)
-                     if cfg.MODEL.USE_TEXT else None)
+        self.text = prompts.model_test_caption(cfg)
 
     @classmethod
     def from_checkpoint(cls, path, device=None, opts=()):
         """An extractor for a checkpoint written by this framework, configured by the config stored in it
-        (``opts``: ``KEY VALUE`` overrides, e.g. ``["MODEL.DEVICE", "cpu"]``)."""
-        cfg, _ = config_from_checkpoint(path, opts=list(opts))
-        return cls(cfg, path, device=torch.device(device) if isinstance(device, str) else device)
+        (``opts``: ``KEY VALUE`` overrides, e.g. ``["MODEL.DEVICE", "cpu"]``). The file is read once."""
+        state = load_checkpoint(path, map_location="cpu")
+        cfg, _ = config_from_checkpoint(path, opts=list(opts), state=state)
+        return cls(cfg, path, device=torch.device(device) if isinstance(device, str) else device, state=state)
 
     @torch.no_grad()
     def __call__(self, paths, viewids=0, batch_size=None, normalize=False):

@@ -10,8 +10,8 @@ import sys
 from configs import ignored_keys_message, read_config
 from datasets import DATASETS
 from model import MODELS
-from processor.preflight import (check_output_dir, check_resume_config, check_writable, remove_run_files,
-                                 remove_stale_temporaries)
+from processor.preflight import (RESULTS_FILE, check_output_dir, check_resume_config, check_writable,
+                                 remove_run_files, remove_stale_temporaries)
 from utils.device import resolve_device
 from utils.distributed import get_rank, init_distributed, is_main_process, restart_count
 from utils.errors import ConfigError
@@ -104,7 +104,8 @@ def prepare_run(args, log_file, run_files=(), base_config=None):
     resume, overwrite = bool(getattr(args, "resume", False)), bool(getattr(args, "overwrite", False))
     if restart_count() > 0:
         # An elastic restart continues its own run, from the last checkpoint if one was written.
-        resume = any(os.path.isfile(os.path.join(cfg.OUTPUT_DIR, name)) for name in run_files[:2])
+        resume = any(os.path.isfile(os.path.join(cfg.OUTPUT_DIR, name)) for name in run_files
+                     if name != RESULTS_FILE)
         overwrite = True
     if resume and overwrite and restart_count() == 0:
         raise ConfigError("--resume and --overwrite contradict each other: pass one of them")

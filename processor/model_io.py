@@ -1,7 +1,7 @@
 """Building a model for a dataset and loading trained weights into it."""
 import logging
 
-from datasets import make_dataloaders
+from datasets.loader import load_dataset
 from model import build_model
 from model.checkpoint_fit import load_model_weights
 from utils.checkpoint import load_checkpoint
@@ -59,13 +59,14 @@ def build_from_args(cfg, model_args, device):
     return model
 
 
-def load_trained_model(cfg, weight, device):
-    """Model of ``cfg`` with the weights of ``weight`` (a training checkpoint or a bare state dict).
+def load_trained_model(cfg, weight, device, state=None):
+    """Model of ``cfg`` with the weights of ``weight`` (a training checkpoint or a bare state dict; ``state``: its
+    content when the caller has already read it, so that the file is read once).
 
     Returns ``(model in eval mode, epoch or None)``. A checkpoint that does not fit the config raises a
     one-line ``CheckpointError`` naming the parameters and the config keys that likely differ.
     """
-    state = load_checkpoint(weight, map_location="cpu")
+    state = load_checkpoint(weight, map_location="cpu") if state is None else state
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {weight}: expected a dict of weights, got {type(state).__name__}")
     model_args = state.get("model_args")
@@ -75,7 +76,7 @@ def load_trained_model(cfg, weight, device):
         raise CheckpointError(f"checkpoint {weight}: its stored config or epoch is malformed")
     if model_args is None:
         # A bare state dict does not record the training set's sizes: read them from the training split.
-        model_args = model_args_from_dataset(make_dataloaders(cfg).dataset)
+        model_args = model_args_from_dataset(load_dataset(cfg))
     model = build_from_args(cfg, model_args, device)
     load_model_weights(model, state.get("model", state), cfg)
     epoch = state.get("epoch")

@@ -10,8 +10,8 @@ import yaml
 
 from configs import get_cfg_defaults
 from datasets.loader import check_image_files, load_dataset
+from model import MODELS
 from processor.hooks import LAST_CHECKPOINT
-from processor.stage1 import STAGE1_CHECKPOINT
 from utils.errors import CheckpointError, ConfigError, DataError
 from utils.io import TEMP_PREFIX
 from evaluation.ranking import removal_mask as _removal_mask
@@ -19,14 +19,20 @@ from evaluation.ranking import removal_mask as _removal_mask
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
-# Files whose presence means OUTPUT_DIR holds a training run; the first two make it resumable.
-TRAINING_RUN_FILES = (LAST_CHECKPOINT, STAGE1_CHECKPOINT, RESULTS_FILE)
+
+
+def training_run_files():
+    """Files whose presence means OUTPUT_DIR holds a training run: the resumable checkpoints (the main loop's,
+    then those of every registered model's extra phases), then the results."""
+    phases = {phase.checkpoint_name for name in MODELS.names() for phase in MODELS.get(name).training_phases}
+    return (LAST_CHECKPOINT, *sorted(phases), RESULTS_FILE)
 # Keys that may change when a run is resumed: run length, logging/evaluation cadence, where things are,
 # how data is loaded and how the result is evaluated. Any other difference makes the resume a new run.
+# (A model's extra phases add their own keys: ``TrainingPhase.resume_may_change``.)
 RESUME_MAY_CHANGE = ("SOLVER.MAX_EPOCHS", "SOLVER.LOG_PERIOD", "SOLVER.EVAL_PERIOD", "SOLVER.CHECKPOINT_PERIOD",
-                     "SOLVER.STAGE1.LOG_PERIOD", "SOLVER.STAGE1.CHECKPOINT_PERIOD", "OUTPUT_DIR", "MODEL.DEVICE",
-                     "MODEL.DEVICE_ID", "MODEL.PRETRAIN_PATH", "DATASETS.ROOT_DIR", "DATASETS.AUTO_GENERATE",
-                     "DATASETS.TESTS", "DATALOADER.NUM_WORKERS", "DATALOADER.CHECK_IMAGES", "DIST.", "TEST.")
+                     "OUTPUT_DIR", "MODEL.DEVICE", "MODEL.PRETRAIN_PATH", "DATASETS.ROOT_DIR",
+                     "DATASETS.AUTO_GENERATE", "DATASETS.TESTS", "DATALOADER.NUM_WORKERS", "DATALOADER.CHECK_IMAGES",
+                     "DIST.", "TEST.")
 
 
 def check_output_dir(output_dir, run_files, resume, overwrite):
@@ -37,10 +43,11 @@ def check_output_dir(output_dir, run_files, resume, overwrite):
     """
     present = [name for name in run_files if os.path.isfile(os.path.join(output_dir, name))]
     if resume:
-        for name in (LAST_CHECKPOINT, STAGE1_CHECKPOINT):
-            if name in run_files and name in present:
+        checkpoints = [name for name in run_files if name != RESULTS_FILE]
+        for name in checkpoints:
+            if name in present:
                 return os.path.join(output_dir, name)
-        raise ConfigError(f"--resume: OUTPUT_DIR '{output_dir}' holds no {' or '.join(run_files[:2])} to resume "
+        raise ConfigError(f"--resume: OUTPUT_DIR '{output_dir}' holds no {' or '.join(checkpoints)} to resume "
                           "from; drop --resume to start a new run")
     if present and not overwrite:
         raise ConfigError(f"OUTPUT_DIR '{output_dir}' already holds a run ({', '.join(present)}): pass --resume to "
@@ -113,8 +120,10 @@ def check_resume_config(cfg, path):
     for key in set(current) - set(stored):
         if key in defaults and current[key] == defaults[key]:
             stored[key] = current[key]
+    may_change = RESUME_MAY_CHANGE + tuple(key for name in MODELS.names() for phase in MODELS.get(name).training_phases
+                                           for key in phase.resume_may_change)
     differing = sorted(key for key in set(stored) | set(current)
-                       if not key.startswith(RESUME_MAY_CHANGE) and key not in RESUME_MAY_CHANGE
+                       if not key.startswith(may_change) and key not in may_change
                        and stored.get(key, "<absent>") != current.get(key, "<absent>"))
     if differing:
         shown = ", ".join(f"{key} ({stored.get(key, '<absent>')!r} -> {current.get(key, '<absent>')!r})"
@@ -145,11 +154,13 @@ def count_valid_queries(query, gallery, view_mode, time_mode, chunk=1024):
 
 
 def check_data(cfg, train_dataset):
-    """Build every ``DATASETS.TESTS`` protocol, check that each has a valid query, and that every image of
-    every split exists (decodes, with ``DATALOADER.CHECK_IMAGES``); one-line errors otherwise."""
+    """Read every ``DATASETS.TESTS`` dataset (query and gallery only, unless it is the training set), check that
+    each has a valid query, and that every image of every split exists (decodes, with
+    ``DATALOADER.CHECK_IMAGES``); one-line errors otherwise. Returns ``{name: dataset}`` of the datasets read,
+    for the run to reuse."""
     datasets = {train_dataset.name: train_dataset}
     for name in cfg.DATASETS.TESTS:
-        dataset = datasets.get(name) or load_dataset(cfg, name)
+        dataset = datasets.get(name) or load_dataset(cfg, name, load_train=False)
         datasets[name] = dataset
         valid = count_valid_queries(dataset.query, dataset.gallery, dataset.view_mode, cfg.TEST.TIME_MODE)
         if not valid:
@@ -161,3 +172,4 @@ def check_data(cfg, train_dataset):
     check_image_files(paths, decode=cfg.DATALOADER.CHECK_IMAGES, workers=max(1, cfg.DATALOADER.NUM_WORKERS))
     logger.info("checked %d images of %d datasets%s and %d test protocols before training", len(set(paths)),
                 len(datasets), " (decoded)" if cfg.DATALOADER.CHECK_IMAGES else "", len(cfg.DATASETS.TESTS))
+    return datasets

@@ -13,7 +13,9 @@ def _optimizer_class(name, key):
     return cls
 
 
-def _build_optimizer(name, key, param_groups, lr, momentum):
+def build_optimizer(name, key, param_groups, lr, momentum):
+    """The ``torch.optim`` optimiser ``name`` over ``param_groups`` (``key``: its config key, for errors); SGD
+    gets ``momentum``."""
     cls = _optimizer_class(name, key)
     if cls is torch.optim.SGD:
         return cls(param_groups, lr=lr, momentum=momentum)
@@ -46,32 +48,15 @@ def _param_groups(cfg, model):
     return [groups[name] for name in order if name in groups]
 
 
-def make_optimizer(cfg, model, center_criterion=None):
-    """Optimiser for the trainable parameters of ``model`` (SOLVER.*), and an SGD optimiser with
-    SOLVER.CENTER_LR for ``center_criterion``'s centres (None without one).
+def make_optimizer(cfg, model):
+    """Optimiser for the trainable parameters of ``model`` (SOLVER.*).
 
     Groups: base lr and SOLVER.WEIGHT_DECAY; names containing "bias": lr × BIAS_LR_FACTOR and
-    WEIGHT_DECAY_BIAS; with LARGE_FC_LR, names containing "classifier": lr × 2.
-    Returns ``(optimizer, center_optimizer_or_None)``.
+    WEIGHT_DECAY_BIAS; with LARGE_FC_LR, names containing "classifier": lr × 2. (Loss terms with parameters
+    of their own, such as the center loss's centres, build their own optimisers.)
     """
     param_groups = _param_groups(cfg, model)
     if not param_groups:
         raise ConfigError("the model has no trainable parameters to optimise (check MODEL.FREEZE_* keys)")
-    optimizer = _build_optimizer(cfg.SOLVER.OPTIMIZER_NAME, "SOLVER.OPTIMIZER_NAME", param_groups,
-                                 cfg.SOLVER.BASE_LR, cfg.SOLVER.MOMENTUM)
-    center_optimizer = None
-    if center_criterion is not None:
-        center_optimizer = torch.optim.SGD(center_criterion.parameters(), lr=cfg.SOLVER.CENTER_LR)
-    return optimizer, center_optimizer
-
-
-def make_stage1_optimizer(cfg, params):
-    """Optimiser for CLIP-ReID's stage-1 prompt parameters ``params`` (SOLVER.STAGE1.*: optimiser name,
-    base lr, weight decay, SGD momentum)."""
-    stage1 = cfg.SOLVER.STAGE1
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        raise ConfigError("stage 1 has no trainable prompt parameters to optimise")
-    group = {"params": params, "lr": stage1.BASE_LR, "weight_decay": stage1.WEIGHT_DECAY, "name": "prompts"}
-    return _build_optimizer(stage1.OPTIMIZER_NAME, "SOLVER.STAGE1.OPTIMIZER_NAME", [group], stage1.BASE_LR,
-                            stage1.MOMENTUM)
+    return build_optimizer(cfg.SOLVER.OPTIMIZER_NAME, "SOLVER.OPTIMIZER_NAME", param_groups, cfg.SOLVER.BASE_LR,
+                           cfg.SOLVER.MOMENTUM)

@@ -1,4 +1,5 @@
-"""Per-epoch learning-rate schedules: warm-up multi-step (stage 2) and warm-up cosine (stage 1)."""
+"""Per-epoch learning-rate schedules: warm-up multi-step (the main training loop) and warm-up cosine
+(CLIP-ReID's prompt learning builds it from its own keys)."""
 import bisect
 import math
 
@@ -40,7 +41,7 @@ class WarmupMultiStepLR(LambdaLR):
 
 
 class WarmupCosineLR(LRScheduler):
-    """Linear warm-up then cosine decay, stepped once at the end of every epoch (CLIP-ReID stage 1).
+    """Linear warm-up then cosine decay, stepped once at the end of every epoch (CLIP-ReID's prompt learning).
 
     Epoch e (1-based) trains at ``t = e`` like the reference, whose timm scheduler is stepped with the
     epoch number at the start of each epoch: for ``t < warmup_epochs`` the learning rate is
@@ -82,13 +83,3 @@ def make_scheduler(cfg, optimizer):
         raise ConfigError(f"SOLVER.WARMUP_METHOD must be 'constant' or 'linear', got {solver.WARMUP_METHOD!r}")
     return WarmupMultiStepLR(optimizer, steps, gamma=solver.GAMMA, warmup_factor=solver.WARMUP_FACTOR,
                              warmup_iters=solver.WARMUP_ITERS, warmup_method=solver.WARMUP_METHOD)
-
-
-def make_stage1_scheduler(cfg, optimizer):
-    """``WarmupCosineLR`` from SOLVER.STAGE1.MAX_EPOCHS, WARMUP_EPOCHS, WARMUP_LR_INIT and LR_MIN."""
-    stage1 = cfg.SOLVER.STAGE1
-    if stage1.MAX_EPOCHS < 1 or stage1.WARMUP_EPOCHS < 0:
-        raise ConfigError(f"SOLVER.STAGE1.MAX_EPOCHS must be >= 1 and SOLVER.STAGE1.WARMUP_EPOCHS >= 0, got "
-                          f"{stage1.MAX_EPOCHS} and {stage1.WARMUP_EPOCHS}")
-    return WarmupCosineLR(optimizer, stage1.MAX_EPOCHS, warmup_epochs=stage1.WARMUP_EPOCHS,
-                          warmup_lr_init=stage1.WARMUP_LR_INIT, lr_min=stage1.LR_MIN)

@@ -64,7 +64,6 @@ def small_cfg(root, workers=2):
     cfg.DATALOADER.NUM_WORKERS = workers
     cfg.DATALOADER.NUM_INSTANCE = 2
     cfg.SOLVER.IMS_PER_BATCH = 8
-    cfg.SOLVER.STAGE1.IMS_PER_BATCH = 8
     cfg.TEST.IMS_PER_BATCH = 16
     return cfg
 
@@ -74,8 +73,8 @@ def test_loaders_with_worker_processes(synth_root):
     bundle = make_dataloaders(small_cfg(synth_root), tokenizer=tokenizer)
     ds = bundle.dataset
     texts = {s.text for s in ds.train} | {s.text for s in ds.query + ds.gallery}
-    # Each distinct text was tokenised exactly once per loader that holds it (train, stage 1, val).
-    assert all(tokenizer.seen[t] == (2 if t in {s.text for s in ds.train} else 1) for t in texts)
+    # Each distinct text was tokenised exactly once per loader that holds it (train, val).
+    assert all(tokenizer.seen[t] == 1 for t in texts)
     # Train workers restart each epoch (seeded per epoch for exact resume); evaluation workers persist.
     assert bundle.train_loader.num_workers == 2 and not bundle.train_loader.persistent_workers
     assert bundle.val_loader.persistent_workers
@@ -97,10 +96,6 @@ def test_loaders_with_worker_processes(synth_root):
             assert key in known
             expected = [tokenizer([t], 40)[0] for t in known[key]]
             assert any(torch.equal(batch["text_tokens"][i], e) for e in expected)
-
-    stage1 = [b for b in bundle.train_loader_stage1]
-    assert sum(len(b["pids"]) for b in stage1) == len(ds.train)
-    assert sorted(torch.cat([b["pids"] for b in stage1]).tolist()) == sorted(s.pid for s in ds.train)
 
     val = list(bundle.val_loader)
     samples = ds.query + ds.gallery

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from configs import load_config
-from datasets import make_dataloaders
+from datasets import ImageDataset, build_test_transform, make_dataloaders
+from datasets.loader import load_dataset
 from datasets.synthetic import SynthConfig, generate_synthag
 from loss import build_criterion
 from model import build_model
-from processor.stage1 import extract_prompt_features
+from model.clip_reid import PromptLearning
 from solver import make_optimizer
 from tests.conftest import REPO_ROOT, run_script
 from utils.checkpoint import load_checkpoint
@@ -180,7 +181,7 @@ def test_loss_goes_down_on_a_fixed_batch(config, synth_root, tmp_path):
     data = bundle.dataset
     model = build_model(cfg, data.num_train_pids, data.num_train_cams, data.num_train_views, data.attributes)
     criterion = build_criterion(cfg, model, data.num_train_pids)
-    optimizer, _ = make_optimizer(cfg, model)
+    optimizer = make_optimizer(cfg, model)
     batch = next(iter(bundle.train_loader))
     model.train()
     losses = []
@@ -195,14 +196,17 @@ def test_loss_goes_down_on_a_fixed_batch(config, synth_root, tmp_path):
 
 
 def test_stage1_cached_features_equal_recomputed(synth_root, tmp_path):
+    """Prompt learning builds its own loader (every training image once, test transform) and caches the image
+    features of the whole training split, in split order."""
     cfg = load_config(CLIPREID, tiny(synth_root, str(tmp_path)))
-    bundle = make_dataloaders(cfg)
-    data = bundle.dataset
+    data = load_dataset(cfg)
     model = build_model(cfg, data.num_train_pids, data.num_train_cams, data.num_train_views, data.attributes)
-    features, pids = extract_prompt_features(cfg, model, bundle.train_loader_stage1, torch.device("cpu"))
+    phase = PromptLearning(cfg, model, data, torch.device("cpu"))
+    phase.setup()
+    features, pids = phase.features, phase.pids
     assert features.shape[0] == len(data.train)
     assert torch.equal(pids, torch.tensor([s.pid for s in data.train]))
-    dataset = bundle.train_loader_stage1.dataset
+    dataset = ImageDataset(data.train, build_test_transform(cfg), text_len=cfg.MODEL.TEXT_LEN)
     model.eval()
     with torch.no_grad():
         for index in (0, len(data.train) // 2, len(data.train) - 1):

@@ -359,23 +359,24 @@ def test_unknown_loss_term_names_close_matches():
 def test_center_term_and_its_parameters_follow_the_criterion(opts):
     cfg = make_cfg(**opts, **{"SOLVER.CENTER_LOSS_WEIGHT": 0.01})
     criterion = build_criterion(cfg, baseline_like("CLIP_baseline"), NUM_CLASSES)
-    assert isinstance(criterion, Criterion) and isinstance(criterion.center_loss, CenterLoss)
+    center_loss = criterion.terms["center"].center_loss
+    assert isinstance(criterion, Criterion) and isinstance(center_loss, CenterLoss)
     assert list(criterion.state_dict()) == ["terms.center.center_loss.centers"]
     criterion.to(torch.float64)
-    assert criterion.center_loss.centers.dtype == torch.float64
+    assert center_loss.centers.dtype == torch.float64
 
     outputs, labels = random_outputs(view=False, attr=False, seed=2)
     outputs = ModelOutput({k: t.detach().double().requires_grad_() for k, t in outputs.id_logits.items()},
                           {k: t.detach().double().requires_grad_() for k, t in outputs.features.items()})
     terms = criterion(outputs, labels)
     assert sorted(terms) == ["center", "id", "triplet"]
-    expected = 0.01 * ref_center(outputs.features["f0"], labels["pids"], criterion.center_loss.centers)
+    expected = 0.01 * ref_center(outputs.features["f0"], labels["pids"], center_loss.centers)
     assert terms["center"].item() == pytest.approx(expected, rel=1e-9)
     sum(terms.values()).backward()
-    assert criterion.center_loss.centers.grad.abs().sum() > 0
+    assert center_loss.centers.grad.abs().sum() > 0
 
 
 def test_no_center_loss_by_default():
     criterion = build_criterion(make_cfg(), baseline_like("CLIP_baseline"), NUM_CLASSES)
-    assert criterion.center_loss is None
+    assert "center" not in criterion.terms
     assert list(criterion.parameters()) == []

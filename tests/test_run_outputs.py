@@ -90,7 +90,7 @@ def test_log_lines_report_progress_with_etas(trained):
     images/s and the ETAs of the epoch and of the run."""
     import re
 
-    from processor.trainer import format_duration
+    from processor.hooks import format_duration
 
     _, out = trained
     log = open(os.path.join(out, "train.log"), encoding="utf-8").read()

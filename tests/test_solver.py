@@ -8,11 +8,30 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from configs import get_cfg_defaults
-from solver import (WarmupCosineLR, WarmupMultiStepLR, make_optimizer, make_scheduler, make_stage1_optimizer,
-                    make_stage1_scheduler)
-from loss import CenterLoss
+from loss.center_loss import CenterTerm
+from model.clip_reid import PromptLearning
+from solver import WarmupCosineLR, WarmupMultiStepLR, make_optimizer, make_scheduler
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import ConfigError
+
+
+class _Prompts(nn.Module):
+    """What prompt learning's optimiser reads of a CLIP-ReID model: its prompt parameters."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.params = list(params)
+
+    def prompt_parameters(self):
+        return self.params
+
+
+def make_stage1_optimizer(cfg, params):
+    return PromptLearning(cfg, _Prompts(params), None, torch.device("cpu")).make_optimizer()
+
+
+def make_stage1_scheduler(cfg, optimizer):
+    return PromptLearning(cfg, None, None, torch.device("cpu")).make_scheduler(optimizer)
 
 
 def make_cfg(opts=()):
@@ -54,8 +73,7 @@ def test_parameter_groups_follow_the_bias_and_classifier_rules(large_fc):
     cfg = make_cfg(["SOLVER.BASE_LR", 0.01, "SOLVER.BIAS_LR_FACTOR", 3, "SOLVER.WEIGHT_DECAY", 0.05,
                     "SOLVER.WEIGHT_DECAY_BIAS", 0.001, "SOLVER.LARGE_FC_LR", large_fc])
     model = TinyReID()
-    optimizer, center_optimizer = make_optimizer(cfg, model)
-    assert center_optimizer is None
+    optimizer = make_optimizer(cfg, model)
 
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     grouped = [p for g in optimizer.param_groups for p in g["params"]]
@@ -78,7 +96,7 @@ def test_parameter_groups_follow_the_bias_and_classifier_rules(large_fc):
                                        ("AdamW", torch.optim.AdamW), ("RMSprop", torch.optim.RMSprop)])
 def test_optimiser_is_chosen_by_name(name, cls):
     cfg = make_cfg(["SOLVER.OPTIMIZER_NAME", name, "SOLVER.MOMENTUM", 0.8])
-    optimizer, _ = make_optimizer(cfg, TinyReID())
+    optimizer = make_optimizer(cfg, TinyReID())
     assert type(optimizer) is cls
     if cls is torch.optim.SGD:
         assert all(g["momentum"] == 0.8 for g in optimizer.param_groups)
@@ -97,12 +115,19 @@ def test_fully_frozen_model_is_a_config_error():
         make_optimizer(make_cfg(), model)
 
 
-def test_center_optimiser_is_sgd_over_the_centres():
-    center = CenterLoss(5, 8)
-    _, center_optimizer = make_optimizer(make_cfg(["SOLVER.CENTER_LR", 0.3]), TinyReID(), center)
+def test_center_term_trains_its_centres_with_its_own_sgd():
+    cfg = make_cfg(["SOLVER.CENTER_LR", 0.3, "SOLVER.CENTER_LOSS_WEIGHT", 0.25, "MODEL.IF_WITH_CENTER", "yes"])
+    assert CenterTerm.spec_from_config(cfg) == (0.25, {})
+    assert CenterTerm.spec_from_config(make_cfg()) is None
+    term = CenterTerm(cfg, 5, 8)
+    center_optimizer = term.make_optimizer(cfg)
     assert type(center_optimizer) is torch.optim.SGD
     assert center_optimizer.param_groups[0]["lr"] == 0.3
-    assert center_optimizer.param_groups[0]["params"] == [center.centers]
+    assert center_optimizer.param_groups[0]["params"] == [term.center_loss.centers]
+    # The loss weight scaled the centres' gradient; the term undoes it before its optimiser steps.
+    term.center_loss.centers.grad = torch.full((5, 8), 0.5)
+    term.prepare_gradients()
+    assert torch.equal(term.center_loss.centers.grad, torch.full((5, 8), 2.0))
 
 
 def test_stage1_optimiser_uses_stage1_keys():
@@ -152,7 +177,7 @@ def spec_svpr_lr(epoch):
 
 def test_warmup_multistep_matches_spec_values():
     cfg = make_cfg(SVPR_SOLVER + ["SOLVER.STEPS", (30, 50, 80)])
-    optimizer, _ = make_optimizer(cfg, TinyReID())
+    optimizer = make_optimizer(cfg, TinyReID())
     scheduler = make_scheduler(cfg, optimizer)
     assert isinstance(scheduler, WarmupMultiStepLR)
     history = lrs_per_epoch(optimizer, scheduler, 120)
@@ -168,7 +193,7 @@ def test_warmup_multistep_matches_spec_values():
 
 def test_constant_warmup_and_unsorted_steps():
     cfg = make_cfg(SVPR_SOLVER + ["SOLVER.WARMUP_METHOD", "constant", "SOLVER.STEPS", (12,)])
-    optimizer, _ = make_optimizer(cfg, TinyReID())
+    optimizer = make_optimizer(cfg, TinyReID())
     history = [lrs[0] for lrs in lrs_per_epoch(optimizer, make_scheduler(cfg, optimizer), 14)]
     expected = [5e-7] * 10 + [5e-6] * 2 + [5e-7] * 2
     assert history == pytest.approx(expected, rel=1e-12)
@@ -238,7 +263,7 @@ def run_and_maybe_resume(tmp_path, cfg, build, total_epochs, stop_at=None):
 def build_stage2(cfg):
     torch.manual_seed(1)
     model = TinyReID()
-    optimizer, _ = make_optimizer(cfg, model)
+    optimizer = make_optimizer(cfg, model)
     return model, optimizer, make_scheduler(cfg, optimizer)
 
 

@@ -32,6 +32,15 @@ def test_caption(num_prompt_words, suffix="", subject=PERSON):
     return f"{prompt_stub(num_prompt_words, subject)}.{(' ' + suffix) if suffix else ''}"
 
 
+def model_test_caption(cfg):
+    """The caption a model is given with an image of unknown attributes outside a dataset (FeatureExtractor,
+    exported models): ``test_caption`` with MODEL.TEXT_PROMPT words and MODEL.PROMPT_SUBJECT, or None when
+    MODEL.USE_TEXT is off."""
+    if not cfg.MODEL.USE_TEXT:
+        return None
+    return test_caption(cfg.MODEL.TEXT_PROMPT, subject=cfg.MODEL.PROMPT_SUBJECT)
+
+
 # Dataset-specific test sentences.
 ATTRIBUTES_UNKNOWN = "Attributes are unknown."
 ATTRIBUTES_NOT_AVAILABLE = "Attributes are not available."

@@ -60,7 +60,7 @@ def make_steps(cfg, batch, num_classes, num_views, device):
     """(model, train step, inference step) of ``cfg.MODEL.ARCH_NAME`` on ``batch``."""
     attributes = BENCH_ATTRIBUTES if cfg.MODEL.USE_ATTR else ()
     model = build_model(cfg, num_classes, num_cameras=2, num_views=num_views, attributes=attributes).to(device)
-    optimizer, _ = make_optimizer(cfg, model)
+    optimizer = make_optimizer(cfg, model)
     amp = device.type == "cuda" and cfg.SOLVER.AMP
     dtype = torch.bfloat16 if cfg.SOLVER.AMP_DTYPE == "bfloat16" else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)

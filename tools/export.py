@@ -66,8 +66,7 @@ def build_wrapper(cfg, model, caption=None):
     ``MODEL.USE_TEXT`` is on (as ``processor.inference.FeatureExtractor`` does)."""
     tokens = None
     if "text_tokens" in model.batch_inputs and cfg.MODEL.USE_TEXT:
-        text = caption if caption is not None else prompts.test_caption(cfg.MODEL.TEXT_PROMPT,
-                                                                         subject=cfg.MODEL.PROMPT_SUBJECT)
+        text = caption if caption is not None else prompts.model_test_caption(cfg)
         tokens = tokenize(text, context_length=cfg.MODEL.TEXT_LEN, truncate=True).long()  # (1, L)
     return ExportWrapper(model, tokens)
 
@@ -157,7 +156,7 @@ def main(argv=None):
         raise CheckpointError(f"checkpoint {args.weights}: expected a dict of weights, got {type(state).__name__}")
     cfg, _ = config_from_checkpoint(args.weights, args.config_file, args.opts, state=state)
     # Exports are built on the CPU: traced graphs would otherwise record the device of their constants.
-    model, epoch = load_trained_model(cfg, args.weights, torch.device("cpu"))
+    model, epoch = load_trained_model(cfg, args.weights, torch.device("cpu"), state=state)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     model_args = state.get("model_args")
     if args.format == "safetensors":

@@ -24,3 +24,9 @@ def resolve_device(requested="auto"):
         return torch.device(requested)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def to_device(batch, device):
+    """Move every tensor of a batch dict to ``device`` (non-blocking when pinned)."""
+    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+            for key, value in batch.items()}

@@ -176,3 +176,8 @@ def all_reduce_with_grad(tensor):
     if get_world_size() == 1:
         return tensor
     return _AllReduceWithGrad.apply(tensor)
+
+
+def unwrap(model):
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model

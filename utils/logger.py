@@ -31,3 +31,8 @@ def setup_logger(output_dir=None, filename="train.log", rank=0, level=logging.IN
     for noisy in ("PIL", "matplotlib", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return logging.getLogger("svpr")
+
+
+def show_progress(rank):
+    """tqdm bars only on rank 0 and only when stderr is a terminal."""
+    return rank == 0 and sys.stderr.isatty()

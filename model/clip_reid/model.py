@@ -14,39 +14,13 @@ neither CLIP's token embedding nor its logit scale.
 import torch
 from torch import nn
 
-from configs import CN, check_count, declare_config
+from configs import declare_config
 from text import prompts, tokenize
 from model.clip_baseline import ClipImageModel
+from model.clip_reid.prompt_learning import PromptLearning
 from model.contract import LossSpec, ModelOutput
 from model.registry import register_model
 from utils.errors import CheckpointError, ConfigError
-
-
-def _check_stage1_config(cfg):
-    for key in ("SOLVER.STAGE1.IMS_PER_BATCH", "SOLVER.STAGE1.LOG_PERIOD"):
-        check_count(cfg, key, 1)
-    check_count(cfg, "SOLVER.STAGE1.MAX_EPOCHS", 0)
-
-
-@declare_config(check=_check_stage1_config)
-def add_prompt_learning_config(cfg):
-    """The keys of CLIP-ReID's stage 1 (SOLVER.STAGE1)."""
-    # CLIP-ReID stage 1 (prompt learning).
-    cfg.SOLVER.STAGE1 = CN()
-    # Run stage 1 before stage 2 (CLIP_ReID only).
-    cfg.SOLVER.STAGE1.TRAIN = False
-    # Stage-1 weights to load when stage 1 is not trained here (CLIP_ReID only).
-    cfg.SOLVER.STAGE1.PRETRAIN_PATH = ""
-    cfg.SOLVER.STAGE1.IMS_PER_BATCH = 64  # stage-1 batch size
-    cfg.SOLVER.STAGE1.OPTIMIZER_NAME = "Adam"  # stage-1 optimiser
-    cfg.SOLVER.STAGE1.MAX_EPOCHS = 100  # stage-1 epochs
-    cfg.SOLVER.STAGE1.BASE_LR = 0.0003  # stage-1 learning rate
-    cfg.SOLVER.STAGE1.MOMENTUM = 0.9  # stage-1 SGD momentum
-    cfg.SOLVER.STAGE1.WEIGHT_DECAY = 0.0005  # stage-1 weight decay
-    cfg.SOLVER.STAGE1.WARMUP_EPOCHS = 5  # linear warm-up epochs of the stage-1 cosine schedule
-    cfg.SOLVER.STAGE1.WARMUP_LR_INIT = 0.00001  # learning rate at the start of the warm-up
-    cfg.SOLVER.STAGE1.LR_MIN = 1e-6  # final learning rate of the cosine schedule
-    cfg.SOLVER.STAGE1.LOG_PERIOD = 100  # stage-1 log period in iterations
 
 
 @declare_config
@@ -95,7 +69,7 @@ class CLIP_ReID(ClipImageModel):
         ("token_suffix", ("MODEL.TEXT_LEN", "MODEL.FIXES.CLIPREID_PROMPT_AT_TEXT_LEN")),
     ) + ClipImageModel.checkpoint_hints
 
-    training_phases = ("prompt_learning",)
+    training_phases = (PromptLearning,)
     visual_prefix = "clip.visual."
 
     def __init__(self, cfg, num_classes, num_cameras=1, num_views=1, attributes=()):

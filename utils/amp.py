@@ -1,6 +1,5 @@
-"""Pieces shared by the training and inference loops: precision, batch transfer, model unwrapping."""
+"""Mixed precision from the config: the autocast context and the gradient scaler of SOLVER.AMP."""
 import contextlib
-import sys
 
 import torch
 
@@ -18,19 +17,3 @@ def make_grad_scaler(cfg, device):
     """Gradient scaler, active only for fp16 autocast on CUDA."""
     enabled = bool(cfg.SOLVER.AMP) and device.type == "cuda" and cfg.SOLVER.AMP_DTYPE == "float16"
     return torch.amp.GradScaler(device.type, enabled=enabled)
-
-
-def unwrap(model):
-    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if hasattr(model, "module") else model
-
-
-def to_device(batch, device):
-    """Move every tensor of a batch dict to ``device`` (non-blocking when pinned)."""
-    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
-            for key, value in batch.items()}
-
-
-def show_progress(rank):
-    """tqdm bars only on rank 0 and only when stderr is a terminal."""
-    return rank == 0 and sys.stderr.isatty()
