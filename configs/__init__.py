@@ -1,9 +1,10 @@
-"""Configuration: documented YACS defaults (``defaults.py``) and the YAML files of each benchmark.
+"""Configuration: the framework's YACS defaults (``defaults.py``), the keys components declare next to their
+code (``schema.py``), and the YAML files of each benchmark.
 
 ``load_config(config_file, opts)`` merges a YAML file (after the files it inherits from with ``_BASE_``) and
 ``KEY VALUE`` overrides into the defaults, checks the values, and returns a frozen config; any mistake raises
-a one-line ``ConfigError`` (an unknown key names the closest existing ones). Keys of the reference code that have no effect are ignored with one
-warning (``configs/compat.py``).
+a one-line ``ConfigError`` (an unknown key names the closest existing ones). Keys of the reference code that
+have no effect are ignored with one warning (``configs/compat.py``).
 """
 import difflib
 import logging
@@ -188,9 +189,10 @@ def _protect_strings(data, defaults):
 
 
 def stored_config(path, state=None):
-    """The config YAML a checkpoint written by this framework stores (``state``: the checkpoint ``path``
-    already loaded, to read it once)."""
-    state = load_checkpoint(path, map_location="cpu") if state is None else state
+    """The config YAML text a checkpoint written by this framework stores (``state``: the checkpoint ``path``
+    already loaded, to read it once; otherwise its tensors are only memory-mapped, not read)."""
+    state = load_checkpoint(path, map_location="cpu", mmap=not path.endswith(".safetensors")) \
+        if state is None else state
     stored = state.get("config") if isinstance(state, dict) else None
     if not isinstance(stored, str):
         raise ConfigError(f"checkpoint {path} stores no config (a bare state dict?): pass --config_file with the "

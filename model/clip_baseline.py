@@ -13,11 +13,12 @@ from model.backbone import CLIP_CHECKPOINT_HINTS, build_clip_from_config
 from model.clip import SideInfoEmbedding
 from model.contract import LossSpec, ModelOutput, ReIDModel
 from model.heads import BNNeckHead
+from model.reference_names import rename_state_dict
 from model.registry import register_model
 from utils.errors import CheckpointError
 
-# Our parameter names -> the reference's (``model/make_model_clipreid.py``), image side. A name ending in "."
-# is a prefix. ``{visual}`` is where the model keeps the image encoder.
+# (our name, the reference's) of the image side (``model/make_model_clipreid.py``; convention:
+# model/reference_names.py). ``{visual}`` is where the model keeps the image encoder.
 IMAGE_SIDE_NAMES = (
     ("new_positional_embedding", "image_encoder.new_positional_embedding"),
     ("sie_embed.table", "cv_embed"),
@@ -27,27 +28,6 @@ IMAGE_SIDE_NAMES = (
     ("head_proj.bn.", "bottleneck_proj."),
     ("head_proj.classifier.", "classifier_proj."),
 )
-
-
-def _matches(key, name):
-    return key.startswith(name) if name.endswith(".") else key == name
-
-
-def rename_keys(state_dict, names, source):
-    """``state_dict`` with every key renamed by the first matching ``(from, to)`` pair of ``names``
-    (exact names before prefixes); ``CheckpointError`` naming the keys no pair maps."""
-    ordered = sorted(names, key=lambda pair: pair[0].endswith("."))
-    renamed, unmapped = {}, []
-    for key, value in state_dict.items():
-        match = next(((old, new) for old, new in ordered if _matches(key, old)), None)
-        if match is None:
-            unmapped.append(key)
-            continue
-        renamed[match[1] + key[len(match[0]):]] = value
-    if unmapped:
-        shown = ", ".join(unmapped[:5]) + (f", ... {len(unmapped) - 5} more" if len(unmapped) > 5 else "")
-        raise CheckpointError(f"{source}: {len(unmapped)} key(s) have no counterpart: {shown}")
-    return renamed
 
 
 def check_reference_shapes(state_dict, cfg):
@@ -139,13 +119,12 @@ class ClipImageModel(ReIDModel):
     def from_reference_state_dict(cls, state_dict, cfg):
         """Our state dict from the reference's (``model/make_model_clipreid.py``; ``module.`` stripped)."""
         check_reference_shapes(state_dict, cfg)
-        return rename_keys(state_dict, [(ref, ours) for ours, ref in cls.reference_names()],
-                           f"reference {cls.__name__} weights")
+        return rename_state_dict(state_dict, cls.reference_names(), False, f"reference {cls.__name__} weights")
 
     @classmethod
     def to_reference_state_dict(cls, state_dict, cfg):
         """The reference's state dict of ours."""
-        return rename_keys(state_dict, cls.reference_names(), f"{cls.__name__} weights")
+        return rename_state_dict(state_dict, cls.reference_names(), True, f"{cls.__name__} weights")
 
     @classmethod
     def reference_model_args(cls, state_dict, cfg):

@@ -5,10 +5,9 @@ import logging
 import os
 
 import numpy as np
-import torch
 import yaml
 
-from configs import get_cfg_defaults
+from configs import get_cfg_defaults, stored_config
 from datasets.loader import check_image_files, load_dataset
 from model import MODELS
 from processor.hooks import LAST_CHECKPOINT
@@ -95,26 +94,16 @@ def _flatten(node, prefix=""):
     return flat
 
 
-def stored_config(path):
-    """The config dict stored in checkpoint ``path`` (read memory-mapped: only the config is touched)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # torch raises many types for corrupt or foreign files
-        raise CheckpointError(f"cannot read checkpoint {path}: {' '.join(str(exc).split())[:160]}") from None
-    text = state.get("config") if isinstance(state, dict) else None
-    try:
-        stored = yaml.safe_load(text) if isinstance(text, str) else None
-    except yaml.YAMLError:
-        stored = None
-    if not isinstance(stored, dict):
-        raise CheckpointError(f"checkpoint {path} holds no readable config; it cannot be resumed")
-    return stored
-
-
 def check_resume_config(cfg, path):
     """The config stored in ``path`` equals ``cfg`` except for :data:`RESUME_MAY_CHANGE`; a one-line
     ``ConfigError`` naming the differing keys otherwise."""
-    stored, current = _flatten(stored_config(path)), _flatten(yaml.safe_load(cfg.dump()))
+    try:
+        stored = yaml.safe_load(stored_config(path))
+    except (ConfigError, yaml.YAMLError):
+        stored = None
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"checkpoint {path} holds no readable config; it cannot be resumed")
+    stored, current = _flatten(stored), _flatten(yaml.safe_load(cfg.dump()))
     # A key added to the framework after the checkpoint was written counts as unchanged at its default.
     defaults = _flatten(yaml.safe_load(get_cfg_defaults().dump()))
     for key in set(current) - set(stored):

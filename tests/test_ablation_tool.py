@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tests.conftest import run_script
+from tests.fixtures import run_script
 from tools.ablation import component_rows, fix_rows, markdown_table, mean_std
 from configs import load_config
 from model.svpr import CLIPSVPRReID

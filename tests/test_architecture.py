@@ -4,9 +4,13 @@ packages import only downwards, without cycles."""
 import ast
 import json
 import os
+import re
+import shutil
+import subprocess
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torch import nn
 
@@ -16,7 +20,7 @@ from datasets.bases import ReIDDataset, Sample, list_images
 from loss import LOSSES
 from model import MODELS, LossSpec, ModelOutput, ReIDModel, register_model
 from processor import run_training
-from tests.conftest import REPO_ROOT, run_script
+from tests.fixtures import REPO_ROOT, run_script
 from utils.errors import ConfigError
 from utils.registry import Registry, RegistryError
 
@@ -207,3 +211,45 @@ def test_tools_run_without_path_edits_from_any_folder(form, tmp_path):
     for name in os.listdir(os.path.join(REPO_ROOT, "tools")):
         if name.endswith(".py"):
             assert "sys.path" not in open(os.path.join(REPO_ROOT, "tools", name), encoding="utf-8").read(), name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The worked example of docs/architecture.md, copied into a fresh checkout
+# ---------------------------------------------------------------------------------------------------------
+def example_blocks():
+    """``{path: text}`` of the fenced blocks of docs/architecture.md whose first line names a model, dataset or
+    Synthetic config file (``# model/<name>.py``, ...)."""
+    text = open(os.path.join(REPO_ROOT, "docs", "architecture.md"), encoding="utf-8").read()
+    blocks = {}
+    for block in re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.M | re.S):
+        first = block.splitlines()[0]
+        match = re.fullmatch(r"# (model/\w+\.py|datasets/\w+\.py|configs/Synthetic/\w+\.yml)", first)
+        if match:
+            blocks[match.group(1)] = block
+    return blocks
+
+
+def test_the_worked_example_trains_and_evaluates_in_a_fresh_checkout(tmp_path):
+    blocks = example_blocks()
+    assert sorted(path.split("/")[0] for path in blocks) == ["configs", "datasets", "model"], sorted(blocks)
+    checkout = tmp_path / "checkout"
+    # The files of this working tree that git would commit (tracked, and new files it does not ignore).
+    tracked = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
+                             capture_output=True, check=True).stdout
+    for name in tracked.decode().split("\0"):
+        if name and os.path.isfile(os.path.join(REPO_ROOT, name)):
+            os.makedirs(checkout / os.path.dirname(name), exist_ok=True)
+            shutil.copy2(os.path.join(REPO_ROOT, name), checkout / name)
+    for path, text in blocks.items():
+        assert not (checkout / path).exists(), f"{path} would replace a file of the repository"
+        (checkout / path).write_text(text, encoding="utf-8")
+    config = next(path for path in blocks if path.startswith("configs/"))
+    result = run_script(["train_svpr.py", "--config_file", config], cwd=str(checkout),
+                        env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    output = yaml.safe_load((checkout / config).read_text())["OUTPUT_DIR"]
+    document = json.load(open(checkout / output / "results.json", encoding="utf-8"))
+    (protocol, metrics), = document["protocols"].items()
+    assert protocol == "SynthAG_Swapped" and 0 < metrics["mAP"] <= 100
+    saved = yaml.safe_load((checkout / output / "config.yaml").read_text())
+    assert saved["MODEL"]["ARCH_NAME"] == "TinyCNN" and saved["MODEL"]["TINY_CNN"]["WIDTH"] == 32

@@ -9,36 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from configs import get_cfg_defaults, load_config
+from configs import load_config
 from model import build_model
 from model.backbone import build_clip_from_config
 from model.checkpoint_fit import load_model_weights
 from text import tokenize
-from tests.conftest import REPO_ROOT, set_keys
+from tests.fixtures import REPO_ROOT, tiny_cfg
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import CheckpointError
 
 NUM_CLASSES, NUM_CAMERAS, NUM_VIEWS, BATCH = 5, 3, 2, 4
 WIDTH, EMBED_DIM = 64, 32
 X_TOKEN = 343  # BPE id of "x" in CLIP's vocabulary
-
-
-def tiny_cfg(arch, **overrides):
-    cfg = get_cfg_defaults()
-    cfg.MODEL.ARCH_NAME = arch
-    cfg.MODEL.RANDOM_INIT = True
-    cfg.MODEL.CLIP.EMBED_DIM = EMBED_DIM
-    cfg.MODEL.CLIP.VISION_WIDTH = WIDTH
-    cfg.MODEL.CLIP.VISION_LAYERS = 2
-    cfg.MODEL.CLIP.VISION_HEADS = 2
-    cfg.MODEL.CLIP.TEXT_WIDTH = WIDTH
-    cfg.MODEL.CLIP.TEXT_LAYERS = 2
-    cfg.MODEL.CLIP.TEXT_HEADS = 2
-    cfg.MODEL.FREEZE_TEXT = True
-    cfg.INPUT.SIZE_TRAIN = [64, 32]
-    cfg.INPUT.SIZE_TEST = [64, 32]
-    set_keys(cfg, overrides)
-    return cfg
 
 
 def build(arch, seed=0, num_classes=NUM_CLASSES, **overrides):

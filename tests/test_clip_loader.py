@@ -11,7 +11,7 @@ from model.clip import load_clip
 from text import tokenize
 from model.clip.loader import METADATA_KEYS
 from utils.errors import CheckpointError, ConfigError
-from tests.conftest import openai_clip_module
+from tests.fixtures import openai_clip_module
 
 OPENAI = openai_clip_module("model")
 

@@ -7,7 +7,7 @@ from configs.defaults import get_cfg_defaults
 from model.backbone import build_clip_from_config
 from model.clip import CLIP, SideInfoEmbedding, VisualFeatures, build_clip
 from text import tokenize
-from tests.conftest import openai_clip_module
+from tests.fixtures import openai_clip_module
 
 SMALL = dict(embed_dim=64, vision_width=128, vision_layers=3, vision_heads=2, text_width=128, text_heads=2,
              text_layers=2)

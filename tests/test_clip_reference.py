@@ -18,7 +18,7 @@ from model import build_model
 from model.checkpoint_fit import load_model_weights
 from model.clip import build_clip
 from model.contract import ReIDModel
-from tests.conftest import set_keys
+from tests.fixtures import tiny_cfg
 from text import tokenize
 from utils.errors import CheckpointError, ConfigError
 
@@ -28,19 +28,6 @@ HEIGHT, IMG_WIDTH = 64, 32
 GRID = ((HEIGHT - PATCH) // PATCH + 1) * ((IMG_WIDTH - PATCH) // PATCH + 1)  # 4 x 2 patches
 TEMPLATE = "A photo of a X X X X person."
 ARCHS = ("CLIP_baseline", "CLIP_ReID")
-
-
-def tiny_cfg(arch, **overrides):
-    cfg = get_cfg_defaults()
-    cfg.MODEL.ARCH_NAME = arch
-    cfg.MODEL.RANDOM_INIT = True
-    clip = cfg.MODEL.CLIP
-    clip.EMBED_DIM, clip.VISION_WIDTH, clip.VISION_LAYERS, clip.VISION_HEADS = EMBED_DIM, WIDTH, LAYERS, 2
-    clip.TEXT_WIDTH, clip.TEXT_LAYERS, clip.TEXT_HEADS, clip.PATCH_SIZE = TEXT_WIDTH, TEXT_LAYERS, 2, PATCH
-    cfg.MODEL.FREEZE_TEXT = True
-    cfg.INPUT.SIZE_TRAIN = cfg.INPUT.SIZE_TEST = [HEIGHT, IMG_WIDTH]
-    set_keys(cfg, overrides)
-    return cfg
 
 
 # ---- the reference's state dict, written out from its module tree ---------------------------------------------------
@@ -436,7 +423,7 @@ def test_reference_model_args():
 @pytest.mark.parametrize("bench", ["CP2108", "CARGO", "AGReIDv1", "AGReIDv2"])
 def test_shipped_configs_are_the_references(bench, name):
     from configs import load_config
-    from tests.conftest import REPO_ROOT
+    from tests.fixtures import REPO_ROOT
     cfg = load_config(os.path.join(REPO_ROOT, "configs", bench, f"{name}.yml"))
     assert cfg.MODEL.POS_EMBED_INTERP == "bilinear"
     assert cfg.MODEL.FIXES.ANNOTATION_PER_IMAGE is False
@@ -476,7 +463,7 @@ def test_annotation_fix_reaches_the_dataset_through_the_loaders(tmp_path, per_im
 def test_vehicle_benchmarks_prompt_a_vehicle():
     """CLIP-ReID writes "A photo of a X X X X vehicle." on VeRi and VehicleID (MODEL.PROMPT_SUBJECT)."""
     from configs import load_config
-    from tests.conftest import REPO_ROOT
+    from tests.fixtures import REPO_ROOT
     from text import prompts, tokenize
 
     for folder in ("VeRi", "VehicleID"):

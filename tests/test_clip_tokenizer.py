@@ -6,7 +6,7 @@ import torch
 from text import tokenize
 from text.tokenizer import TokenizerLengthError, get_tokenizer
 from utils.errors import UserError
-from tests.conftest import openai_clip_module
+from tests.fixtures import openai_clip_module
 
 TEXTS = [
     "A photo of a X X X X person.",

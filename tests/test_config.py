@@ -9,7 +9,7 @@ from configs import config_value, declare_config, get_cfg_defaults, load_config,
 from configs import defaults as configs_defaults
 from configs.compat import REFERENCE_ONLY_KEYS
 from configs.schema import add_declared_keys, declarations
-from tests.conftest import REPO_ROOT, run_script
+from tests.fixtures import REPO_ROOT, run_script
 from utils.errors import ConfigError
 from utils.registry import RegistryError
 

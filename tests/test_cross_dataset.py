@@ -7,8 +7,7 @@ import shutil
 import pytest
 
 from datasets.synthetic import SynthConfig, generate_synthag
-from tests.conftest import run_script
-from tests.test_engine import BASELINE, check_ok, tiny
+from tests.fixtures import BASELINE, check_ok, make_vehicleid_tree, run_script, tiny
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +45,6 @@ def test_vehicleid_is_evaluated_over_its_random_galleries_and_averaged(tmp_path)
     from model import build_model
     from processor import evaluate_protocols
     from processor.inference import evaluate
-    from tests.test_datasets_standard import make_vehicleid_tree
 
     make_vehicleid_tree(str(tmp_path), num_test=12)
     cfg = load_config(BASELINE, tiny(str(tmp_path), str(tmp_path / "out"), extra=[

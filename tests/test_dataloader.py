@@ -11,7 +11,7 @@ from configs.defaults import get_cfg_defaults
 from datasets import (ContiguousShardSampler, RandomIdentitySampler, SynthConfig, build_test_transform,
                       build_train_transform, generate_synthag, make_dataloaders, read_image)
 from utils.errors import ConfigError, DataError
-from tests.conftest import openai_clip_module
+from tests.fixtures import openai_clip_module
 
 
 def _openai_tokenizer():

@@ -7,70 +7,8 @@ from PIL import Image
 
 from datasets import build_dataset
 from datasets.cp2108 import ATTRIBUTE_NAMES
+from tests.fixtures import GALLERY, QUERY, TRAIN, VALUES, entry, make_cp2108_tree
 from utils.errors import DataError
-
-# (pid, camera, time) per split; cameras < 23 ground, >= 23 aerial. pid 300 is a query-only identity.
-TRAIN = [(10, 1, 1), (10, 23, 1), (3, 2, 0), (3, 24, 1), (3, 24, 0), (7, 5, 1), (7, 30, 1), (-1, 4, 1)]
-GALLERY = [(100, 1, 1), (100, 25, 1), (100, 2, 0), (101, 3, 1), (101, 26, 0), (102, 7, 1)]
-QUERY = [(100, 23, 1), (100, 4, 1), (101, 8, 1), (101, 27, 1), (102, 31, 0), (300, 9, 1), (300, 28, 1)]
-VALUES = {"Accessories": ["backpack", "none", "unknown"], "Feet": ["boots", "sneakers", "unknown"],
-          "Glasses": ["yes", "no", "unknown"], "Head Accessories": ["hat", "none", "unknown"],
-          "Holding Phone": ["yes", "no", "unknown"], "Lower Clothing": ["pants", "skirt", "unknown"],
-          "Lower Color": ["black", "blue", "unknown"], "Lower Style": ["plain", "striped", "unknown"],
-          "Pose": ["standing", "walking", "unknown"], "Upper Clothing": ["shirt", "coat", "unknown"],
-          "Upper Color": ["red", "green", "unknown"], "Upper Style": ["plain", "logo", "unknown"]}
-
-
-def name_of(pid, camera, time, index):
-    if pid < 0:
-        return f"-1_{camera:02d}_{time}_0_{index:03d}.jpg"
-    return f"{pid:04d}_{camera:02d}_{time}_{index % 3}_{index:03d}.jpg"
-
-
-def entry(pid, view, time):
-    """A full annotation, different for each (pid, view, time), with 'Pose' missing for view 1."""
-    values = {name: choices[(pid + 2 * view + time) % 2] for name, choices in VALUES.items()}
-    if view == 1:
-        del values["Pose"]
-    return values
-
-
-def make_cp2108_tree(root, layout="versioned", folder="CP2108", annotations=True, missing_keys=()):
-    """CP2108 fixture: real JPEGs, split files, attribute JSONs (some (pid, view, time) keys left out)."""
-    base = os.path.join(root, folder)
-    images = os.path.join(base, "images_v100" if layout == "versioned" else "images")
-    os.makedirs(os.path.join(images, "sub"))
-    splits = {}
-    index = 0
-    for split, rows in (("train", TRAIN), ("gallery", GALLERY), ("query", QUERY)):
-        lines = []
-        for pid, camera, time in rows:
-            name = name_of(pid, camera, time, index)
-            Image.new("RGB", (16, 32), ((pid * 7) % 256, camera * 5, time * 200)).save(
-                os.path.join(images, "sub", name), quality=90)
-            lines.append(f"sub/{name}")
-            index += 1
-        splits[split] = lines
-    for split, lines in splits.items():
-        if layout == "versioned":
-            os.makedirs(os.path.join(base, "split_v100"), exist_ok=True)
-            path = os.path.join(base, "split_v100", f"{split}_v100.txt")
-        else:
-            path = os.path.join(base, f"{split}.txt")
-            lines = [f"images/{line}" for line in lines]  # the released files carry the folder
-        with open(path, "w") as f:
-            f.write("\r\n".join(lines) + "\r\n\n")
-    if annotations:
-        keys = {(p, int(c >= 23), t) for p, c, t in TRAIN + GALLERY + QUERY if p >= 0}
-        labels = {f"{p}_{v}_{t}": entry(p, v, t) for p, v, t in sorted(keys) if (p, v, t) not in missing_keys}
-        with open(os.path.join(base, "attributes_labeled_qwen.json"), "w") as f:
-            json.dump(labels, f)
-        with open(os.path.join(base, "attr_translation_idx.json"), "w") as f:
-            json.dump({name: {v: i for i, v in enumerate(choices)} for name, choices in VALUES.items()}, f)
-        with open(os.path.join(base, "attribute_captions_doubao.json"), "w") as f:
-            json.dump({f"{p}_{v}_{t}": f"caption {p} {v} {t}" for p, v, t in sorted(keys)}, f)
-    return base
-
 
 @pytest.fixture
 def cp2108(tmp_path):

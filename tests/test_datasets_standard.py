@@ -7,22 +7,15 @@ import os
 import sys
 
 import pytest
-from PIL import Image
+
 
 from configs import load_config
 from datasets import DATASETS, build_dataset
 from datasets.loader import make_dataloaders
-from tests.conftest import REPO_ROOT
-from tests.test_datasets_cp2108 import make_cp2108_tree
+from tests.fixtures import REPO_ROOT, jpeg, make_cp2108_tree, make_vehicleid_tree
 from text import prompts
 from tools import dataset_stats
 from utils.errors import ConfigError, DataError
-
-
-def jpeg(path, shade=0):
-    """A small real JPEG at ``path`` (folders created)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.new("RGB", (8, 16), (shade % 256, 60, 120)).save(path, quality=90)
 
 
 def rows(samples):
@@ -221,28 +214,6 @@ def test_msmt17_folder_without_image_folders(tmp_path):
 
 
 # ---- VehicleID --------------------------------------------------------------------------------------------
-def make_vehicleid_tree(root, num_test=30, per_vehicle=4):
-    """VehicleID fixture: 3 training vehicles, ``num_test`` test vehicles of ``per_vehicle`` images each."""
-    base = os.path.join(root, "VehicleID_V1.0")
-    split_dir = os.path.join(base, "train_test_split")
-    os.makedirs(split_dir)
-    index = 0
-
-    def add(pid):
-        nonlocal index
-        index += 1
-        jpeg(os.path.join(base, "image", f"{index:07d}.jpg"), shade=index)
-        return f"{index:07d} {pid}"
-
-    train = [add(pid) for pid in (30, 30, 8, 8, 1000)]
-    test = [add(2000 + v) for v in range(num_test) for _ in range(per_vehicle)]
-    other = [add(5000 + v) for v in range(2) for _ in range(2)]
-    for name, lines in (("train_list.txt", train), ("test_list_800.txt", test), ("test_list_1600.txt", other)):
-        with open(os.path.join(split_dir, name), "w") as f:
-            f.write("\n".join(lines) + "\n")
-    return base
-
-
 def _gallery_paths(ds):
     return sorted(s.path for s in ds.gallery)
 

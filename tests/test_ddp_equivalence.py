@@ -1,13 +1,11 @@
 """Distributed training equals single-process training: with SOLVER.SYNC_BN and SOLVER.GLOBAL_TRIPLET a real
 2-process ``torchrun`` (gloo) step on a P x K = 8 x 2 batch split between the processes gives the loss, the
 gradients and the BatchNorm statistics of one process holding all 16 images."""
-import os
 
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, run_script
-from tests.test_engine import BASELINE, check_ok, tiny
+from tests.fixtures import BASELINE, REPO_ROOT, check_ok, free_port, run_script, tiny
 
 pytestmark = pytest.mark.slow
 
@@ -59,16 +57,21 @@ if world > 1:
 """
 
 
-def test_two_process_step_equals_one_process_step(tmp_path):
+def one_and_two_processes(tmp_path, extra):
+    """The step script's results ``(one process, two torchrun processes)`` with the overrides ``extra``."""
     script = tmp_path / "step.py"
     script.write_text(STEP)
-    opts = tiny(str(tmp_path), str(tmp_path / "out"), extra=["SOLVER.SYNC_BN", "True", "SOLVER.GLOBAL_TRIPLET", "True"])
+    opts = tiny(str(tmp_path), str(tmp_path / "out"), extra=extra)
     single, double = str(tmp_path / "single.pt"), str(tmp_path / "double.pt")
     env = {"PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"}
     check_ok(run_script([str(script), BASELINE, single, *opts], env=env))
-    check_ok(run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29653", str(script),
-                         BASELINE, double, *opts], env=env))
-    one, two = torch.load(single, weights_only=True), torch.load(double, weights_only=True)
+    check_ok(run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+                         str(script), BASELINE, double, *opts], env=env))
+    return torch.load(single, weights_only=True), torch.load(double, weights_only=True)
+
+
+def test_two_process_step_equals_one_process_step(tmp_path):
+    one, two = one_and_two_processes(tmp_path, ["SOLVER.SYNC_BN", "True", "SOLVER.GLOBAL_TRIPLET", "True"])
     assert set(one["terms"]) == {"id", "triplet"}
     torch.testing.assert_close(two["loss"], one["loss"], rtol=0, atol=1e-5)
     for name in one["terms"]:
@@ -82,14 +85,5 @@ def test_two_process_step_equals_one_process_step(tmp_path):
 
 def test_without_global_mining_the_processes_differ_from_one(tmp_path):
     """The control: per-process mining (the plain DDP recipe) does not give the single-process triplet loss."""
-    script = tmp_path / "step.py"
-    script.write_text(STEP)
-    opts = tiny(str(tmp_path), str(tmp_path / "out"), extra=["SOLVER.GLOBAL_TRIPLET", "False"])
-    single, double = str(tmp_path / "single.pt"), str(tmp_path / "double.pt")
-    env = {"PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"}
-    check_ok(run_script([str(script), BASELINE, single, *opts], env=env))
-    check_ok(run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29654", str(script),
-                         BASELINE, double, *opts], env=env))
-    one, two = torch.load(single, weights_only=True), torch.load(double, weights_only=True)
+    one, two = one_and_two_processes(tmp_path, ["SOLVER.GLOBAL_TRIPLET", "False"])
     assert (two["terms"]["triplet"] - one["terms"]["triplet"]).abs().item() > 1e-4
-    assert os.path.getsize(single) > 0

@@ -17,14 +17,11 @@ from loss import build_criterion
 from model import build_model
 from model.clip_reid import PromptLearning
 from solver import make_optimizer
-from tests.conftest import REPO_ROOT, run_script
+from tests.fixtures import BASELINE, CLIPREID, REPO_ROOT, SVPR, check_ok, free_port, run_script, tiny
 from utils.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
-BASELINE = "configs/Synthetic/clip_baseline.yml"
-CLIPREID = "configs/Synthetic/clipreid.yml"
-SVPR = "configs/Synthetic/svpr_reid.yml"
 
 
 @pytest.fixture(scope="module")
@@ -32,24 +29,6 @@ def synth_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("data"))
     generate_synthag(root, SynthConfig(num_ids=16, images_per_id=12, height=64, width=32, seed=0), num_workers=1)
     return root
-
-
-def tiny(root, output_dir, epochs=2, workers=0, extra=()):
-    """Overrides that shrink a Synthetic config to seconds on a CPU."""
-    return [
-        "MODEL.DEVICE", "cpu", "MODEL.CLIP.EMBED_DIM", "32", "MODEL.CLIP.VISION_WIDTH", "64",
-        "MODEL.CLIP.VISION_LAYERS", "2", "MODEL.CLIP.VISION_HEADS", "2", "MODEL.CLIP.TEXT_WIDTH", "32",
-        "MODEL.CLIP.TEXT_LAYERS", "1", "MODEL.CLIP.TEXT_HEADS", "2", "MODEL.TEXT_LEN", "90",
-        "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "INPUT.PADDING", "4",
-        "DATASETS.ROOT_DIR", root, "DATASETS.AUTO_GENERATE", "False",
-        "DATALOADER.NUM_WORKERS", str(workers), "DATALOADER.NUM_INSTANCE", "4", "SOLVER.IMS_PER_BATCH", "16",
-        "SOLVER.BASE_LR", "0.001", "SOLVER.WARMUP_ITERS", "1", "SOLVER.MAX_EPOCHS", str(epochs),
-        "SOLVER.EVAL_PERIOD", "1", "SOLVER.LOG_PERIOD", "2", "SOLVER.STAGE1.MAX_EPOCHS", "2",
-        "SOLVER.STAGE1.IMS_PER_BATCH", "16", "TEST.IMS_PER_BATCH", "32", "OUTPUT_DIR", output_dir, *extra]
-
-
-def check_ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def read_results(output_dir):
@@ -241,14 +220,14 @@ def test_torchrun_gloo_two_processes(synth_root, tmp_path, baseline_run):
     share_dir.mkdir()
     env = {"PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"}
     torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2"]
-    check_ok(run_script([*torchrun, "--master_port", "29641", str(script), SVPR, str(share_dir),
+    check_ok(run_script([*torchrun, "--master_port", str(free_port()), str(script), SVPR, str(share_dir),
                          *tiny(synth_root, str(tmp_path / "x"))], env=env))
     shares = [json.loads((share_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert len(shares[0]["batches"]) == len(shares[1]["batches"]) > 0
     for batch0, batch1 in zip(shares[0]["batches"], shares[1]["batches"]):
         assert len(batch0) == len(batch1) == 8 and not set(batch0) & set(batch1)
     out = str(tmp_path / "ddp")
-    check_ok(run_script([*torchrun, "--master_port", "29642", "train_svpr.py", "--config_file", BASELINE,
+    check_ok(run_script([*torchrun, "--master_port", str(free_port()), "train_svpr.py", "--config_file", BASELINE,
                          *tiny(synth_root, out, epochs=2)], env=env))
     results = read_results(out)["protocols"]
     single = read_results(baseline_run)["protocols"]
@@ -262,13 +241,21 @@ def test_search_tool_ranks_gallery_and_draws(baseline_run, synth_root, tmp_path)
     images = os.path.join(synth_root, "SynthAG", "images")
     query = os.path.join(images, sorted(os.listdir(images))[0])
     out = str(tmp_path / "search")
-    overrides = tiny(synth_root, str(tmp_path / "unused"))
-    result = run_script(["tools/search.py", "--config_file", BASELINE, "--weight",
-                         os.path.join(baseline_run, "model_final.pth"), "--query", query, "--gallery", images,
-                         "--topk", "5", "--out", out, *overrides])
+    weights = os.path.join(baseline_run, "model_final.pth")
+    # The config stored in the checkpoint is used; nothing of the training split is read.
+    result = run_script(["tools/search.py", "--weights", weights, "--query", query, "--gallery", images,
+                         "--topk", "5", "--out", out, "MODEL.DEVICE", "cpu"])
     check_ok(result)
+    assert "--weight is now" not in result.stderr
     ranked = [line.split() for line in result.stdout.splitlines() if line.startswith("    ")]
     assert [int(r[0]) for r in ranked] == [1, 2, 3, 4, 5]
     # The query itself is in the gallery folder: it must come first, at distance 0.
     assert ranked[0][2] == query and float(ranked[0][1]) < 1e-4
     assert os.listdir(out) and os.path.getsize(os.path.join(out, os.listdir(out)[0])) > 0
+    # The old spelling still works, with a one-line notice.
+    old = run_script(["tools/search.py", "--config_file", BASELINE, "--weight", weights, "--query", query,
+                      "--gallery", images, "--topk", "5", "--out", str(tmp_path / "old"),
+                      *tiny(synth_root, str(tmp_path / "unused"))])
+    check_ok(old)
+    assert old.stderr.count("--weight is now spelled --weights") == 1
+    assert [line.split() for line in old.stdout.splitlines() if line.startswith("    ")] == ranked

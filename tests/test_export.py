@@ -11,7 +11,7 @@ import yaml
 from model import build_model
 from model.checkpoint_fit import load_model_weights
 from processor.model_io import load_trained_model
-from tests.conftest import run_script
+from tests.fixtures import run_script
 from tests.test_baselines import tiny_cfg
 from text import prompts, tokenize
 from tools import export

@@ -27,8 +27,7 @@ from datasets.synthetic import SETTINGS_FILE, SynthConfig, generate_synthag
 from model.clip.loader import read_state_dict
 from processor import faults
 from processor.preflight import count_valid_queries
-from tests.conftest import REPO_ROOT, run_script
-from tests.test_engine import BASELINE, CLIPREID, tiny
+from tests.fixtures import BASELINE, CLIPREID, REPO_ROOT, free_port, run_script, tiny
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.entrypoint import run_main
 from utils.errors import CheckpointError, ConfigError
@@ -429,7 +428,7 @@ def test_stalled_rank_stops_the_other_within_the_dist_timeout(synth_root, tmp_pa
     out = str(tmp_path / "ddp")
     env = {"PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1",
            faults.ENV_VAR: "stage2:epoch=1:iter=2:signal=STALL:rank=1"}
-    result = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29671",
+    result = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
                          "train_svpr.py", "--config_file", BASELINE,
                          *tiny(synth_root, out, extra=["DIST.TIMEOUT_MINUTES", "0.1"])], env=env, timeout=300)
     assert result.returncode != 0
@@ -443,7 +442,7 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(synth_root, tmp_path):
     env = {"PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1",
            faults.ENV_VAR: "stage2:epoch=2:iter=1:signal=SIGKILL:rank=1:restart=0"}
     result = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts", "1",
-                         "--master_port", "29672", "train_svpr.py", "--config_file", BASELINE,
+                         "--master_port", str(free_port()), "train_svpr.py", "--config_file", BASELINE,
                          *tiny(synth_root, out, extra=["DIST.TIMEOUT_MINUTES", "0.5"])], env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = open(os.path.join(out, "train.log"), encoding="utf-8").read()

@@ -20,7 +20,7 @@ from processor.hooks import CheckpointHook, EvalHook
 from processor.metrics_log import COLUMNS, MetricsLogHook, read_metrics
 from processor.model_io import build_from_args, model_args_from_dataset
 from processor.trainer import Trainer
-from tests.test_engine import BASELINE, tiny
+from tests.fixtures import BASELINE, tiny
 
 ITERATIONS = 4
 

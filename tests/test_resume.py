@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from datasets.synthetic import SynthConfig, generate_synthag
-from tests.conftest import run_script
-from tests.test_engine import CLIPREID, SVPR, check_ok, tiny
+from tests.fixtures import CLIPREID, SVPR, check_ok, run_script, tiny
 from utils.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,7 @@ import torch
 
 from datasets.synthetic import SynthConfig, generate_synthag
 from processor.inference import FeatureExtractor
-from tests.conftest import run_script
-from tests.test_engine import SVPR, check_ok, tiny
+from tests.fixtures import SVPR, check_ok, run_script, tiny
 
 pytestmark = pytest.mark.slow
 

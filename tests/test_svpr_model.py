@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from configs import load_config
 from model import build_model
 from text import tokenize
 from model.svpr.asmoe import AttributeScatterMoE, MixtureOfExperts
@@ -16,14 +15,13 @@ from model.svpr.text import PROMPT_START, encode_unique
 from model.svpr.vdfe import VIEW_WORDS, ViewBidirectionalDecoupling, ViewTextEncoder
 from utils.checkpoint import load_checkpoint
 from utils.errors import ConfigError
+from tests import fixtures
 
 ATTRIBUTES = (("gender", 2), ("upper color", 4), ("hat", 2))
 TEXT_LEN = 32
-TINY = ["MODEL.RANDOM_INIT", "True", "MODEL.CLIP.EMBED_DIM", "64", "MODEL.CLIP.VISION_WIDTH", "96",
-        "MODEL.CLIP.VISION_LAYERS", "2", "MODEL.CLIP.VISION_HEADS", "4", "MODEL.CLIP.TEXT_WIDTH", "64",
-        "MODEL.CLIP.TEXT_LAYERS", "2", "MODEL.CLIP.TEXT_HEADS", "4", "INPUT.SIZE_TRAIN", "[64, 32]",
-        "INPUT.SIZE_TEST", "[64, 32]", "MODEL.TEXT_LEN", str(TEXT_LEN), "MODEL.USE_TEXT", "True",
-        "MODEL.USE_ATTR", "True", "MODEL.FREEZE_TEXT", "True", "MODEL.TEXT_PROMPT", "4", "MODEL.VIEW_PROMPT", "4"]
+CLIP_SIZES = {"EMBED_DIM": 64, "VISION_WIDTH": 96, "VISION_HEADS": 4, "TEXT_HEADS": 4}
+TINY = ["MODEL.TEXT_LEN", str(TEXT_LEN), "MODEL.USE_TEXT", "True", "MODEL.USE_ATTR", "True", "MODEL.TEXT_PROMPT", "4",
+        "MODEL.VIEW_PROMPT", "4"]
 WIDTH = 96
 # Every MODEL.FIXES switch that changes the reference's numerics or parameters, on.
 NUMERIC_FIXES = ("CVPR_PER_SAMPLE_KEY", "CVPR_SCATTER_ORDER", "CVPR_PROGRESSIVE_KEYS", "CVPR_SEPARATE_BLOCKS",
@@ -35,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_cfg(*opts):
-    return load_config(None, TINY + list(opts))
+    return fixtures.tiny_cfg("CLIP_SVPR_ReID", opts=TINY + list(opts), clip=CLIP_SIZES, frozen=True)
 
 
 def fixes(*names):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from configs import load_config
+from tests import fixtures
 from model import MODELS, build_model
 from model.checkpoint_fit import load_model_weights
 from model.clip import build_clip
@@ -28,10 +29,11 @@ N_PROMPTS = 4
 NUM_PATCHES = 8  # 64x32 input, stride 16
 NUM_CLASSES = 5
 ATTRIBUTES = (("gender", 2), ("upper color", 4), ("hat", 2), ("bag", 3))
-TINY = ["MODEL.RANDOM_INIT", "True", "MODEL.CLIP.EMBED_DIM", str(D), "MODEL.CLIP.VISION_WIDTH", str(C),
-        "MODEL.CLIP.VISION_LAYERS", "2", "MODEL.CLIP.VISION_HEADS", "4", "MODEL.CLIP.TEXT_WIDTH", str(W),
-        "MODEL.CLIP.TEXT_LAYERS", "2", "MODEL.CLIP.TEXT_HEADS", "4", "INPUT.SIZE_TRAIN", "[64, 32]",
-        "INPUT.SIZE_TEST", "[64, 32]", "MODEL.TEXT_LEN", str(L)]
+CLIP_SIZES = {"EMBED_DIM": D, "VISION_WIDTH": C, "VISION_HEADS": 4, "TEXT_WIDTH": W, "TEXT_HEADS": 4}
+# The same tiny model as command-line overrides, for the scripts run as subprocesses.
+TINY = ["MODEL.RANDOM_INIT", "True", "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "MODEL.TEXT_LEN",
+        str(L), *(item for key, value in {**fixtures.TINY_CLIP, **CLIP_SIZES}.items()
+                  for item in (f"MODEL.CLIP.{key}", str(value)))]
 CONFIG = os.path.join(ROOT, "configs", "CP2108", "svpr_reid.yml")
 NUMERIC_FIXES = ("CVPR_PER_SAMPLE_KEY", "CVPR_SCATTER_ORDER", "CVPR_PROGRESSIVE_KEYS", "CVPR_SEPARATE_BLOCKS",
                  "VIEW_WORDS", "VIEW_HEAD_CLASSES", "DROP_UNUSED_PARAMETERS")
@@ -40,7 +42,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_cfg(*opts):
-    return load_config(CONFIG, TINY + list(opts))
+    return fixtures.tiny_cfg("CLIP_SVPR_ReID", CONFIG, opts=["MODEL.TEXT_LEN", str(L), *opts], clip=CLIP_SIZES,
+                             frozen=True)
 
 
 # ---- the reference's state-dict layout, from its module tree -------------------------------------------

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from configs import load_config
-from tests.conftest import REPO_ROOT, run_script
+from tests.fixtures import REPO_ROOT, run_script
 
 SVPR_CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*", "svpr_reid.yml")))
 

@@ -12,7 +12,7 @@ from datasets import SynthConfig, build_dataset, generate_synthag
 from datasets.cp2108 import ATTRIBUTE_NAMES
 from datasets.synthag import SynthAGBase
 from datasets.synthetic import VOCABULARY
-from tests.conftest import run_script
+from tests.fixtures import run_script
 from utils.errors import DataError
 
 TINY = SynthConfig(num_ids=6, images_per_id=8, height=32, width=16, seed=5)

@@ -12,8 +12,7 @@ from datasets import make_dataloaders
 from datasets.synthetic import SynthConfig, generate_synthag
 from evaluation import visualize
 from processor.model_io import build_from_args, model_args_from_dataset
-from tests.conftest import REPO_ROOT
-from tests.test_engine import BASELINE, tiny
+from tests.fixtures import BASELINE, REPO_ROOT, tiny
 from tools import search
 from tools import visualize as visualize_tool
 from utils.checkpoint import save_checkpoint

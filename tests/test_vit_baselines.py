@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from configs import get_cfg_defaults
 from datasets.synthetic import SynthConfig, generate_synthag
 from loss import LOSSES, build_criterion
 from model import ModelOutput, build_model
@@ -25,7 +24,8 @@ from model.vit.transreid import jpm_rearrange
 from model.vit.weights import load_pretrained_vit, read_vit_weights
 from processor import run_training
 from processor.model_io import load_trained_model
-from tests.conftest import run_script
+from tests import fixtures
+from tests.fixtures import run_script
 from utils.checkpoint import load_checkpoint
 from utils.errors import CheckpointError, ConfigError
 
@@ -35,26 +35,8 @@ WIDTH, DEPTH, HEADS = 128, 2, 2  # heads = width / 64, as the weights loader inf
 H, W = 64, 32  # 4 x 2 patches at stride 16
 
 
-def backbone_name(arch):
-    return "vit_base_patch16_224_VDT" if arch in ("VDT", "SeCap") else "vit_base_patch16_224_TransReID"
-
-
-def tiny_cfg(arch, **overrides):
-    cfg = get_cfg_defaults()
-    cfg.MODEL.ARCH_NAME = arch
-    cfg.MODEL.NAME = backbone_name(arch)
-    cfg.MODEL.RANDOM_INIT = True
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.VIT.EMBED_DIM, cfg.MODEL.VIT.DEPTH, cfg.MODEL.VIT.NUM_HEADS = WIDTH, DEPTH, HEADS
-    cfg.MODEL.SECAP.PROMPT_LEN = 4
-    cfg.INPUT.SIZE_TRAIN = cfg.INPUT.SIZE_TEST = [H, W]
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return cfg
+def tiny_cfg(arch, **keys):
+    return fixtures.tiny_cfg(arch, vit={"EMBED_DIM": WIDTH, "DEPTH": DEPTH, "NUM_HEADS": HEADS}, size=(H, W), **keys)
 
 
 def build(arch, seed=0, **overrides):
@@ -412,7 +394,7 @@ def _iteration_losses(records):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_one_epoch_on_synthag_lowers_the_loss(arch, synth_root, tmp_path, caplog):
     torch.manual_seed(0)
-    with caplog.at_level(logging.INFO, logger="processor.trainer"):
+    with caplog.at_level(logging.INFO, logger="processor.hooks"):
         results = run_training(run_cfg(arch, synth_root, str(tmp_path)), torch.device("cpu"))
     losses = _iteration_losses(caplog.records)
     assert len(losses) >= 6, losses

@@ -1,6 +1,6 @@
 """Search a gallery folder for the people in query images with a trained checkpoint.
 
-    python tools/search.py --config_file configs/CP2108/svpr_reid.yml --weight outputs/x/model_final.pth \
+    python tools/search.py --weights outputs/x/model_final.pth \
         --query drone.jpg --gallery cctv_frames/ --query-view 1 --gallery-view 0 --topk 10
 
 Prints the ranked gallery for every query and writes one rank-list picture per query (query + top-k, drawn
@@ -8,18 +8,20 @@ as evaluation's ranked lists are, with grey frames since the identities are unkn
 """
 import argparse
 import os
+import sys
 
 import numpy as np
 
-from configs import load_config
+from configs import config_from_checkpoint
 from datasets.bases import list_images
+from evaluation import compute_distance
 from evaluation.visualize import draw_strip, kept_order
 from processor.inference import FeatureExtractor
-from utils.entrypoint import run_main
+from utils.checkpoint import load_checkpoint
 from utils.device import resolve_device
+from utils.entrypoint import run_main
 from utils.errors import DataError
 from utils.logger import setup_logger
-from evaluation import compute_distance
 
 
 def image_paths(path, what):
@@ -36,8 +38,10 @@ def image_paths(path, what):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config_file", required=True, help="the config the checkpoint was trained with")
-    parser.add_argument("--weight", required=True, help="checkpoint (model_final.pth, model_best.pth, ...)")
+    parser.add_argument("--weights", help="checkpoint (model_final.pth, model_best.pth, ...)")
+    parser.add_argument("--weight", dest="old_weight", help=argparse.SUPPRESS)  # the spelling before --weights
+    parser.add_argument("--config_file", "--config-file", default=None,
+                        help="the config the checkpoint was trained with (default: the one it stores)")
     parser.add_argument("--query", required=True, help="query image or folder")
     parser.add_argument("--gallery", required=True, help="gallery folder (searched recursively)")
     parser.add_argument("--topk", type=int, default=10, help="gallery images to list per query")
@@ -46,10 +50,16 @@ def main(argv=None):
     parser.add_argument("--out", default="search_results", help="folder for the rank-list pictures")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides as KEY VALUE pairs")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config_file, args.opts)
+    if args.old_weight:
+        print("note: --weight is now spelled --weights", file=sys.stderr)
+        args.weights = args.weights or args.old_weight
+    if not args.weights:
+        parser.error("the following arguments are required: --weights")
+    state = load_checkpoint(args.weights, map_location="cpu")
+    cfg, _ = config_from_checkpoint(args.weights, args.config_file, args.opts, state=state)
     setup_logger()
     queries, gallery = image_paths(args.query, "query"), image_paths(args.gallery, "gallery")
-    extract = FeatureExtractor(cfg, args.weight, resolve_device(cfg.MODEL.DEVICE))
+    extract = FeatureExtractor(cfg, args.weights, resolve_device(cfg.MODEL.DEVICE), state=state)
     query_features = extract(queries, viewids=args.query_view)
     gallery_features = extract(gallery, viewids=args.gallery_view)
     distances = compute_distance(query_features, gallery_features, metric=cfg.TEST.DIST_METRIC,

@@ -45,18 +45,19 @@ def _load_safetensors(path, map_location):
     return state
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", mmap=False):
     """Read a checkpoint with ``torch.load(weights_only=True)``; never unpickles arbitrary objects.
 
-    A ``.safetensors`` file is read with the safetensors package and returned in the layout of a weights
-    file: ``{"model": state dict}`` plus ``config``/``model_args``/``epoch`` from its metadata.
+    ``mmap`` maps the file's tensors instead of reading them (cheap when only plain values such as the stored
+    config are wanted). A ``.safetensors`` file is read with the safetensors package and returned in the layout
+    of a weights file: ``{"model": state dict}`` plus ``config``/``model_args``/``epoch`` from its metadata.
     """
     if not path or not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file not found: {path or '(empty path)'}")
     if path.endswith(SAFETENSORS_SUFFIX):
         return _load_safetensors(path, map_location)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises many types for corrupt or foreign files
         reason = " ".join(str(exc).split())[:200]
         raise CheckpointError(f"cannot read checkpoint {path}: expected a file written by torch.save "

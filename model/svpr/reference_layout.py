@@ -18,10 +18,11 @@ import re
 
 import torch
 
+from model.reference_names import match_name
 from text import tokenize
 from utils.errors import CheckpointError
 
-# (our prefix, reference prefix); the first match wins, so longer prefixes come first.
+# (our name, the reference's) of each module (convention: model/reference_names.py).
 PREFIXES = (
     ("backbone.", "BACKBONE."),
     ("sie.table", "cv_embed"),
@@ -85,12 +86,11 @@ def _split_head_name(rest):
 
 def to_reference_key(key):
     """The reference's name of our parameter ``key`` (not for the stacked experts), or None."""
-    for ours, theirs in PREFIXES:
-        if key.startswith(ours):
-            rest = key[len(ours):]
-            break
-    else:
+    found = match_name(key, PREFIXES, to_reference=True)
+    if found is None:
         return None
+    ours, theirs = found
+    rest = key[len(ours):]
     if theirs == "BACKBONE.":
         return theirs + rest
     if theirs == "ASMOE.attributsHeader.":
@@ -106,12 +106,11 @@ def from_reference_key(key):
     """Our name of the reference's parameter ``key`` (not for the experts or the view builder), or None."""
     inverse = {new: old for old, new in COMPONENTS.items()}
     inverse.update(normy="unused_norm", norm_layer="unused_norm")
-    for ours, theirs in sorted(PREFIXES, key=lambda pair: -len(pair[1])):
-        if key.startswith(theirs):
-            rest = key[len(theirs):]
-            break
-    else:
+    found = match_name(key, PREFIXES, to_reference=False)
+    if found is None:
         return None
+    theirs, ours = found
+    rest = key[len(theirs):]
     if ours == "backbone.":
         return ours + rest
     if ours == "asmoe.heads.":

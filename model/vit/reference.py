@@ -8,19 +8,26 @@ import re
 
 import torch
 
+from model.reference_names import rename_key
 from utils.errors import CheckpointError
+
+
+#: (our name, the authors') of the backbone shared by the four baselines (convention: model/reference_names.py).
+BACKBONE_NAMES = (("backbone.sie_embed.table", "BACKBONE.sie_embed"), ("backbone.reg_token", "BACKBONE.view_token"),
+                  ("backbone.", "BACKBONE."))
 
 
 class ReferenceLayout:
     """Bidirectional key renaming for one model.
 
-    ``prefixes``: ``(authors' prefix, our prefix)`` pairs, the first matching one renames a key.
-    ``fragments``: ``(authors' substring, ours)`` pairs replaced in keys under ``fragment_scope`` (our prefixes).
-    ``dead``: regular expressions of the authors' keys that no forward uses (dropped).
+    ``names``: the ``(our name, the authors')`` table of ``model/reference_names.py``; a key it does not
+    map keeps its name. ``fragments``: ``(our substring, the authors')`` pairs replaced in keys under
+    ``fragment_scope`` (our prefixes). ``dead``: regular expressions of the authors' keys that no forward uses
+    (dropped).
     """
 
-    def __init__(self, prefixes, fragments=(), fragment_scope=(), dead=()):
-        self.prefixes = tuple(prefixes)
+    def __init__(self, names, fragments=(), fragment_scope=(), dead=()):
+        self.names = tuple(names)
         self.fragments = tuple(fragments)
         self.fragment_scope = tuple(fragment_scope)
         self.dead = tuple(re.compile(pattern) for pattern in dead)
@@ -30,15 +37,11 @@ class ReferenceLayout:
         return any(pattern.fullmatch(reference_key) for pattern in self.dead)
 
     def _rename(self, key, to_ours):
-        pairs = self.prefixes if to_ours else tuple((ours, ref) for ref, ours in self.prefixes)
         original = key
-        for old, new in pairs:
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
+        key = rename_key(key, self.names, to_reference=not to_ours) or key
         ours_key = key if to_ours else original  # the fragment scope is given in this package's names
         if self.fragment_scope and ours_key.startswith(self.fragment_scope):
-            for ref, ours in self.fragments:
+            for ours, ref in self.fragments:
                 key = key.replace(ref, ours) if to_ours else key.replace(ours, ref)
         return key
 

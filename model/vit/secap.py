@@ -16,10 +16,10 @@ from model.contract import ModelOutput, ReIDModel
 from model.heads import BNNeckHead
 from model.registry import register_model
 from model.vit.backbone import build_vit_backbone
-from model.vit.reference import ReferenceLayout, reference_depth, with_dead_last_block
+from model.vit.reference import BACKBONE_NAMES, ReferenceLayout, reference_depth, with_dead_last_block
 from model.vit.secap_modules import LocalFeatureRefinement, PromptRecalibration
 from model.vit.transreid import id_and_triplet
-from model.vit.vdt import _BACKBONE, _HEADS, view_loss_spec, view_model_args
+from model.vit.vdt import VIEW_DECOUPLED_HEAD_NAMES, view_loss_spec, view_model_args
 from utils.errors import ConfigError
 
 
@@ -31,10 +31,10 @@ def add_secap_config(cfg):
     cfg.MODEL.SECAP.PROMPT_LEN = 64  # learnable prompts re-calibrated by PRM
     cfg.MODEL.SECAP.LFRM_DEPTH = 2  # two-way transformer layers of LFRM
 
-# The authors' names inside PRM / LFRM (their MLP is ``layers.0`` / ``layers.1``, timm's ``fc1`` / ``fc2``).
-_FRAGMENTS = (("prm.cross_attn.v_.", "prm.cross_value."), ("prm.cross_attn.proj.", "prm.cross_proj."),
-              (".q_.", ".q."), (".k_.", ".k."), (".v_.", ".v."),
-              (".mlp.layers.0.", ".mlp.fc1."), (".mlp.layers.1.", ".mlp.fc2."))
+# (ours, the authors') inside PRM / LFRM (their MLP is ``layers.0`` / ``layers.1``, timm's ``fc1`` / ``fc2``).
+_FRAGMENTS = (("prm.cross_value.", "prm.cross_attn.v_."), ("prm.cross_proj.", "prm.cross_attn.proj."),
+              (".q.", ".q_."), (".k.", ".k_."), (".v.", ".v_."),
+              (".mlp.fc1.", ".mlp.layers.0."), (".mlp.fc2.", ".mlp.layers.1."))
 # Tensors of the authors' SeCap that no forward uses (docs/baselines.md).
 _DEAD = (r"BACKBONE\.fc\..*", r"BACKBONE\.blocks\.{last}\..*", r"BACKBONE\.norm\..*", r".*\.normy\..*",
          r".*\.mlp\.norm_layer\..*", r"prm\.attn2\..*", r"prm\.cross_attn\.[qk]_\..*", r"lfrm\.out_token")
@@ -42,7 +42,8 @@ _DEAD = (r"BACKBONE\.fc\..*", r"BACKBONE\.blocks\.{last}\..*", r"BACKBONE\.norm\
 
 def _layout(depth):
     dead = tuple(pattern.replace("{last}", str(depth - 1)) for pattern in _DEAD)
-    return ReferenceLayout(prefixes=(*_HEADS, *_BACKBONE), fragments=_FRAGMENTS, fragment_scope=("prm.", "lfrm."),
+    return ReferenceLayout(names=(*VIEW_DECOUPLED_HEAD_NAMES, *BACKBONE_NAMES), fragments=_FRAGMENTS,
+                           fragment_scope=("prm.", "lfrm."),
                            dead=dead)
 
 

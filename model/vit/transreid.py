@@ -15,7 +15,8 @@ from model.contract import LossSpec, ModelOutput, ReIDModel
 from model.heads import BNNeckHead
 from model.registry import register_model
 from model.vit.backbone import build_vit_backbone
-from model.vit.reference import ReferenceLayout, reference_depth, rows, sie_counts, with_dead_last_block
+from model.vit.reference import (BACKBONE_NAMES, ReferenceLayout, reference_depth, rows, sie_counts,
+                                 with_dead_last_block)
 from utils.errors import ConfigError
 
 
@@ -32,18 +33,16 @@ def add_transreid_config(cfg):
     # statistics move twice per step).
     cfg.MODEL.FIXES.TRANSREID_SINGLE_BN = False
 
-_BACKBONE = (("BACKBONE.sie_embed", "backbone.sie_embed.table"), ("BACKBONE.view_token", "backbone.reg_token"),
-             ("BACKBONE.", "backbone."))
 VIT_LAYOUT = ReferenceLayout(
-    prefixes=(("bottleneck.", "head.bn."), ("classifier.", "head.classifier."), *_BACKBONE),
+    names=(("head.bn.", "bottleneck."), ("head.classifier.", "classifier."), *BACKBONE_NAMES),
     dead=(r"BACKBONE\.fc\..*",))
 
 
 def _transreid_layout(num_groups, depth):
-    heads = [(f"bottleneck_{k}.", f"heads.{k}.bn.") for k in range(1, num_groups + 1)]
-    heads += [(f"classifier_{k}.", f"heads.{k}.classifier.") for k in range(1, num_groups + 1)]
+    heads = [(f"heads.{k}.bn.", f"bottleneck_{k}.") for k in range(1, num_groups + 1)]
+    heads += [(f"heads.{k}.classifier.", f"classifier_{k}.") for k in range(1, num_groups + 1)]
     return ReferenceLayout(
-        prefixes=(*heads, ("bottleneck.", "heads.0.bn."), ("classifier.", "heads.0.classifier."), *_BACKBONE),
+        names=(*heads, ("heads.0.bn.", "bottleneck."), ("heads.0.classifier.", "classifier."), *BACKBONE_NAMES),
         dead=(r"BACKBONE\.fc\..*", rf"BACKBONE\.blocks\.{depth - 1}\..*", r"BACKBONE\.norm\..*"))
 
 

@@ -9,7 +9,7 @@ from model.contract import LossSpec, ModelOutput, ReIDModel
 from model.heads import BNNeckHead
 from model.registry import register_model
 from model.vit.backbone import build_vit_backbone
-from model.vit.reference import ReferenceLayout, rows, sie_counts
+from model.vit.reference import BACKBONE_NAMES, ReferenceLayout, rows, sie_counts
 from model.vit.transreid import id_and_triplet
 
 
@@ -20,12 +20,12 @@ def add_vdt_config(cfg):
     cfg.MODEL.VDT = CN()
     cfg.MODEL.VDT.VIEW_LOSS_WEIGHT = 0.1  # weight of the view loss of VDT and SeCap
 
-_BACKBONE = (("BACKBONE.sie_embed", "backbone.sie_embed.table"), ("BACKBONE.view_token", "backbone.reg_token"),
-             ("BACKBONE.", "backbone."))
-_HEADS = (("header.bottleneck.", "head_id.bn."), ("header.classifier.", "head_id.classifier."),
-          ("header_view.bottleneck.", "head_view.bn."), ("header_view.classifier.", "head_view.classifier."),
-          ("header_out.bottleneck.", "head_out.bn."), ("header_out.classifier.", "head_out.classifier."))
-VDT_LAYOUT = ReferenceLayout(prefixes=(*_HEADS, *_BACKBONE), dead=(r"BACKBONE\.fc\..*",))
+#: (our name, the authors') of the VDT heads (SeCap's too).
+VIEW_DECOUPLED_HEAD_NAMES = (
+    ("head_id.bn.", "header.bottleneck."), ("head_id.classifier.", "header.classifier."),
+    ("head_view.bn.", "header_view.bottleneck."), ("head_view.classifier.", "header_view.classifier."),
+    ("head_out.bn.", "header_out.bottleneck."), ("head_out.classifier.", "header_out.classifier."))
+VDT_LAYOUT = ReferenceLayout(names=(*VIEW_DECOUPLED_HEAD_NAMES, *BACKBONE_NAMES), dead=(r"BACKBONE\.fc\..*",))
 
 
 def view_loss_spec(cfg):

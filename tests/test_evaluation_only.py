@@ -1,0 +1,105 @@
+"""Evaluation needs only what it evaluates: no training split on disk, each dataset and each checkpoint read
+once per run."""
+import collections
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+import test_svpr
+from configs import load_config
+from datasets.bases import ReIDDataset
+from datasets.synthetic import SynthConfig, generate_synthag
+from processor import run_training
+from processor.inference import FeatureExtractor
+from tests.fixtures import BASELINE, check_ok, run_script, tiny
+from utils.device import resolve_device
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny CLIP baseline trained on SynthAG and tested on SynthAG plus CP2108_AG of a second tree stored as
+    CP2108; ``(data root, output dir, construction counts per dataset name, torch.load calls per path)``."""
+    root = str(tmp_path_factory.mktemp("data"))
+    generate_synthag(root, SynthConfig(num_ids=16, images_per_id=12, height=64, width=32, seed=0), num_workers=1)
+    other = str(tmp_path_factory.mktemp("other"))
+    generate_synthag(other, SynthConfig(num_ids=16, images_per_id=12, height=64, width=32, seed=5), num_workers=1)
+    os.rename(os.path.join(other, "SynthAG"), os.path.join(root, "CP2108"))
+    out = str(tmp_path_factory.mktemp("run"))
+    cfg = load_config(BASELINE, tiny(root, out, epochs=1, extra=["DATASETS.TESTS", "('SynthAG_ALL', 'CP2108_AG')"]))
+    built, loads = collections.Counter(), collections.Counter()
+    with pytest.MonkeyPatch.context() as patch:
+        original_init, original_load = ReIDDataset.__init__, torch.load
+
+        def counting_init(self, *args, **kwargs):
+            built[self.registry_name] += 1
+            original_init(self, *args, **kwargs)
+
+        def counting_load(path, *args, **kwargs):
+            loads[os.path.basename(str(path))] += 1
+            return original_load(path, *args, **kwargs)
+
+        patch.setattr(ReIDDataset, "__init__", counting_init)
+        patch.setattr(torch, "load", counting_load)
+        torch.manual_seed(0)
+        run_training(cfg, resolve_device("cpu"))
+    return root, out, built, loads
+
+
+def test_a_training_run_reads_each_dataset_once(trained):
+    _, out, built, _ = trained
+    assert built == {"SynthAG_ALL": 1, "CP2108_AG": 1}
+    assert set(json.load(open(os.path.join(out, "results.json")))["protocols"]) == {"SynthAG_ALL", "CP2108_AG"}
+
+
+def _drop_training_splits(root):
+    """Delete the training split file (CP2108's released layout) and every image it lists."""
+    for folder in ("SynthAG", "CP2108"):
+        split = os.path.join(root, folder, "train.txt")
+        for name in open(split).read().split():
+            os.remove(os.path.join(root, folder, "images", name))
+        os.remove(split)
+
+
+def test_test_script_feature_extractor_and_search_need_no_training_split(trained, tmp_path):
+    root, out, _, _ = trained
+    data = str(tmp_path / "data")
+    shutil.copytree(root, data)
+    _drop_training_splits(data)
+    weights = os.path.join(out, "model_final.pth")
+    result = run_script(["test_svpr.py", "--weights", weights, "DATASETS.ROOT_DIR", data, "OUTPUT_DIR",
+                         str(tmp_path / "test")])
+    check_ok(result)
+    tested = json.load(open(tmp_path / "test" / "results.json"))["protocols"]
+    trained_results = json.load(open(os.path.join(out, "results.json")))["protocols"]
+    assert {name: row["mAP"] for name, row in tested.items()} == \
+        {name: row["mAP"] for name, row in trained_results.items()}
+    gallery = os.path.join(data, "SynthAG", "images")
+    images = sorted(os.path.join(gallery, name) for name in os.listdir(gallery))[:3]
+    features = FeatureExtractor.from_checkpoint(weights, device="cpu")(images)
+    assert features.shape[0] == 3 and torch.isfinite(features).all()
+    search = run_script(["tools/search.py", "--weights", weights, "--query", images[0], "--gallery", gallery,
+                         "--topk", "3", "--out", str(tmp_path / "search")])
+    check_ok(search)
+
+
+def test_test_script_reads_the_checkpoint_once(trained, tmp_path, monkeypatch):
+    _, out, _, _ = trained
+    weights = os.path.join(out, "model_final.pth")
+    loads = collections.Counter()
+    original_load = torch.load
+
+    def counting_load(path, *args, **kwargs):
+        loads[os.path.abspath(str(path))] += 1
+        return original_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    monkeypatch.setattr(sys, "argv", ["test_svpr.py", "--weights", weights, "OUTPUT_DIR", str(tmp_path / "test")])
+    test_svpr.main()
+    assert loads[os.path.abspath(weights)] == 1
+    assert os.path.isfile(tmp_path / "test" / "results.json")
