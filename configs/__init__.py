@@ -24,7 +24,6 @@ logger = logging.getLogger(__name__)
 
 # Framework keys whose value must be one of a fixed set (components check their own keys).
 _CHOICES = {
-    "MODEL.TEXT_TYPE": ("attribute", "captions"),
     "MODEL.PROMPT_SUBJECT": ("person", "vehicle"),
     "DATALOADER.SAMPLER": ("softmax_triplet", "softmax"),
     "SOLVER.WARMUP_METHOD": ("linear", "constant"),

@@ -46,8 +46,6 @@ _C.MODEL.TEXT_PROMPT = 4
 # Text context length: the tokenizer pads/truncates to it and the CLIP text positional embedding is
 # resized to it (77 is CLIP's own).
 _C.MODEL.TEXT_LEN = 77
-# CP2108 text source: "attribute" (text built from the attribute labels) or "captions" (caption JSON).
-_C.MODEL.TEXT_TYPE = "attribute"
 # The noun of the prompts the model writes itself ("person" or "vehicle"): CLIP-ReID's "A photo of a X X X X
 # person." and the test caption of FeatureExtractor / tools/export.py. Datasets word their own captions.
 _C.MODEL.PROMPT_SUBJECT = "person"

@@ -10,7 +10,6 @@ logger = logging.getLogger(__name__)
 
 GROUND, AERIAL = 0, 1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-TEXT_TYPES = ("attribute", "captions")
 VIEW_MODES = ("mix", "cross", "same")
 
 
@@ -88,10 +87,7 @@ class ReIDDataset:
     # on ``num_trials`` draws, selected with :meth:`select_trial`, and the results are averaged.
     num_trials = 1
 
-    def __init__(self, root, use_text=False, use_attr=False, text_type="attribute", text_prompt=4, verbose=True,
-                 load_train=True):
-        if text_type not in TEXT_TYPES:
-            raise ConfigError(f"text_type (MODEL.TEXT_TYPE) = {text_type!r}: expected one of {', '.join(TEXT_TYPES)}")
+    def __init__(self, root, use_text=False, use_attr=False, text_prompt=4, verbose=True, load_train=True):
         if not isinstance(text_prompt, int) or isinstance(text_prompt, bool) or text_prompt < 0:
             raise ConfigError(f"text_prompt (MODEL.TEXT_PROMPT) = {text_prompt!r}: expected an integer >= 0")
         if self.protocol.view_mode not in VIEW_MODES:
@@ -100,7 +96,6 @@ class ReIDDataset:
         self.root = os.path.abspath(os.path.expanduser(str(root)))
         self.use_text = bool(use_text)
         self.use_attr = bool(use_attr)
-        self.text_type = text_type
         self.num_prompt_words = text_prompt
         self.name = self.registry_name or type(self).__name__
         self.view_mode = self.protocol.view_mode

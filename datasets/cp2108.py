@@ -13,17 +13,26 @@ import json
 import logging
 import os
 
-from configs import declare_config
+from configs import check_choice, declare_config
 from text import prompts
-from utils.errors import DataError
+from utils.errors import ConfigError, DataError
 
 from .bases import AERIAL, GROUND, Protocol, ReIDDataset, Sample
 from .registry import DATASETS, register_dataset
 
+#: Sources of CP2108's training texts (MODEL.TEXT_TYPE).
+TEXT_TYPES = ("attribute", "captions")
 
-@declare_config
+
+def _check_cp2108_config(cfg):
+    check_choice(cfg, "MODEL.TEXT_TYPE", TEXT_TYPES)
+
+
+@declare_config(check=_check_cp2108_config)
 def add_cp2108_config(cfg):
-    """CP2108's keys: the split version and the annotation-lookup fix."""
+    """CP2108's keys: the split version, the text source and the annotation-lookup fix."""
+    # CP2108 text source: "attribute" (text built from the attribute labels) or "captions" (caption JSON).
+    cfg.MODEL.TEXT_TYPE = "attribute"
     # CP2108 captions and attribute labels: the reference gives every image (train, query, gallery) the entry
     # of (identity, view 0, time 1); True looks up each image's own (identity, view, time) entry.
     cfg.MODEL.FIXES.ANNOTATION_PER_IMAGE = False
@@ -105,19 +114,26 @@ class CP2108Format(ReIDDataset):
     """Reader of the CP2108 on-disk format; protocol subclasses set ``protocol``.
 
     ``version`` picks ``split_v{version}/`` and ``images_v{version}/``; ``annotation_per_image`` reads each
-    image's own (identity, view, time) annotation entry instead of the reference's single entry per identity.
+    image's own (identity, view, time) annotation entry instead of the reference's single entry per identity;
+    ``text_type`` words the training texts from the attribute labels ("attribute") or the caption file
+    ("captions").
     """
 
     folder = "CP2108"
 
-    def __init__(self, root, version=100, annotation_per_image=False, **options):
+    def __init__(self, root, version=100, annotation_per_image=False, text_type="attribute", **options):
+        if text_type not in TEXT_TYPES:
+            raise ConfigError(f"text_type (MODEL.TEXT_TYPE) = {text_type!r}: expected one of "
+                              f"{', '.join(TEXT_TYPES)}")
         self.version = int(version)
         self.annotation_per_image = bool(annotation_per_image)
+        self.text_type = text_type
         super().__init__(root, **options)
 
     @classmethod
     def options_from_config(cls, cfg):
-        return {"version": cfg.DATASETS.VERSION, "annotation_per_image": cfg.MODEL.FIXES.ANNOTATION_PER_IMAGE}
+        return {"version": cfg.DATASETS.VERSION, "annotation_per_image": cfg.MODEL.FIXES.ANNOTATION_PER_IMAGE,
+                "text_type": cfg.MODEL.TEXT_TYPE}
 
     @property
     def dataset_dir(self):

@@ -141,7 +141,7 @@ def load_dataset(cfg, name=None, load_train=True):
     dataset_class = DATASETS.get(name)
     dataset_class.prepare(cfg.DATASETS.ROOT_DIR, cfg)
     return build_dataset(name, cfg.DATASETS.ROOT_DIR, use_text=cfg.MODEL.USE_TEXT, use_attr=cfg.MODEL.USE_ATTR,
-                         text_type=cfg.MODEL.TEXT_TYPE, text_prompt=cfg.MODEL.TEXT_PROMPT,
+                         text_prompt=cfg.MODEL.TEXT_PROMPT,
                          verbose=distributed.is_main_process(), load_train=load_train,
                          **dataset_class.options_from_config(cfg))
 

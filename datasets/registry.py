@@ -24,8 +24,8 @@ def register_dataset(name):
 def build_dataset(name, root, **options):
     """Build dataset ``name`` from the folder ``root`` that holds the benchmark folders.
 
-    ``options``: ``use_text``, ``use_attr``, ``text_type`` ("attribute"|"captions"), ``text_prompt``,
-    ``verbose`` and a dataset's own ones (``options_from_config``: e.g. CP2108's ``version`` and
-    ``annotation_per_image``, VehicleID's ``test_size``, ``num_trials``, ``seed``).
+    ``options``: ``use_text``, ``use_attr``, ``text_prompt``, ``verbose``, ``load_train`` and a dataset's own
+    ones (``options_from_config``: e.g. CP2108's ``version``, ``text_type`` and ``annotation_per_image``,
+    VehicleID's ``test_size``, ``num_trials``, ``seed``).
     """
     return DATASETS.get(name)(root, **options)
