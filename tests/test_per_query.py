@@ -17,22 +17,14 @@ import torch
 
 from configs import load_config
 from datasets import make_dataloaders
-from datasets.synthetic import SynthConfig, generate_synthag
 from evaluation import evaluate_rank
 from evaluation.comparison import compare_runs, load_run
 from evaluation.report import write_results
 from tests.conftest import run_script
-from tests.test_engine import BASELINE, SVPR, check_ok, tiny
+from tests.test_engine import BASELINE, SVPR, check_ok, synth_root, tiny  # noqa: F401 (fixture)
 from tests.test_metrics import FASTREID, random_case
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("data"))
-    generate_synthag(root, SynthConfig(num_ids=16, images_per_id=12, height=64, width=32, seed=0), num_workers=1)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,13 @@ from torch import nn
 
 from configs import load_config
 from datasets import collate, make_dataloaders
-from datasets.synthetic import SynthConfig, generate_synthag
 from evaluation.relevance import Explainer, patches_to_pixels, rollout, token_layout
 from model.clip.transformer import SelfAttention
 from processor import run_training
 from processor.inference import FeatureExtractor
 from processor.model_io import build_from_args
 from tests.conftest import run_script
-from tests.test_engine import tiny
+from tests.test_engine import synth_root, tiny  # noqa: F401 (fixture)
 from tools import explain as explain_tool
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
@@ -37,13 +36,6 @@ TINY = ["MODEL.CLIP.PATCH_SIZE", "8", "MODEL.STRIDE_SIZE", "[8, 8]", "MODEL.VIT.
         "MODEL.FIXES.LOCAL_PATCH_COUNT", "True", "DATASETS.TESTS", "('SynthAG_ALL',)", "SOLVER.EVAL_PERIOD", "100",
         "SOLVER.TENSORBOARD", "False"]
 REMOVED = 0.15
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("data"))
-    generate_synthag(root, SynthConfig(num_ids=16, images_per_id=12, height=64, width=32, seed=0), num_workers=1)
-    return root
 
 
 @pytest.fixture(scope="module")

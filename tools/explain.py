@@ -7,7 +7,7 @@
 Writes per image ``<out>/<stem>.npy`` (float32 (h, w) map at the image's own size, larger = more relevant)
 and ``<out>/<stem>.png`` (the map over the image). ``--pair QUERY GALLERY`` explains their similarity: each
 map shows what in that image makes it resemble the other, and ``<out>/pair_<query>_<gallery>.png`` shows
-both with their cosine similarity. Methods (``--method``, evaluation/relevance.py): ``relevance`` (default,
+both images and their maps with their cosine similarity. Methods (``--method``, evaluation/relevance.py): ``relevance`` (default,
 gradient-weighted attention relevance after Chefer et al. 2021), ``gradcam`` (pytorch-grad-cam),
 ``integrated_gradients`` (captum). The config stored in the checkpoint is used unless ``--config_file`` is
 given; ``KEY VALUE`` overrides apply either way. ``--viewids``: one per image or one for all (0 ground,
@@ -105,13 +105,13 @@ def main(argv=None):
     maps, features = explainer(batch["images"], inputs, directions)
 
     os.makedirs(args.out, exist_ok=True)
-    pictures = []
+    pictures = []  # each image, then its map over it
     for path, stem, relevance in zip(paths, stems, maps):
         with Image.open(path) as image:
             image = image.convert("RGB")
         relevance = resize_map(relevance, (image.height, image.width))
         atomic_write(os.path.join(args.out, f"{stem}.npy"), lambda handle, values=relevance: np.save(handle, values))
-        pictures.append(overlay(image, relevance))
+        pictures += [image, overlay(image, relevance)]
         _save_png(os.path.join(args.out, f"{stem}.png"), pictures[-1])
         print(f"wrote {os.path.join(args.out, stem)}.npy and .png")
     if args.pair:
