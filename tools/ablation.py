@@ -109,20 +109,20 @@ def markdown_table(rows):
 def difference_table(rows):
     """Markdown table of each row's difference to the first: ``rows`` [(name, [run folders] or None)]; cells
     ``ΔmAP [95% CI]`` and ``ΔR1 [95% CI]`` per protocol (evaluation.comparison). A one-line note instead when
-    a run has no per-query results."""
+    a run has no per-query results or the rows were evaluated on different queries."""
     try:
         runs = [(name, [load_run(folder) for folder in folders] if folders else None) for name, folders in rows]
+        first_name, first = runs[0]
+        if first is None:
+            return f"note: no differences to the first row: row {first_name} failed"
+        compared = [(name, compare_runs(first, row_runs) if row_runs else None) for name, row_runs in runs[1:]]
     except DataError as exc:
         return f"note: no differences to the first row ({exc})"
-    first_name, first = runs[0]
-    if first is None:
-        return f"note: no differences to the first row: row {first_name} failed"
     lines, header = [], None
-    for name, row_runs in runs[1:]:
-        if row_runs is None:
+    for name, comparisons in compared:
+        if comparisons is None:
             lines.append(f"| {name} | failed |")
             continue
-        comparisons = compare_runs(first, row_runs)
         if header is None:
             header = ["Variant"] + [f"{c.protocol} {metric} [95% CI]" for c in comparisons for metric in ("ΔmAP", "ΔR1")]
         cells = [f"{d.delta:+.1f} [{d.ci95[0]:+.1f}, {d.ci95[1]:+.1f}]" for c in comparisons for d in (c.mAP, c.rank1)]
