@@ -22,8 +22,7 @@ from model.clip.transformer import SelfAttention
 from processor import run_training
 from processor.inference import FeatureExtractor
 from processor.model_io import build_from_args
-from tests.conftest import run_script
-from tests.test_engine import synth_root, tiny  # noqa: F401 (fixture)
+from tests.fixtures import run_script, tiny
 from tools import explain as explain_tool
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
