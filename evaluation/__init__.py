@@ -1,6 +1,8 @@
 """Evaluation: the ranking kernel (CMC, mAP, mINP), distances, k-reciprocal re-ranking, the evaluator that
-gathers features over processes, the test protocols (query + gallery loaders, view/time modes) and the
-result reports. Running a model over images is the engine's job (``processor.inference``).
+gathers features over processes, the test protocols (query + gallery loaders, view/time modes), the
+result reports with their per-query results and breakdowns, run comparisons (``comparison``), relevance
+maps (``relevance``) and the pictures (ranked lists, embeddings, report.html). Running a model over a
+test set is the engine's job (``processor.inference``).
 """
 from evaluation.distance import compute_distance
 from evaluation.evaluator import ReIDEvaluator

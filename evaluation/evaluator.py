@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluation.distance import METRICS, _as_tensor, compute_distance
+from evaluation.per_query import per_query_table
 from evaluation.ranking import MODES, evaluate_rank
 from evaluation.reranking import re_ranking
 from utils import distributed
@@ -58,7 +59,7 @@ class ReIDEvaluator:
 
     def reset(self):
         """Forget every accumulated batch and the last distance matrix."""
-        self._feats, self._labels, self._index, self._paths = [], [], [], []
+        self._feats, self._labels, self._index, self._paths, self._attrs = [], [], [], [], []
         self._has_index = None
         self._has_paths = None
         self.distmat = None
@@ -66,8 +67,9 @@ class ReIDEvaluator:
         self.features = None
         self._last = None
 
-    def update(self, features, pids, camids, viewids=None, timeids=None, paths=None, index=None):
-        """Store one batch: features (B, E) (moved to CPU), labels (B,), optional paths and dataset index."""
+    def update(self, features, pids, camids, viewids=None, timeids=None, paths=None, index=None, attrs=None):
+        """Store one batch: features (B, E) (moved to CPU), labels (B,), optional paths, dataset index and
+        attribute classes (B, A) (for the per-query table)."""
         features = features.detach().float().cpu()
         batch = features.shape[0]
 
@@ -91,6 +93,8 @@ class ReIDEvaluator:
             self._index.append(label(index, 0))
         if has_paths:
             self._paths.extend(paths)
+        if attrs is not None:
+            self._attrs.append(_as_tensor(attrs).to(torch.int64).cpu().reshape(batch, -1))
 
     def _gather(self, tensor):
         if distributed.get_world_size() == 1:
@@ -100,11 +104,14 @@ class ReIDEvaluator:
         return distributed.all_gather_tensor(tensor.to(device)).cpu()
 
     def _collect(self):
-        """Features, labels and paths of all ranks in dataset order."""
+        """Features, labels, paths and attributes (or None) of all ranks in dataset order."""
         if not self._feats:
             raise ValueError("ReIDEvaluator.compute() called before any update()")
         feats = self._gather(torch.cat(self._feats))
         labels = self._gather(torch.cat(self._labels))
+        attrs = self._gather(torch.cat(self._attrs)) if self._attrs else None
+        if attrs is not None and attrs.shape[0] != labels.shape[0]:
+            raise ValueError("every ReIDEvaluator.update() call must pass attrs alike")
         paths = None
         if self._has_paths:
             paths = [p for share in distributed.all_gather_object(self._paths) for p in share]
@@ -117,15 +124,17 @@ class ReIDEvaluator:
             if not torch.equal(unique, torch.arange(unique.numel())):
                 raise ValueError(f"evaluation indices do not cover 0..{unique.numel() - 1} exactly once")
             feats, labels = feats[first], labels[first]
+            attrs = attrs[first] if attrs is not None else None
             if paths is not None:
                 paths = [paths[i] for i in first.tolist()]
-        return feats, labels, paths
+        return feats, labels, paths, attrs
 
     def compute(self, view_mode="mix", time_mode=None):
         """Rank all queries against the gallery for one protocol; returns ``evaluate_rank``'s dict plus
-        ``num_query`` and ``num_gallery``. ``time_mode`` defaults to the configured TEST.TIME_MODE."""
+        ``num_query``, ``num_gallery`` and ``per_query`` (the table of ``evaluation.per_query``, made of
+        ``evaluate_rank``'s ``query_results``). ``time_mode`` defaults to the configured TEST.TIME_MODE."""
         time_mode = self.time_mode if time_mode is None else time_mode
-        feats, labels, paths = self._collect()
+        feats, labels, paths, attrs = self._collect()
         if not 0 < self.num_query < feats.shape[0]:
             raise DataError(f"evaluation set has {feats.shape[0]} samples for num_query={self.num_query}: "
                             f"expected at least one query and one gallery sample")
@@ -145,6 +154,9 @@ class ReIDEvaluator:
         result = evaluate_rank(distmat, q[:, 0], g[:, 0], q[:, 1], g[:, 1], q_viewids=q[:, 2],
                                g_viewids=g[:, 2], q_timeids=q[:, 3], g_timeids=g[:, 3], view_mode=view_mode,
                                time_mode=time_mode, max_rank=self.max_rank)
+        result["per_query"] = per_query_table(
+            result.pop("query_results"), q[:, :4], paths[: self.num_query] if paths is not None else None,
+            attrs[: self.num_query] if attrs is not None else None)
         result["num_query"] = int(qf.shape[0])
         result["num_gallery"] = int(gf.shape[0])
         self.distmat, self.paths = distmat, paths

@@ -1,12 +1,15 @@
 """``report.html``: one self-contained page per evaluation, next to ``results.json``.
 
-It shows the per-protocol results table, the evaluation settings recorded in the results document, the
-training curves and the ranked-list grids. Images are embedded as data URIs and the style is inline, so the
+It shows the per-protocol results table, the breakdowns of each protocol by query label, the evaluation
+settings recorded in the results document, the training curves, the embedding pictures and the ranked-list
+grids (with the relevance map of each query). Images are embedded as data URIs and the style is inline, so the
 page opens offline, from any folder, in any browser; it has no JavaScript.
 """
 import base64
 import html
 import os
+
+from evaluation.embedding import embedding_file
 
 REPORT_FILE = "report.html"
 # (document key, column header) of the results table; counts are integers, the rest percentages.
@@ -47,6 +50,23 @@ def _results_table(protocols):
     return f'<table id="results"><tr>{header}</tr>{"".join(rows)}</table>'
 
 
+def _breakdown_tables(protocols):
+    """One table per protocol with a breakdown: label, value, mAP, R1 and number of queries per row."""
+    parts = []
+    for name, row in protocols.items():
+        breakdown = row.get("breakdown") or {}
+        if not breakdown:
+            continue
+        rows = ["<tr><th>label</th><th>value</th><th>mAP</th><th>R1</th><th>#query</th></tr>"]
+        for label, groups in breakdown.items():
+            for value, group in groups.items():
+                rows.append(f"<tr>{_cell(label)}{_cell(value)}{_cell(float(group['mAP']))}"
+                            f"{_cell(float(group['rank1']))}{_cell(int(group['num_query']))}</tr>")
+        parts += [f"<h3>{html.escape(name)}</h3>",
+                  f'<table class="breakdown" id="breakdown-{html.escape(name)}">{"".join(rows)}</table>']
+    return parts
+
+
 def _settings_table(document):
     """Every entry of the document besides the results (``settings`` entries flattened into it)."""
     items = [(key, value) for key, value in document.items() if key not in ("protocols", "settings")]
@@ -55,22 +75,39 @@ def _settings_table(document):
     return f'<table id="settings">{rows}</table>'
 
 
-def write_html_report(output_dir, results_document, curves_png=None, grid_pngs=()):
+def write_html_report(output_dir, results_document, curves_png=None, grid_pngs=(), embedding_pngs=None):
     """Write ``output_dir/report.html`` for ``results_document`` (the ``results.json`` content); embed the
-    ``curves_png`` picture and the ``grid_pngs`` ranked-list grids that exist. Returns the page's path."""
+    ``curves_png`` picture, the ``embedding_pngs`` (default: ``embedding_<protocol>.png`` of the document's
+    protocols in ``output_dir``) and the ``grid_pngs`` ranked-list grids that exist. Returns the page's path."""
     title = f"Results: {results_document.get('checkpoint') or output_dir}"
+    protocols = results_document.get("protocols", {})
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>", "<h2>Results (%)</h2>",
-             _results_table(results_document.get("protocols", {})), "<h2>Evaluation settings</h2>",
-             _settings_table(results_document)]
+             f"<h1>{html.escape(title)}</h1>", "<h2>Results (%)</h2>", _results_table(protocols)]
+    breakdowns = _breakdown_tables(protocols)
+    if breakdowns:
+        parts += ["<h2>Breakdowns (%)</h2><p>mAP and Rank-1 of the queries of each time, view and camera id "
+                  "(and attribute class, where the benchmark has attribute labels), from the per-query "
+                  "results (per_query_&lt;protocol&gt;.csv).</p>"] + breakdowns
+    parts += ["<h2>Evaluation settings</h2>", _settings_table(results_document)]
     if curves_png and os.path.isfile(curves_png):
         parts += ["<h2>Training curves</h2>",
                   f'<img id="curves" alt="training curves" src="{_data_uri(curves_png)}">']
+    if embedding_pngs is None:
+        embedding_pngs = [os.path.join(output_dir, embedding_file(name)) for name in protocols]
+    embeddings = [path for path in embedding_pngs if os.path.isfile(path)]
+    if embeddings:
+        parts.append("<h2>Embeddings</h2><p>Query (circles) and gallery (crosses) features of each protocol, "
+                     "projected to 2-D by PCA and coloured by view.</p>")
+        for path in embeddings:
+            name = os.path.splitext(os.path.basename(path))[0]
+            parts.append(f'<img class="embedding" alt="{html.escape(name)}" src="{_data_uri(path)}">')
     grids = [path for path in grid_pngs if os.path.isfile(path)]
     if grids:
-        parts.append("<h2>Ranked lists</h2><p>Query (black frame), then its nearest kept gallery images: green "
-                     "frame same identity, red another; under each image the distance and the camera/view.</p>")
+        parts.append("<h2>Ranked lists</h2><p>Query (black frame), its relevance map where one was drawn (blue "
+                     "frame: red = most relevant to the query's feature), then its nearest kept gallery images: "
+                     "green frame same identity, red another; under each image the distance and the "
+                     "camera/view.</p>")
         for path in grids:
             name = os.path.splitext(os.path.basename(path))[0]
             parts += [f"<h3>{html.escape(name)}</h3>",

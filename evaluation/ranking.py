@@ -106,6 +106,28 @@ def _match_ranks(dist, matches, removed):
     return ranks, num_matches
 
 
+def query_metrics(dist, matches, removed):
+    """Per query (row) of a (C, G) distance block and its (C, G) ``matches``/``removed`` masks: the 1-based rank
+    of its first kept true match (0 when none is kept), its average precision and its inverse negative
+    penalty (NaN when no true match is kept). ``mAP`` and ``mINP`` are the means over the valid queries."""
+    if dist.dtype not in (np.float32, np.float64):
+        dist = dist.astype(np.float32)
+    ranks, num_matches = _match_ranks(dist, matches, removed)
+    first_hit = np.zeros(dist.shape[0], dtype=np.int64)
+    average_precision = np.full(dist.shape[0], np.nan)
+    inverse_negative_penalty = np.full(dist.shape[0], np.nan)
+    valid = num_matches > 0
+    if valid.any():
+        ranks, num_matches = ranks[valid], num_matches[valid]
+        hit_number = np.arange(1, ranks.shape[1] + 1, dtype=np.float64)
+        precision_at_hits = np.where(hit_number[None, :] <= num_matches[:, None], hit_number / ranks, 0.0)
+        last_rank = np.take_along_axis(ranks, (num_matches - 1)[:, None], axis=1)[:, 0]
+        first_hit[valid] = ranks[:, 0]
+        average_precision[valid] = precision_at_hits.sum(1) / num_matches
+        inverse_negative_penalty[valid] = num_matches / last_rank
+    return first_hit, average_precision, inverse_negative_penalty
+
+
 def _label_array(values, name, length):
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().numpy()
@@ -123,10 +145,13 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, *, q_viewids=None
 
     ``view_mode``/``time_mode``: "mix" keeps every gallery sample, "cross" ignores those of the query's
     view/time, "same" ignores the others. Returns ``{"cmc": np.ndarray (max_rank,), "mAP": float,
-    "mINP": float, "num_valid_queries": int}``; CMC entries past a query's kept gallery repeat its last
-    value (1). Raises ``NoValidQueryError`` (a ``ValueError``) when no query keeps a true match.
-    Rows are ranked in chunks of ``chunk_elements`` distances with numpy on the CPU (faster there than
-    torch's kernels; a CUDA matrix is copied over one chunk at a time).
+    "mINP": float, "num_valid_queries": int, "query_results": {"query", "ap", "first_match_rank"}}``; CMC entries
+    past a query's kept gallery repeat its last value (1). ``query_results`` holds, for the V valid queries in
+    row order, their row index, average precision and first-match rank ((V,) arrays): ``mAP`` is the mean of
+    ``ap`` and the CMC at rank k the fraction of ``first_match_rank <= k``. Raises ``NoValidQueryError`` (a
+    ``ValueError``) when no query keeps a true match. Rows are ranked in chunks of ``chunk_elements``
+    distances with numpy on the CPU (faster there than torch's kernels; a CUDA matrix is copied over one
+    chunk at a time).
     """
     _check_mode("view_mode", view_mode)
     _check_mode("time_mode", time_mode)
@@ -155,33 +180,25 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, *, q_viewids=None
         return None if labels[name] is None else labels[name][start:stop]
 
     def chunk_metrics(start):
-        """(first-hit rank, AP, INP) of the valid queries among rows start..start+rows_per_chunk-1."""
+        """(row index, first-hit rank, AP, INP) of the valid queries among rows start..start+rows_per_chunk-1."""
         stop = min(start + rows_per_chunk, num_query)
         dist = distmat[start:stop]
         if isinstance(dist, torch.Tensor):
             dist = dist.detach().cpu().numpy()
-        if dist.dtype not in (np.float32, np.float64):
-            dist = dist.astype(np.float32)
         matches, removed = removal_mask(
             query_rows("q_pids", start, stop), labels["g_pids"], query_rows("q_camids", start, stop),
             labels["g_camids"], query_rows("q_viewids", start, stop), labels["g_viewids"],
             query_rows("q_timeids", start, stop), labels["g_timeids"], view_mode, time_mode)
-        ranks, num_matches = _match_ranks(dist, matches, removed)
-        valid = num_matches > 0
-        if not valid.any():
-            return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0)
-        ranks, num_matches = ranks[valid], num_matches[valid]
-        hit_number = np.arange(1, ranks.shape[1] + 1, dtype=np.float64)
-        precision_at_hits = np.where(hit_number[None, :] <= num_matches[:, None], hit_number / ranks, 0.0)
-        last_rank = np.take_along_axis(ranks, (num_matches - 1)[:, None], axis=1)[:, 0]
-        return ranks[:, 0], precision_at_hits.sum(1) / num_matches, num_matches / last_rank
+        first_hit, average_precision, inverse_negative_penalty = query_metrics(dist, matches, removed)
+        valid = np.flatnonzero(first_hit > 0)
+        return (start + valid, first_hit[valid], average_precision[valid], inverse_negative_penalty[valid])
 
     rows_per_chunk = max(1, int(chunk_elements) // max(num_gallery, 1))
     # numpy's sort releases the GIL, so chunks run in parallel threads (peak memory: workers x chunk).
     workers = max(1, min(len(os.sched_getaffinity(0)), 8))
     with ThreadPoolExecutor(workers) as pool:
         per_chunk = list(pool.map(chunk_metrics, range(0, num_query, rows_per_chunk)))
-    first_hit, average_precision, inverse_negative_penalty = (np.concatenate(parts) for parts in zip(*per_chunk))
+    rows, first_hit, average_precision, inverse_negative_penalty = (np.concatenate(parts) for parts in zip(*per_chunk))
 
     if first_hit.size == 0:
         raise NoValidQueryError(
@@ -194,4 +211,5 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, *, q_viewids=None
         "mAP": float(average_precision.mean()),
         "mINP": float(inverse_negative_penalty.mean()),
         "num_valid_queries": int(first_hit.size),
+        "query_results": {"query": rows, "ap": average_precision, "first_match_rank": first_hit},
     }

@@ -1,5 +1,6 @@
-"""Result reports: per-protocol rows printed, written to ``results.json``/``results.csv`` (read back with
-``read_results``), with the settings that changed the numbers."""
+"""Result reports: per-protocol rows (with their breakdowns by query label) printed, written to
+``results.json``/``results.csv`` (read back with ``read_results``) with the settings that changed the
+numbers, and the per-query tables written to ``per_query_<protocol>.csv``."""
 import csv
 import io
 import json
@@ -8,6 +9,7 @@ import subprocess
 
 import torch
 
+from evaluation import per_query
 from utils.io import atomic_write
 
 
@@ -15,9 +17,19 @@ METRIC_COLUMNS = ("mAP", "rank1", "rank5", "rank10", "mINP")
 CSV_COLUMNS = ("protocol", "benchmark") + METRIC_COLUMNS + ("num_query", "num_gallery", "epoch", "checkpoint", "config")
 
 
+def query_tables(result):
+    """The per-query tables of an evaluator result: ``per_query`` is one table or a list (one per trial);
+    empty when the result has none."""
+    tables = result.get("per_query")
+    if tables is None:
+        return []
+    return list(tables) if isinstance(tables, (list, tuple)) else [tables]
+
+
 def summarize(result):
     """Row of percentages (2 decimals) + counts from an evaluator result (``cmc``, ``mAP``, ``mINP``,
-    ``num_query``, ``num_gallery``; ``benchmark``, the data it was measured on, is kept when present)."""
+    ``num_query``, ``num_gallery``; ``benchmark``, the data it was measured on, is kept when present;
+    ``breakdown`` is computed from the per-query tables, all trials together, when the result has them)."""
     cmc = result["cmc"]
     if len(cmc) < 10:
         raise ValueError(f"the CMC curve has {len(cmc)} ranks; the report needs rank-10 (TEST.MAX_RANK >= 10)")
@@ -26,6 +38,9 @@ def summarize(result):
     row.update(num_query=int(result["num_query"]), num_gallery=int(result["num_gallery"]))
     if "benchmark" in result:
         row["benchmark"] = str(result["benchmark"])
+    tables = query_tables(result)
+    if tables:
+        row["breakdown"] = per_query.breakdown(per_query.concatenate(tables))
     return row
 
 
@@ -41,7 +56,19 @@ def format_table(protocols):
         lines.append(f"{name:<{width}}  {row.get('benchmark', ''):<{data_width}}"
                      + "".join(f"{row[c]:>9.2f}" for c in METRIC_COLUMNS)
                      + f"{row['num_query']:>9d}{row['num_gallery']:>10d}")
+    for name, row in rows.items():
+        lines += format_breakdown(name, row.get("breakdown") or {})
     return "\n".join(lines)
+
+
+def format_breakdown(protocol, breakdown):
+    """Text lines of one protocol's breakdown: per label, ``value: mAP / R1 (#queries)`` of each value."""
+    lines = []
+    for label, groups in breakdown.items():
+        cells = [f"{value}: {group['mAP']:.2f} / {group['rank1']:.2f} ({group['num_query']})"
+                 for value, group in groups.items()]
+        lines.append(f"  {protocol} mAP / R1 by {label}: " + ", ".join(cells))
+    return lines
 
 
 def _git_commit():
@@ -74,9 +101,14 @@ def evaluation_settings(cfg, trained_on=None):
 
 
 def write_results(output_dir, checkpoint, config, epoch, protocols, settings=None):
-    """Write ``results.json`` and ``results.csv`` (atomically) for ``{protocol: result}``; returns the
-    JSON document. ``settings``: everything else that changes the numbers (recorded in the JSON)."""
+    """Write ``results.json``, ``results.csv`` and each protocol's per-query CSV file(s) (atomically) for
+    ``{protocol: result}``; returns the JSON document. ``settings``: everything else that changes the
+    numbers (recorded in the JSON)."""
     os.makedirs(output_dir, exist_ok=True)
+    for name, result in protocols.items():
+        tables = query_tables(result)
+        if tables:
+            per_query.write_protocol_csvs(output_dir, name, tables)
     document = {"checkpoint": checkpoint, "config": config, "epoch": None if epoch is None else int(epoch),
                 "settings": dict(settings or {}),
                 "protocols": {name: summarize(result) for name, result in protocols.items()}}

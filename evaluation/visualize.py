@@ -1,5 +1,6 @@
-"""Ranked-list pictures: a query followed by its top-k kept gallery images, framed green (same identity),
-red (another identity) or grey (identity unknown), with the distance and the camera/view under each image.
+"""Ranked-list pictures: a query (and, where given, its relevance map) followed by its top-k kept gallery
+images, framed green (same identity), red (another identity) or grey (identity unknown), with the distance
+and the camera/view under each image.
 
 ``write_rank_lists`` picks the worst, best (by per-query average precision) and some random queries of one
 protocol and writes one PNG per query plus one grid PNG stacking them; ``tools/search.py`` draws its
@@ -10,7 +11,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from evaluation.ranking import removal_mask as _removal_mask
+from evaluation.ranking import query_metrics, removal_mask as _removal_mask
 
 TILE = (64, 128)  # (width, height) of every thumbnail
 BORDER = 4  # frame width in pixels
@@ -18,7 +19,8 @@ GAP = 6  # white space between the query and the first gallery image
 SPACING = 2  # white space between neighbouring frames
 TITLE_HEIGHT = 16  # text line above a strip
 CAPTION_HEIGHT = 28  # two text lines under every thumbnail
-COLOURS = {"match": (0, 160, 0), "non-match": (220, 0, 0), "unknown": (128, 128, 128), "query": (0, 0, 0)}
+COLOURS = {"match": (0, 160, 0), "non-match": (220, 0, 0), "unknown": (128, 128, 128), "query": (0, 0, 0),
+           "relevance": (0, 90, 220)}
 KINDS = ("worst", "best", "random")
 
 
@@ -33,25 +35,14 @@ def kept_order(distances, removed_row):
 def per_query_ap(distmat, matches, removed, chunk_rows=256):
     """Average precision (Q,) of every query; NaN where no true match is kept.
 
-    ``distmat``, ``matches`` (same identity) and ``removed`` (protocol filter) are (Q, G). Rows are
-    processed ``chunk_rows`` at a time with one stable sort each.
+    ``distmat``, ``matches`` (same identity) and ``removed`` (protocol filter) are (Q, G); the ranking
+    kernel's :func:`~evaluation.ranking.query_metrics` ranks ``chunk_rows`` queries at a time.
     """
-    distmat = np.asarray(distmat, dtype=np.float64)
-    result = np.full(distmat.shape[0], np.nan)
-    for start in range(0, distmat.shape[0], chunk_rows):
-        stop = start + chunk_rows
-        dist = distmat[start:stop].copy()
-        gone = np.asarray(removed[start:stop], dtype=bool)
-        dist[gone] = np.inf  # removed samples go after every kept one
-        order = np.argsort(dist, axis=1, kind="stable")  # (C, G)
-        kept = ~np.take_along_axis(gone, order, axis=1)
-        hits = np.take_along_axis(np.asarray(matches[start:stop], dtype=bool), order, axis=1) & kept  # (C, G)
-        num_hits = hits.sum(1)
-        # Kept samples fill the first columns of each row, so a column's rank among kept samples is column + 1.
-        precision = np.cumsum(hits, axis=1) / np.arange(1, dist.shape[1] + 1)[None, :]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            result[start:stop] = np.where(num_hits > 0, (precision * hits).sum(1) / num_hits, np.nan)
-    return result
+    distmat = np.asarray(distmat)
+    matches, removed = np.asarray(matches, dtype=bool), np.asarray(removed, dtype=bool)
+    parts = [query_metrics(distmat[rows], matches[rows], removed[rows])[1]
+             for rows in (slice(start, start + chunk_rows) for start in range(0, distmat.shape[0], chunk_rows))]
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def select_queries(ap, num_each=3, seed=0):
@@ -72,22 +63,28 @@ def select_queries(ap, num_each=3, seed=0):
     return chosen
 
 
-def _thumbnail(path):
-    with Image.open(path) as image:
+def _thumbnail(image):
+    if isinstance(image, Image.Image):
         return ImageOps.fit(image.convert("RGB"), TILE)
+    with Image.open(image) as opened:
+        return ImageOps.fit(opened.convert("RGB"), TILE)
 
 
-def draw_strip(query_path, gallery, title="", query_caption=""):
-    """A PIL image: ``title`` above, the query (black frame, ``query_caption`` below) then ``gallery``, a
-    list of ``(path, colour_name, caption)`` with ``colour_name`` a key of ``COLOURS`` and up to two
-    caption lines ("\\n"-separated) under each image."""
+def draw_strip(query_path, gallery, title="", query_caption="", query_overlay=None):
+    """A PIL image: ``title`` above, the query (black frame, ``query_caption`` below), its relevance picture
+    ``query_overlay`` (a PIL image, blue frame) when given, then ``gallery``, a list of ``(path,
+    colour_name, caption)`` with ``colour_name`` a key of ``COLOURS`` and up to two caption lines
+    ("\\n"-separated) under each image."""
     font = ImageFont.load_default()
-    width = slot_left(len(gallery) + 1)
+    frames = [(query_path, "query", query_caption)]
+    if query_overlay is not None:
+        frames.append((query_overlay, "relevance", "relevance"))
+    frames += list(gallery)
+    width = slot_left(len(frames))
     height = TITLE_HEIGHT + TILE[1] + 2 * BORDER + CAPTION_HEIGHT
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((2, 2), title, fill="black", font=font)
-    frames = [(query_path, "query", query_caption)] + list(gallery)
     for position, (path, colour, caption) in enumerate(frames):
         left = slot_left(position)
         draw.rectangle([left, TITLE_HEIGHT, left + TILE[0] + 2 * BORDER - 1, TITLE_HEIGHT + TILE[1] + 2 * BORDER - 1],
@@ -137,11 +134,13 @@ def removal_mask(query, gallery, view_mode="mix", time_mode="mix"):
     return removed
 
 
-def write_rank_lists(out_dir, protocol, distmat, query, gallery, removed, topk=10, num_each=3, seed=0):
+def write_rank_lists(out_dir, protocol, distmat, query, gallery, removed, topk=10, num_each=3, seed=0,
+                     query_overlay=None):
     """Write the rank lists of ``protocol``; return the written paths (per-query PNGs, then the grid).
 
     ``distmat`` (Q, G); ``query``/``gallery``: dicts with ``pids``, ``camids``, ``viewids`` (arrays) and
-    ``paths`` (lists); ``removed`` (Q, G) bool: the protocol's removal mask. Files:
+    ``paths`` (lists); ``removed`` (Q, G) bool: the protocol's removal mask; ``query_overlay``: optional
+    function of a query index giving the picture of its relevance map, drawn next to the query. Files:
     ``out_dir/<protocol>/<kind>_<n>_q<query index>.png`` and ``out_dir/<protocol>_grid.png``.
     """
     distmat = np.asarray(distmat)
@@ -158,7 +157,8 @@ def write_rank_lists(out_dir, protocol, distmat, query, gallery, removed, topk=1
         items = [(gallery["paths"][g], "match" if matches[q, g] else "non-match",
                   f"{float(distmat[q, g]):.4f}\n{_where(gallery, g)}") for g in order]
         title = f"{protocol} {kind} #{counts[kind]}: query {q}, AP {100 * ap[q]:.1f}%"
-        strip = draw_strip(query["paths"][q], items, title, f"query\n{_where(query, q)}")
+        overlay = query_overlay(q) if query_overlay is not None else None
+        strip = draw_strip(query["paths"][q], items, title, f"query\n{_where(query, q)}", overlay)
         path = os.path.join(folder, f"{kind}_{counts[kind]}_q{q}.png")
         strip.save(path)
         written.append(path)

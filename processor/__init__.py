@@ -22,6 +22,7 @@ from utils.distributed import barrier, get_world_size, is_main_process
 from utils.errors import ConfigError
 from evaluation.protocols import average_trials, build_evaluation_protocol, protocol_of_bundle
 from evaluation.html_report import write_html_report
+from evaluation.per_query import name_attributes
 from evaluation.report import evaluation_settings, format_table, write_results
 
 logger = logging.getLogger(__name__)
@@ -40,15 +41,16 @@ def evaluate_protocols(cfg, model, device, protocols=None, known=None):
         protocol = protocols.get(name) or build_evaluation_protocol(cfg, name)
         # Known metrics come without features: protocols whose features are saved or drawn are embedded again.
         if name in known and not cfg.TEST.SAVE_FEATURES and cfg.TEST.VISUALIZE_TOPK <= 0 and protocol.num_trials == 1:
-            metrics = known[name]
+            trials = [known[name]]
         else:
             trials = []
             for trial, (loader, num_query) in enumerate(protocol.trials(cfg)):
                 suffix = f" trial {trial + 1}/{protocol.num_trials}" if protocol.num_trials > 1 else ""
                 trials.append(evaluate(cfg, model, loader, num_query, device, protocol.view_mode,
                                        desc=f"test {name}{suffix}", name=name if not trial else None))
-            metrics = average_trials(trials)
-        results[name] = dict(metrics, benchmark=protocol.benchmark)
+        # One per-query table per trial, its attribute columns named after the dataset's attributes.
+        tables = [name_attributes(trial["per_query"], protocol.dataset.attributes) for trial in trials]
+        results[name] = dict(average_trials(trials), per_query=tables, benchmark=protocol.benchmark)
     return results
 
 

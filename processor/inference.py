@@ -12,6 +12,8 @@ from tqdm import tqdm
 from configs import config_from_checkpoint
 from datasets import ImageDataset, Sample, build_test_transform, collate
 from evaluation import ReIDEvaluator
+from evaluation.embedding import embedding_file, plot_embedding
+from evaluation.relevance import overlay_drawer
 from evaluation.visualize import removal_mask, write_rank_lists
 from processor.model_io import load_trained_model
 from text import prompts
@@ -36,7 +38,9 @@ def evaluate(cfg, model, val_loader, num_query, device, view_mode="mix", desc="e
     """Embed every query and gallery image and return the protocol's metrics (fractions in [0, 1]).
 
     Features from all ranks are gathered by the evaluator; every rank returns the same dictionary. With
-    TEST.SAVE_FEATURES the features are written to OUTPUT_DIR/features_<name>.npz.
+    ``name`` the embedding picture is written to OUTPUT_DIR/embedding_<name>.png, with TEST.SAVE_FEATURES the
+    features to OUTPUT_DIR/features_<name>.npz, and with TEST.VISUALIZE_TOPK the ranked lists (with the
+    relevance map of each drawn query) to OUTPUT_DIR/rank_lists/.
     """
     was_training = model.training
     model.eval()
@@ -48,7 +52,7 @@ def evaluate(cfg, model, val_loader, num_query, device, view_mode="mix", desc="e
         with test_autocast(cfg, device):
             features = model(batch["images"], **unwrap(model).forward_inputs(batch))
         evaluator.update(features.float(), batch["pids"], batch["camids"], batch["viewids"], batch["timeids"],
-                         index=batch["index"], paths=batch.get("paths"))
+                         index=batch["index"], paths=batch.get("paths"), attrs=batch.get("attrs"))
         num_images += batch["pids"].numel()
     extract_seconds = time.time() - start
     metrics = evaluator.compute(view_mode=view_mode, time_mode=cfg.TEST.TIME_MODE)
@@ -56,11 +60,18 @@ def evaluate(cfg, model, val_loader, num_query, device, view_mode="mix", desc="e
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         path = evaluator.save_features(os.path.join(cfg.OUTPUT_DIR, f"features_{name}.npz"))
         logger.info("wrote %s", path)
+    if name and is_main_process():
+        feats, labels, _ = evaluator.features
+        feats = torch.nn.functional.normalize(feats, dim=1) if evaluator.feat_norm else feats
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        plot_embedding(os.path.join(cfg.OUTPUT_DIR, embedding_file(name)), feats.numpy(), labels[:, 2].numpy(),
+                       num_query, title=name)
     if cfg.TEST.VISUALIZE_TOPK > 0 and name and is_main_process():
         distmat, query, gallery = evaluator.ranking_inputs()
         removed = removal_mask(query, gallery, view_mode, cfg.TEST.TIME_MODE)
         written = write_rank_lists(os.path.join(cfg.OUTPUT_DIR, RANK_LIST_FOLDER), name, distmat, query, gallery,
-                                   removed, topk=cfg.TEST.VISUALIZE_TOPK)
+                                   removed, topk=cfg.TEST.VISUALIZE_TOPK,
+                                   query_overlay=overlay_drawer(unwrap(model), val_loader.dataset))
         logger.info("wrote %d ranked-list pictures of %s (grid: %s)", len(written), name, written[-1])
     logger.info("%s: embedded %d images (%d-d) in %.1f s on rank %d", desc, num_images,
                 unwrap(model).embedding_dim, extract_seconds, get_rank())
@@ -95,8 +106,9 @@ class FeatureExtractor:
         cfg, _ = config_from_checkpoint(path, opts=list(opts), state=state)
         return cls(cfg, path, device=torch.device(device) if isinstance(device, str) else device, state=state)
 
-    @torch.no_grad()
-    def __call__(self, paths, viewids=0, batch_size=None, normalize=False):
+    def batches(self, paths, viewids=0, batch_size=None):
+        """Pre-processed batches (dicts on the extractor's device, as evaluation builds them) of image files
+        ``paths`` in order, ``viewids`` one per image or one for all."""
         paths = list(paths)
         viewids = [viewids] * len(paths) if isinstance(viewids, int) else list(viewids)
         if len(viewids) != len(paths):
@@ -104,9 +116,12 @@ class FeatureExtractor:
         samples = [Sample(path, -1, 0, int(viewid), 0, self.text, None) for path, viewid in zip(paths, viewids)]
         loader = DataLoader(ImageDataset(samples, self.transform, text_len=self.cfg.MODEL.TEXT_LEN),
                             batch_size=batch_size or self.cfg.TEST.IMS_PER_BATCH, collate_fn=collate)
+        return (to_device(batch, self.device) for batch in loader)
+
+    @torch.no_grad()
+    def __call__(self, paths, viewids=0, batch_size=None, normalize=False):
         features = []
-        for batch in loader:
-            batch = to_device(batch, self.device)
+        for batch in self.batches(paths, viewids, batch_size):
             with test_autocast(self.cfg, self.device):
                 features.append(self.model(batch["images"], **self.model.forward_inputs(batch)).float().cpu())
         features = torch.cat(features) if features else torch.empty(0, self.model.embedding_dim)

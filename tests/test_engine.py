@@ -127,9 +127,14 @@ def test_ablation_tool_trains_every_row(synth_root, tmp_path):
     result = run_script(["tools/ablation.py", "--config_file", SVPR, "--epochs", "1", "--output_dir", out,
                          *tiny(synth_root, str(tmp_path / "unused"), extra=["DATASETS.TESTS", "('SynthAG_ALL',)"])])
     check_ok(result)
-    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    means, differences = result.stdout.split("Difference to baseline")
+    table = [line for line in means.splitlines() if line.startswith("| ")]
     assert [row.split("|")[1].strip() for row in table[1:]] == ["baseline", "+VDFE", "+ASMOE", "+CVPR", "+LOCAL"]
     assert "SynthAG_ALL mAP" in table[0] and "failed" not in result.stdout
+    # Under it, each row's difference to the baseline with its interval.
+    table = [line for line in differences.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in table[1:]] == ["+VDFE", "+ASMOE", "+CVPR", "+LOCAL"]
+    assert "SynthAG_ALL ΔmAP [95% CI]" in table[0] and all(row.count("[") == 2 for row in table[1:])
 
 
 def _final_weights(output_dir):

@@ -111,3 +111,49 @@ def test_rendered_by_headless_chromium(report, tmp_path):
     # The embedded pictures were decoded and drawn.
     for colour in (CURVES_COLOUR, GRID_COLOUR):
         assert (np.abs(pixels.astype(int) - colour).max(axis=1) <= 8).sum() > 1000, colour
+
+
+# ------------------------------------------------------------------------- breakdowns and embeddings
+EMBEDDING_COLOUR = (255, 160, 0)
+BREAKDOWN = {"viewid": {"0": {"mAP": 75.5, "rank1": 85.0, "num_query": 60},
+                        "1": {"mAP": 67.0, "rank1": 76.0, "num_query": 60}},
+             "attr:Upper Color": {"3": {"mAP": 70.25, "rank1": 80.5, "num_query": 120}}}
+
+
+@pytest.fixture
+def report_with_breakdown(tmp_path):
+    document = {**DOCUMENT, "protocols": {
+        "SynthAG_ALL": {**DOCUMENT["protocols"]["SynthAG_ALL"], "breakdown": BREAKDOWN},
+        "SynthAG_A->G": DOCUMENT["protocols"]["SynthAG_A->G"]}}
+    # The embedding picture next to the page is found by its protocol's name.
+    Image.new("RGB", (300, 240), EMBEDDING_COLOUR).save(tmp_path / "embedding_SynthAG_ALL.png")
+    return write_html_report(str(tmp_path), document)
+
+
+def check_breakdown_page(parsed):
+    assert parsed.tables["results"][1:] == EXPECTED_ROWS  # the breakdown is no column of the results table
+    assert parsed.tables["breakdown-SynthAG_ALL"] == [
+        ["label", "value", "mAP", "R1", "#query"], ["viewid", "0", "75.50", "85.00", "60"],
+        ["viewid", "1", "67.00", "76.00", "60"], ["attr:Upper Color", "3", "70.25", "80.50", "120"]]
+    assert "breakdown-SynthAG_A->G" not in parsed.tables
+    assert [image.get("class") for image in parsed.images] == ["embedding"]
+
+
+def test_breakdown_and_embedding_content(report_with_breakdown):
+    check_breakdown_page(parse(open(report_with_breakdown, encoding="utf-8").read()))
+
+
+@pytest.mark.skipif(chromium_binary() is None, reason="no chromium binary installed (apt-get install chromium)")
+def test_breakdown_and_embedding_rendered_by_headless_chromium(report_with_breakdown, tmp_path):
+    common = [chromium_binary(), "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run",
+              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,2000"]
+    dom = subprocess.run(common + ["--dump-dom", f"file://{report_with_breakdown}"], capture_output=True, text=True,
+                         timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    check_breakdown_page(parse(dom.stdout))
+    screenshot = tmp_path / "page.png"
+    shot = subprocess.run(common + [f"--screenshot={screenshot}", f"file://{report_with_breakdown}"],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.returncode == 0 and screenshot.is_file(), shot.stderr[-2000:]
+    pixels = np.asarray(Image.open(screenshot).convert("RGB")).reshape(-1, 3)
+    assert (np.abs(pixels.astype(int) - EMBEDDING_COLOUR).max(axis=1) <= 8).sum() > 1000

@@ -221,3 +221,17 @@ def test_evaluator_config_errors_and_reranking_path():
         ReIDEvaluator(12, feat_norm="maybe")
     with pytest.raises(ConfigError, match="TEST.TIME_MODE"):
         ReIDEvaluator(12, time_mode="night")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_per_query_ap_and_first_match_rank_are_fastreids(seed):
+    rng = np.random.default_rng(seed)
+    case = random_case(rng, 40, 150, 8, 3)
+    _, all_ap, _ = FASTREID.eval_market1501(*case, max_rank=50)
+    ours = evaluate_rank(*case, chunk_elements=997)["query_results"]
+    np.testing.assert_allclose(ours["ap"], all_ap, rtol=1e-12)
+    distmat, q_pids, g_pids, q_cams, g_cams = case
+    for row, query in enumerate(ours["query"]):
+        order = np.argsort(distmat[query], kind="stable")
+        kept = order[~((g_pids[order] == q_pids[query]) & (g_cams[order] == q_cams[query]))]
+        assert ours["first_match_rank"][row] == np.flatnonzero(g_pids[kept] == q_pids[query])[0] + 1

@@ -158,10 +158,13 @@ def test_visualize_tool_writes_rank_lists_of_every_protocol(checkpoint, tmp_path
         names = sorted(os.listdir(os.path.join(pictures, protocol)))
         assert [n.split("_")[0] for n in names] == ["best"] * 3 + ["random"] * 3 + ["worst"] * 3
         grid = Image.open(os.path.join(pictures, f"{protocol}_grid.png"))
-        single = Image.open(os.path.join(pictures, protocol, names[0]))
-        assert grid.size == (visualize.slot_left(5), 9 * single.size[1])
+        single = Image.open(os.path.join(pictures, protocol, names[0])).convert("RGB")
+        # Query, its relevance map (blue frame), then 4 gallery images.
+        assert grid.size == (visualize.slot_left(6), 9 * single.size[1])
+        assert slot_colour(single, 0, 1)[0] == visualize.COLOURS["relevance"]
+        assert os.path.isfile(os.path.join(out, f"embedding_{protocol}.png"))
     page = open(os.path.join(out, "report.html"), encoding="utf-8").read()
-    assert page.count("<img") == 2 and "SynthAG_AG" in page
+    assert page.count('class="rank-grid"') == 2 and page.count('class="embedding"') == 2 and "SynthAG_AG" in page
 
 
 def test_search_tool_draws_the_same_strips(checkpoint, tmp_path, capsys, single_thread):

@@ -10,7 +10,9 @@
 Each run is a ``train_svpr.py`` subprocess with ``OUTPUT_DIR <output_dir>/<row>/seed<k>`` and
 ``SOLVER.SEED`` = the config's seed + k; its ``results.json`` is read back. Cells are the mean ± standard
 deviation (over seeds) of mAP and Rank-1 per protocol; the last column is the mean time of one run.
-``--table-only`` rebuilds the table from existing results. Extra ``KEY VALUE`` overrides apply to every run.
+A second table gives each row's difference to the first row (points, seeds averaged per query) with its
+95% paired bootstrap interval over queries, as tools/compare.py computes it from the runs' per-query results.
+``--table-only`` rebuilds the tables from existing results. Extra ``KEY VALUE`` overrides apply to every run.
 """
 import argparse
 import json
@@ -21,6 +23,7 @@ import sys
 import time
 
 from configs import config_value, load_config
+from evaluation.comparison import compare_runs, load_run
 from model import MODELS
 from utils.entrypoint import run_main
 from utils.errors import ConfigError, DataError, UserError
@@ -103,6 +106,34 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
+def difference_table(rows):
+    """Markdown table of each row's difference to the first: ``rows`` [(name, [run folders] or None)]; cells
+    ``ΔmAP [95% CI]`` and ``ΔR1 [95% CI]`` per protocol (evaluation.comparison). A one-line note instead when
+    a run has no per-query results or the rows were evaluated on different queries."""
+    try:
+        runs = [(name, [load_run(folder) for folder in folders] if folders else None) for name, folders in rows]
+        first_name, first = runs[0]
+        if first is None:
+            return f"note: no differences to the first row: row {first_name} failed"
+        compared = [(name, compare_runs(first, row_runs) if row_runs else None) for name, row_runs in runs[1:]]
+    except DataError as exc:
+        return f"note: no differences to the first row ({exc})"
+    lines, header = [], None
+    for name, comparisons in compared:
+        if comparisons is None:
+            lines.append(f"| {name} | failed |")
+            continue
+        if header is None:
+            header = ["Variant"] + [f"{c.protocol} {metric} [95% CI]" for c in comparisons for metric in ("ΔmAP", "ΔR1")]
+        cells = [f"{d.delta:+.1f} [{d.ci95[0]:+.1f}, {d.ci95[1]:+.1f}]" for c in comparisons for d in (c.mAP, c.rank1)]
+        lines.append("| " + " | ".join([name] + cells) + " |")
+    if header is None:
+        return "note: no row besides the first to compare with"
+    return "\n".join([f"Difference to {first_name} (points; seeds averaged per query; 95% paired bootstrap over "
+                      f"queries):", "| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+                     + lines)
+
+
 def run_row(config_file, extra, overrides, row_dir, seeds, base_seed, table_only):
     """Train (unless ``table_only``) one row for every seed; return ([results per seed] or None, [seconds])."""
     runs, seconds = [], []
@@ -156,15 +187,19 @@ def main():
         rows = fix_rows(cfg) if args.fixes else component_rows(cfg)
         plans = [(name, args.config_file, overrides, cfg) for name, overrides in rows]
         output_dir = args.output_dir or os.path.join(cfg.OUTPUT_DIR, "fixes" if args.fixes else "ablation")
-    table, failed = [], []
+    table, folders, failed = [], [], []
     for name, config_file, overrides, cfg in plans:
-        folder = name.lstrip("+").lower().replace(" ", "_")
-        runs, seconds = run_row(config_file, extra, overrides, os.path.join(output_dir, folder), args.seeds,
-                                cfg.SOLVER.SEED, args.table_only)
+        row_dir = os.path.join(output_dir, name.lstrip("+").lower().replace(" ", "_"))
+        runs, seconds = run_row(config_file, extra, overrides, row_dir, args.seeds, cfg.SOLVER.SEED, args.table_only)
         if runs is None:
             failed.append(name)
         table.append((name, runs, seconds))
+        seed_dirs = [os.path.join(row_dir, f"seed{k}") for k in range(args.seeds)]
+        folders.append((name, None if runs is None else seed_dirs))
     print(markdown_table(table))
+    if len(folders) > 1:
+        print()
+        print(difference_table(folders))
     if failed:
         raise UserError(f"training failed for rows: {', '.join(failed)}")
 

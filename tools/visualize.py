@@ -5,7 +5,7 @@
 
 Evaluates the checkpoint like ``test_svpr.py --weights`` (config stored in the checkpoint unless
 ``--config_file`` is given; results in ``<folder of the checkpoint>/test`` unless OUTPUT_DIR is given) with
-TEST.VISUALIZE_TOPK gallery images per query (10 when it is 0), and writes
+TEST.VISUALIZE_TOPK gallery images per query (10 when it is 0) after its relevance map, and writes
 ``OUTPUT_DIR/rank_lists/<protocol>/<kind>_<n>_q<query>.png``, one grid per protocol and ``report.html``.
 """
 import argparse

@@ -16,7 +16,14 @@ class QuickGELU(nn.Module):
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention with ``nn.MultiheadAttention``'s parameter layout, run by
-    ``scaled_dot_product_attention``."""
+    ``scaled_dot_product_attention``.
+
+    ``fused_attn = False`` (timm's switch of the same name) writes the attention out instead and passes its
+    probabilities (B, H, L, L) through ``attn_probs``, an identity where hooks read them and their gradients
+    (relevance maps, ``evaluation.relevance``); the default fused path is untouched.
+    """
+
+    fused_attn = True
 
     def __init__(self, width, heads, causal=False):
         super().__init__()
@@ -27,6 +34,7 @@ class SelfAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
         self.out_proj = nn.Linear(width, width)
+        self.attn_probs = nn.Identity()
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -39,9 +47,21 @@ class SelfAttention(nn.Module):
         batch, length, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         qkv = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, L, Dh)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=self.causal)  # (B, H, L, Dh)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=self.causal)  # (B, H, L, Dh)
+        else:
+            x = self.attn_probs(self._probabilities(qkv[0], qkv[1])) @ qkv[2]  # (B, H, L, Dh)
         x = x.transpose(1, 2).reshape(batch, length, width)  # (B, L, C)
         return self.out_proj(x)
+
+    def _probabilities(self, q, k):
+        """The softmax attention (B, H, L, L) that ``scaled_dot_product_attention`` computes fused."""
+        scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        if self.causal:
+            length = scores.shape[-1]
+            future = torch.ones(length, length, dtype=torch.bool, device=scores.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        return scores.softmax(dim=-1)
 
 
 class ResidualAttentionBlock(nn.Module):

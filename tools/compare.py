@@ -1,0 +1,45 @@
+"""Compare two models on the same test queries: differences of mAP and Rank-1 with confidence intervals.
+
+    python tools/compare.py outputs/clip_baseline --vs outputs/svpr_reid
+    python tools/compare.py runs/a/seed0 runs/a/seed1 runs/a/seed2 --vs runs/b/seed0 runs/b/seed1 runs/b/seed2 \\
+        --json comparison.json
+
+Each run is an evaluation's folder (or its results.json) holding the per-query results written next to
+results.json (per_query_<protocol>.csv). For every protocol present in all runs it prints, as a Markdown
+table, B - A in points for mAP and Rank-1 with a 95% paired bootstrap confidence interval over queries
+and a paired sign-flip permutation p-value (evaluation/comparison.py says how). Several runs per side
+(seeds) are averaged per query first. Queries are paired by image path; runs evaluated on different query
+sets are refused. ``--json`` also writes {protocol: {delta_mAP, ci95_mAP, p_mAP, delta_R1, ci95_R1, p_R1}}.
+"""
+import argparse
+import json
+
+from evaluation.comparison import MIN_RESAMPLES, as_document, compare_runs, load_run, markdown_table
+from utils.entrypoint import run_main
+from utils.io import atomic_write
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("runs_a", nargs="+", metavar="RUN_A", help="run folders (or results.json) of model A")
+    parser.add_argument("--vs", nargs="+", required=True, metavar="RUN_B", help="run folders of model B")
+    parser.add_argument("--json", metavar="OUT.json", help="also write the differences as a JSON document")
+    parser.add_argument("--resamples", type=int, default=MIN_RESAMPLES,
+                        help=f"bootstrap resamples and random sign flips (at least {MIN_RESAMPLES})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the resampling")
+    args = parser.parse_args(argv)
+    runs_a = [load_run(path) for path in args.runs_a]
+    runs_b = [load_run(path) for path in args.vs]
+    comparisons = compare_runs(runs_a, runs_b, args.resamples, args.seed)
+    print(f"A: {', '.join(args.runs_a)}\nB: {', '.join(args.vs)}\n")
+    print(markdown_table(comparisons))
+    print(f"\nPoints; 95% CI: paired bootstrap over queries ({args.resamples} resamples, seed {args.seed}); "
+          f"p: paired sign-flip permutation test, two-sided; runs of a side are averaged per query first.")
+    if args.json:
+        atomic_write(args.json, json.dumps(as_document(comparisons), indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    run_main(main)
