@@ -187,7 +187,7 @@ def markdown_table(comparisons, label_a="A", label_b="B"):
     Rank-1, and each difference with its interval and p-value."""
     header = ["protocol", "queries", f"runs {label_a}", f"runs {label_b}", f"mAP {label_a}", f"mAP {label_b}",
               f"ΔmAP ({label_b} − {label_a}) [95% CI]", "p", f"R1 {label_a}", f"R1 {label_b}",
-              f"ΔR1 [95% CI]", "p"]
+              "ΔR1 [95% CI]", "p"]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     for row in comparisons:
         cells = [row.protocol, str(row.num_query), str(row.runs_a), str(row.runs_b)]

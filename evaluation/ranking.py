@@ -33,13 +33,22 @@ def _check_mode(name, mode):
         raise ValueError(f"{name}={mode!r} is not one of {', '.join(MODES)}")
 
 
-def removal_mask(q_pids, g_pids, q_camids, g_camids, q_viewids, g_viewids, q_timeids, g_timeids,
-                  view_mode, time_mode):
+def removal_mask(query, gallery, view_mode="mix", time_mode="mix"):
     """(matches, removed) boolean masks of shape (Q, G): true matches, and gallery samples the protocol
-    ignores for each query (same identity and camera; other/same view or time per ``view_mode``/``time_mode``)."""
+    ignores for each query (same identity and camera; other/same view or time per ``view_mode``/``time_mode``).
+
+    ``query`` / ``gallery``: label arrays by name, ``pids`` and ``camids`` (and ``viewids`` / ``timeids`` where
+    their mode filters); the one definition of the protocols' removals (ranking, pictures, the checks before
+    training)."""
+    def ids(labels, name):
+        values = labels.get(name)
+        return None if values is None else np.asarray(values)
+
+    q_pids, g_pids = ids(query, "pids"), ids(gallery, "pids")
     matches = g_pids[None, :] == q_pids[:, None]
-    removed = matches & (g_camids[None, :] == q_camids[:, None])
-    for mode, q_ids, g_ids in ((time_mode, q_timeids, g_timeids), (view_mode, q_viewids, g_viewids)):
+    removed = matches & (ids(gallery, "camids")[None, :] == ids(query, "camids")[:, None])
+    for mode, name in ((time_mode, "timeids"), (view_mode, "viewids")):
+        q_ids, g_ids = ids(query, name), ids(gallery, name)
         if mode == "cross":
             removed |= g_ids[None, :] == q_ids[:, None]
         elif mode == "same":
@@ -185,10 +194,9 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, *, q_viewids=None
         dist = distmat[start:stop]
         if isinstance(dist, torch.Tensor):
             dist = dist.detach().cpu().numpy()
-        matches, removed = removal_mask(
-            query_rows("q_pids", start, stop), labels["g_pids"], query_rows("q_camids", start, stop),
-            labels["g_camids"], query_rows("q_viewids", start, stop), labels["g_viewids"],
-            query_rows("q_timeids", start, stop), labels["g_timeids"], view_mode, time_mode)
+        names = ("pids", "camids", "viewids", "timeids")
+        matches, removed = removal_mask({name: query_rows(f"q_{name}", start, stop) for name in names},
+                                        {name: labels[f"g_{name}"] for name in names}, view_mode, time_mode)
         first_hit, average_precision, inverse_negative_penalty = query_metrics(dist, matches, removed)
         valid = np.flatnonzero(first_hit > 0)
         return (start + valid, first_hit[valid], average_precision[valid], inverse_negative_penalty[valid])

@@ -11,7 +11,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from evaluation.ranking import query_metrics, removal_mask as _removal_mask
+from evaluation.ranking import query_metrics
 
 TILE = (64, 128)  # (width, height) of every thumbnail
 BORDER = 4  # frame width in pixels
@@ -120,18 +120,6 @@ def _where(labels, index):
     camera, view = _label(labels, "camids", index), _label(labels, "viewids", index)
     return " ".join(part for part in (f"cam {camera}" if camera is not None else "",
                                       f"view {view}" if view is not None else "") if part)
-
-
-def removal_mask(query, gallery, view_mode="mix", time_mode="mix"):
-    """(Q, G) bool: gallery samples a protocol ignores for each query (same identity and camera, plus the
-    view/time filters), from label dicts as taken by :func:`write_rank_lists` (+ ``timeids``)."""
-    def ids(labels, name):
-        values = labels.get(name)
-        return None if values is None else np.asarray(values)
-
-    _, removed = _removal_mask(*(ids(labels, name) for name in ("pids", "camids", "viewids", "timeids")
-                                 for labels in (query, gallery)), view_mode, time_mode)
-    return removed
 
 
 def write_rank_lists(out_dir, protocol, distmat, query, gallery, removed, topk=10, num_each=3, seed=0,

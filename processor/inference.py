@@ -14,7 +14,8 @@ from datasets import ImageDataset, Sample, build_test_transform, collate
 from evaluation import ReIDEvaluator
 from evaluation.embedding import embedding_file, plot_embedding
 from evaluation.relevance import overlay_drawer
-from evaluation.visualize import removal_mask, write_rank_lists
+from evaluation.ranking import removal_mask
+from evaluation.visualize import write_rank_lists
 from processor.model_io import load_trained_model
 from text import prompts
 from utils.amp import autocast
@@ -68,7 +69,7 @@ def evaluate(cfg, model, val_loader, num_query, device, view_mode="mix", desc="e
                        num_query, title=name)
     if cfg.TEST.VISUALIZE_TOPK > 0 and name and is_main_process():
         distmat, query, gallery = evaluator.ranking_inputs()
-        removed = removal_mask(query, gallery, view_mode, cfg.TEST.TIME_MODE)
+        _, removed = removal_mask(query, gallery, view_mode, cfg.TEST.TIME_MODE)
         written = write_rank_lists(os.path.join(cfg.OUTPUT_DIR, RANK_LIST_FOLDER), name, distmat, query, gallery,
                                    removed, topk=cfg.TEST.VISUALIZE_TOPK,
                                    query_overlay=overlay_drawer(unwrap(model), val_loader.dataset))

@@ -13,7 +13,7 @@ from model import MODELS
 from processor.hooks import LAST_CHECKPOINT
 from utils.errors import CheckpointError, ConfigError, DataError
 from utils.io import TEMP_PREFIX
-from evaluation.ranking import removal_mask as _removal_mask
+from evaluation.ranking import removal_mask
 
 logger = logging.getLogger(__name__)
 
@@ -123,21 +123,19 @@ def check_resume_config(cfg, path):
 
 
 def _label_arrays(samples):
-    return [np.array([getattr(s, field) for s in samples], dtype=np.int64) for field in ("pid", "camid", "viewid",
-                                                                                         "timeid")]
+    """``{"pids": (N,), "camids": ..., "viewids": ..., "timeids": ...}`` of a list of samples."""
+    return {f"{field}s": np.array([getattr(s, field) for s in samples], dtype=np.int64)
+            for field in ("pid", "camid", "viewid", "timeid")}
 
 
 def count_valid_queries(query, gallery, view_mode, time_mode, chunk=1024):
     """How many queries have at least one true match left in the gallery after the evaluation's removal
     rules (same identity and camera; ``view_mode``/``time_mode`` filters): labels only, no features."""
-    q_pids, q_cams, q_views, q_times = _label_arrays(query)
-    g_pids, g_cams, g_views, g_times = _label_arrays(gallery)
+    query, gallery = _label_arrays(query), _label_arrays(gallery)
     valid = 0
-    for start in range(0, len(query), chunk):
-        stop = start + chunk
-        matches, removed = _removal_mask(q_pids[start:stop], g_pids, q_cams[start:stop], g_cams,
-                                         q_views[start:stop], g_views, q_times[start:stop], g_times,
-                                         view_mode, time_mode)  # (chunk, G) each
+    for start in range(0, len(query["pids"]), chunk):
+        rows = {name: values[start:start + chunk] for name, values in query.items()}
+        matches, removed = removal_mask(rows, gallery, view_mode, time_mode)  # (chunk, G) each
         valid += int((matches & ~removed).any(axis=1).sum())
     return valid
 

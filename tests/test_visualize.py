@@ -11,6 +11,7 @@ from configs import load_config
 from datasets import make_dataloaders
 from datasets.synthetic import SynthConfig, generate_synthag
 from evaluation import visualize
+from evaluation.ranking import removal_mask
 from processor.model_io import build_from_args, model_args_from_dataset
 from tests.fixtures import BASELINE, REPO_ROOT, tiny
 from tools import search
@@ -41,7 +42,7 @@ def test_per_query_ap_matches_direct_definition_and_metrics_map(view_mode):
     query, gallery = labels(rng, 37, 6), labels(rng, 53, 6)
     # Integer distances make exact ties common: they must be broken by gallery index, as the metrics do.
     distmat = rng.integers(0, 8, (37, 53)).astype(np.float32)
-    removed = visualize.removal_mask(query, gallery, view_mode)
+    _, removed = removal_mask(query, gallery, view_mode)
     matches = query["pids"][:, None] == gallery["pids"][None, :]
     ap = visualize.per_query_ap(distmat, matches, removed, chunk_rows=5)
     expected = np.array([direct_ap(distmat[q], matches[q], removed[q]) for q in range(37)])
@@ -91,7 +92,7 @@ def slot_colour(picture, top, position):
 
 def test_write_rank_lists_draws_the_ranked_kept_gallery(tmp_path, image_set):
     query, gallery, distmat = image_set
-    removed = visualize.removal_mask(query, gallery, "mix")
+    _, removed = removal_mask(query, gallery, "mix")
     paths = visualize.write_rank_lists(str(tmp_path / "ranks"), "P1", distmat, query, gallery, removed, topk=5,
                                        num_each=2, seed=1)
     assert len(paths) == 7 and paths[-1] == str(tmp_path / "ranks" / "P1_grid.png")
@@ -125,7 +126,7 @@ def test_write_rank_lists_draws_the_ranked_kept_gallery(tmp_path, image_set):
 
 def test_write_rank_lists_is_deterministic(tmp_path, image_set):
     query, gallery, distmat = image_set
-    removed = visualize.removal_mask(query, gallery, "mix")
+    _, removed = removal_mask(query, gallery, "mix")
     first = visualize.write_rank_lists(str(tmp_path / "a"), "P", distmat, query, gallery, removed, 3, 1, seed=4)
     second = visualize.write_rank_lists(str(tmp_path / "b"), "P", distmat, query, gallery, removed, 3, 1, seed=4)
     assert [os.path.basename(p) for p in first] == [os.path.basename(p) for p in second]
