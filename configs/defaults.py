@@ -76,6 +76,10 @@ _C.INPUT.PADDING = 10
 # Normalisation mean and std (the shipped configs use 0.5 for both, CLIP-ReID style).
 _C.INPUT.PIXEL_MEAN = [0.485, 0.456, 0.406]
 _C.INPUT.PIXEL_STD = [0.229, 0.224, 0.225]
+# Decoder and resize: "pil" decodes and resizes with Pillow exactly as the reference's transforms do
+# (pixel-identical inputs at any image size); "tensor" uses torchvision's decoder and uint8-tensor resize,
+# faster but up to ~20 grey levels apart from the reference where images are shrunk (datasets/transforms.py).
+_C.INPUT.IMAGE_BACKEND = "pil"
 
 # ---------------------------------------------------------------------------------------------------
 # DATASETS
