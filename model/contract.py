@@ -60,6 +60,13 @@ class LossSpec:
     options: Dict[str, Any] = field(default_factory=dict)
 
 
+def view_loss(cfg, weight):
+    """The view loss term with ``weight``: the authors' smoothing, epsilon / (number of identities) on each
+    view logit (``view_identity_smoothing``), or over the views with MODEL.FIXES.VIEW_LOSS_SMOOTHING
+    (``view``)."""
+    return LossSpec("view" if cfg.MODEL.FIXES.VIEW_LOSS_SMOOTHING else "view_identity_smoothing", weight)
+
+
 class ReIDModel(nn.Module):
     """Base class of every registered model (see the module docstring for the contract)."""
 
