@@ -7,7 +7,7 @@ from PIL import Image
 
 from datasets import build_dataset
 from datasets.cp2108 import ATTRIBUTE_NAMES
-from tests.fixtures import GALLERY, QUERY, TRAIN, VALUES, entry, make_cp2108_tree
+from tests.fixtures import GALLERY, QUERY, TRAIN, VALUES, entry, make_cp2108_tree, name_of
 from utils.errors import DataError
 
 @pytest.fixture

@@ -340,10 +340,10 @@ def test_softmax_sampler_drops_triplet_and_view_weight_applies():
     cfg = make_cfg(**cfg_opts(DATALOADER__SAMPLER="softmax", MODEL__SVPR__VIEW_LOSS_WEIGHT=0.1))
     outputs, labels = random_outputs(num_id=1, num_feats=1, view=True, attr=False)
     terms = build_criterion(cfg, svpr_like(asmoe=False), NUM_CLASSES)(outputs, labels)
-    assert sorted(terms) == ["id", "view"]
-    expected_view = 0.1 * (ref_smoothed_ce(outputs.aux["view_logits"], labels["viewids"], 0.1)
+    assert sorted(terms) == ["id", "view_identity_smoothing"]
+    expected_view = 0.1 * (ref_smoothed_ce(outputs.aux["view_logits"], labels["viewids"], 0.1, NUM_CLASSES)
                            + ref_abs_cos(outputs.aux["inv_feat"], outputs.aux["view_feat"]))
-    assert terms["view"].item() == pytest.approx(expected_view, rel=1e-5)
+    assert terms["view_identity_smoothing"].item() == pytest.approx(expected_view, rel=1e-5)
 
 
 def test_missing_model_output_or_labels_is_an_error():
