@@ -17,6 +17,9 @@ A model is a ``ReIDModel`` subclass registered with ``@MODELS.register("Name")``
   whether a parameter exists, for the one-line message about a checkpoint that does not fit;
 * ``training_phases``: :class:`TrainingPhase` classes the engine runs before the main training loop, each
   with its own data, optimiser and schedule (CLIP-ReID's prompt learning);
+* ``lr_step_at_epoch_start``: whether the main loop steps its learning-rate schedule at the start of every
+  epoch (epoch e trains at schedule step e, as the authors' CLIP-ReID stage 2) instead of at the end (epoch
+  e trains at step e - 1, as their other training loops);
 * ``from_reference_state_dict`` / ``to_reference_state_dict``: the mapping between this model's
   parameter names and those of the authors' code (identity unless the layouts differ);
   ``reference_model_args``: the constructor sizes of the authors' model behind one of their state dicts
@@ -72,6 +75,7 @@ class ReIDModel(nn.Module):
 
     batch_inputs = ()
     training_phases = ()
+    lr_step_at_epoch_start = False
     fixes = ()
     components = ()
     checkpoint_hints = ()

@@ -70,6 +70,8 @@ class CLIP_ReID(ClipImageModel):
     ) + ClipImageModel.checkpoint_hints
 
     training_phases = (PromptLearning,)
+    # The authors' stage-2 loop (processor_clipreid_stage2.py) steps its warm-up schedule before each epoch.
+    lr_step_at_epoch_start = True
     visual_prefix = "clip.visual."
 
     def __init__(self, cfg, num_classes, num_cameras=1, num_views=1, attributes=()):
