@@ -15,6 +15,10 @@ A model is a ``ReIDModel`` subclass registered with ``@MODELS.register("Name")``
   model, in the order ``tools/ablation.py`` adds them back (empty: no component ablation);
 * ``checkpoint_hints``: ``(parameter-name fragment, config keys)`` rows naming the keys that decide
   whether a parameter exists, for the one-line message about a checkpoint that does not fit;
+* ``identity_parameters``: patterns (``re.fullmatch`` on state-dict names) of the tensors with one row per
+  training identity (identity classifiers, CLIP-ReID's prompts), which MODEL.PRETRAIN_CHOICE "finetune" leaves
+  out; ``dataset_parameters``: patterns of tensors sized by the training set's cameras, views or attributes,
+  which "finetune" loads where they fit the new training set and re-initialises otherwise;
 * ``training_phases``: :class:`TrainingPhase` classes the engine runs before the main training loop, each
   with its own data, optimiser and schedule (CLIP-ReID's prompt learning);
 * ``lr_step_at_epoch_start``: whether the main loop steps its learning-rate schedule at the start of every
@@ -79,6 +83,8 @@ class ReIDModel(nn.Module):
     fixes = ()
     components = ()
     checkpoint_hints = ()
+    identity_parameters = ()
+    dataset_parameters = ()
     #: Width of the test-time feature and of the first training feature; set by the constructor.
     embedding_dim = 0
     feature_dim = 0

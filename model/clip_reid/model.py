@@ -63,6 +63,7 @@ class CLIP_ReID(ClipImageModel):
     """The CLIP-ReID image side (``ClipImageModel``) plus the frozen text tower and per-identity prompts."""
 
     fixes = ("CLIPREID_PROMPT_AT_TEXT_LEN",)
+    identity_parameters = ClipImageModel.identity_parameters + ("cls_ctx",)
     checkpoint_hints = (
         ("cls_ctx", ("DATASETS.NAMES",)),
         ("class_text_features", ("DATASETS.NAMES",)),

@@ -102,6 +102,8 @@ class CLIPSVPRReID(ReIDModel):
              "ANNOTATION_PER_IMAGE", "VIEW_LOSS_SMOOTHING")
 
     batch_inputs = ("camids", "viewids", "text_tokens")
+    identity_parameters = (r"head(_cvpr|_local)?\.classifier\.weight",)
+    dataset_parameters = (r"sie\..*", r"vdfe\.head\..*", r"asmoe\.heads\..*", r"asmoe\.attribute_prompts")
     components = ("MODEL.SVPR.VDFE", "MODEL.SVPR.ASMOE", "MODEL.SVPR.CVPR", "MODEL.SVPR.LOCAL")
     checkpoint_hints = (
         ("asmoe", ("MODEL.SVPR.ASMOE", "MODEL.USE_ATTR")),

@@ -48,6 +48,8 @@ class VDT(ReIDModel):
     fixes = ("VIEW_POS_EMBED", "VIEW_LOSS_SMOOTHING")
 
     batch_inputs = ("camids", "viewids")
+    identity_parameters = (r"head_id\.classifier\.weight",)
+    dataset_parameters = (r"backbone\.sie_embed\..*", r"head_view\..*")
 
     def __init__(self, cfg, num_classes, num_cameras=1, num_views=1, attributes=()):
         super().__init__()
