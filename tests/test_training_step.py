@@ -183,3 +183,55 @@ def test_one_training_step_equals_the_authors(arch):
         assert ((got - param)[~clear].abs() <= lr * 1.0001).all(), name
         moved += 1
     assert moved > 10
+
+
+def their_supcon(queries, keys, query_labels, key_labels):
+    """Their stage-1 SupConLoss (loss/supcontrast.py, temperature 1): minus the mean over queries of the mean
+    log-softmax (over all keys) of the keys with the query's label."""
+    mask = (query_labels[:, None] == key_labels[None, :]).float()
+    log_prob = F.log_softmax(queries @ keys.t(), dim=1)
+    return -((mask * log_prob).sum(1) / mask.sum(1)).mean()
+
+
+def test_one_prompt_learning_step_equals_the_authors(tmp_path):
+    """CLIP-ReID stage 1 (processor_clipreid_stage1.py): cached image features, the prompts' text features,
+    SupCon image->text + text->image, Adam on the prompt context only, at the timm cosine schedule's value
+    for epoch 1 (stepped with the epoch number before it): WARMUP_LR_INIT + (BASE_LR - WARMUP_LR_INIT) / W."""
+    from model.clip_reid import PromptLearning
+    from processor.phase_runner import run_phase
+
+    cfg = tiny_cfg("CLIP_ReID", **{"SOLVER.STAGE1.MAX_EPOCHS": 1, "SOLVER.STAGE1.WARMUP_EPOCHS": 5,
+                                   "SOLVER.STAGE1.BASE_LR": 3.5e-4, "SOLVER.STAGE1.WARMUP_LR_INIT": 1e-5,
+                                   "SOLVER.STAGE1.WEIGHT_DECAY": 5e-4, "SOLVER.STAGE1.TRAIN": True,
+                                   "SOLVER.AMP": False, "OUTPUT_DIR": str(tmp_path)})
+    cfg.freeze()
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=NUM_CLASSES)
+    image_features = torch.randn(len(PIDS), model.clip.embed_dim, generator=torch.Generator().manual_seed(3))
+
+    class FixedBatch(PromptLearning):
+        def setup(self):  # the cached features of the training images, without reading a dataset
+            self.model.freeze_for_stage1()
+            self.features, self.pids = image_features, PIDS
+
+        def batches(self, epoch):
+            yield torch.arange(len(PIDS))
+
+        def finish(self):
+            pass
+
+    reference = copy.deepcopy(model)
+    run_phase(cfg, FixedBatch(cfg, model, None, torch.device("cpu")))
+
+    reference.freeze_for_stage1()
+    text = reference.text_features(PIDS)
+    loss = their_supcon(image_features, text, PIDS, PIDS) + their_supcon(text, image_features, PIDS, PIDS)
+    loss.backward()
+    stage1 = cfg.SOLVER.STAGE1
+    lr = stage1.WARMUP_LR_INIT + (stage1.BASE_LR - stage1.WARMUP_LR_INIT) / stage1.WARMUP_EPOCHS
+    grad = reference.cls_ctx.grad + stage1.WEIGHT_DECAY * reference.cls_ctx.detach()
+    expected = reference.cls_ctx.detach() - lr * grad / (grad.abs() + 1e-8)
+    clear = grad.abs() > 1e-6  # (prompts of identities without an image move by their weight decay alone)
+    torch.testing.assert_close(model.cls_ctx.detach()[clear], expected[clear], rtol=1e-5, atol=lr * 1e-4)
+    before = dict(reference.named_parameters())
+    assert {name for name, p in model.named_parameters() if not torch.equal(p, before[name])} == {"cls_ctx"}
