@@ -235,3 +235,25 @@ def test_one_prompt_learning_step_equals_the_authors(tmp_path):
     torch.testing.assert_close(model.cls_ctx.detach()[clear], expected[clear], rtol=1e-5, atol=lr * 1e-4)
     before = dict(reference.named_parameters())
     assert {name for name, p in model.named_parameters() if not torch.equal(p, before[name])} == {"cls_ctx"}
+
+
+def test_prompt_learning_never_forms_the_authors_empty_last_batch():
+    """The authors cut a stage-1 epoch into N // B + 1 batches: with N a multiple of B the last is empty and
+    their SupCon crashes. Ours cuts the same batches without the empty one (MODEL.FIXES.STAGE1_EMPTY_BATCH);
+    without the fix that case is a one-line ConfigError."""
+    from types import SimpleNamespace
+
+    from model.clip_reid import PromptLearning
+    from utils.errors import ConfigError
+
+    dataset = SimpleNamespace(train=[None] * 8)
+    for fixed, images in ((True, 8), (True, 7), (False, 7)):
+        cfg = tiny_cfg("CLIP_ReID", **{"SOLVER.STAGE1.IMS_PER_BATCH": 4, "MODEL.FIXES.STAGE1_EMPTY_BATCH": fixed})
+        phase = PromptLearning(cfg, None, dataset, torch.device("cpu"))
+        phase.features = torch.zeros(images, 3)
+        sizes = [len(chosen) for chosen in phase.batches(1)]
+        assert sizes == ([4, 4] if images == 8 else [4, 3])  # the authors': [4, 4, 0] and [4, 3]
+    cfg = tiny_cfg("CLIP_ReID", **{"SOLVER.STAGE1.IMS_PER_BATCH": 4, "MODEL.FIXES.STAGE1_EMPTY_BATCH": False})
+    model = build_model(cfg, num_classes=NUM_CLASSES)
+    with pytest.raises(ConfigError, match="the 8 training images are a multiple of SOLVER.STAGE1.IMS_PER_BATCH = 4"):
+        PromptLearning(cfg, model, dataset, torch.device("cpu")).setup()

@@ -62,7 +62,7 @@ def prompt_length(cfg):
 class CLIP_ReID(ClipImageModel):
     """The CLIP-ReID image side (``ClipImageModel``) plus the frozen text tower and per-identity prompts."""
 
-    fixes = ("CLIPREID_PROMPT_AT_TEXT_LEN",)
+    fixes = ("CLIPREID_PROMPT_AT_TEXT_LEN", "STAGE1_EMPTY_BATCH")
     identity_parameters = ClipImageModel.identity_parameters + ("cls_ctx",)
     checkpoint_hints = (
         ("cls_ctx", ("DATASETS.NAMES",)),
