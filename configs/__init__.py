@@ -31,6 +31,8 @@ _CHOICES = {
     "TEST.FEAT_NORM": ("yes", "no"),
     "TEST.DIST_METRIC": ("euclidean", "cosine"),
     "TEST.TIME_MODE": ("mix", "cross", "same"),
+    "MODEL.PRETRAIN_CHOICE": ("imagenet", "self", "finetune"),
+    "INPUT.IMAGE_BACKEND": ("pil", "tensor"),
 }
 
 

@@ -23,7 +23,7 @@ REFERENCE_ONLY_KEYS = (
     # reference computes it); the distance matrix is not saved under this name.
     "TEST.NECK_FEAT", "TEST.DIST_MAT",
     # The reference's legacy CLIP-ReID schema (train_clipreid.py) and its per-stage keys.
-    "MODEL.PRETRAIN_CHOICE", "SOLVER.STAGE2", "TEST.EVAL",
+    "SOLVER.STAGE2", "TEST.EVAL",
 )
 
 

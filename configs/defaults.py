@@ -30,6 +30,13 @@ _C.MODEL.ARCH_NAME = "CLIP_SVPR_ReID"
 # ViT-B-16.pt, or a plain state dict). ImageNet-ViT baselines: the original jx_vit_base_p16_224-80ecf9dd.pth
 # or a timm ViT weight file (.pth or .safetensors). Required unless MODEL.RANDOM_INIT is True.
 _C.MODEL.PRETRAIN_PATH = ""
+# What PRETRAIN_PATH holds and what a training run takes from it: "imagenet" (the default; the name is the
+# authors') the backbone weights above; "self" a whole model, either a checkpoint of this framework or a
+# state dict in the authors' layout (converted on the fly), every weight of it continued; "finetune" the same
+# kind of file, every weight but the identity classifiers (and CLIP-ReID's identity prompts), for another
+# training set. With "self"/"finetune" the backbone's sizes are read from the checkpoint: no backbone file
+# is needed (processor/model_io.py).
+_C.MODEL.PRETRAIN_CHOICE = "imagenet"
 # Build the backbone with random weights from MODEL.CLIP.* (CLIP models) or MODEL.VIT.* (ImageNet-ViT
 # baselines) instead of loading PRETRAIN_PATH (tests, benchmarks and the synthetic quickstart).
 _C.MODEL.RANDOM_INIT = False
@@ -76,6 +83,10 @@ _C.INPUT.PADDING = 10
 # Normalisation mean and std (the shipped configs use 0.5 for both, CLIP-ReID style).
 _C.INPUT.PIXEL_MEAN = [0.485, 0.456, 0.406]
 _C.INPUT.PIXEL_STD = [0.229, 0.224, 0.225]
+# Decoder and resize: "pil" decodes and resizes with Pillow exactly as the reference's transforms do
+# (pixel-identical inputs at any image size); "tensor" uses torchvision's decoder and uint8-tensor resize,
+# faster but up to ~20 grey levels apart from the reference where images are shrunk (datasets/transforms.py).
+_C.INPUT.IMAGE_BACKEND = "pil"
 
 # ---------------------------------------------------------------------------------------------------
 # DATASETS

@@ -72,12 +72,12 @@ class ReIDDataset:
     Subclasses set ``view_names`` and ``protocol`` and implement ``read_split(split) -> list[Sample]``
     (raw pids, no text/attrs) and ``annotate(sample, split) -> (text, attrs)``. They may override
     ``load_annotations()`` (called once before any split is read) and ``attribute_schema()``.
-    After construction: ``train`` (pids relabelled 0..N-1 in sorted order of the raw id, junk id -1
-    dropped), ``query`` and ``gallery`` (raw ids), ``num_train_pids``, ``num_train_cams``,
-    ``num_train_views``, ``attributes`` (``(name, num_classes)`` pairs in label order; empty unless
-    ``use_attr`` and the dataset has attributes), ``view_mode``, ``name``. With ``load_train=False`` the
-    training split is neither read nor needed on disk (evaluation): ``train`` is empty and
-    ``num_train_pids`` 0.
+    After construction: ``train`` (pids relabelled 0..N-1 as the reference numbers them, see
+    :meth:`label_insertion_order`; junk id -1 dropped), ``query`` and ``gallery`` (raw ids),
+    ``num_train_pids``, ``num_train_cams``, ``num_train_views``, ``attributes`` (``(name, num_classes)``
+    pairs in label order; empty unless ``use_attr`` and the dataset has attributes), ``view_mode``,
+    ``name``. With ``load_train=False`` the training split is neither read nor needed on disk
+    (evaluation): ``train`` is empty and ``num_train_pids`` 0.
     """
 
     registry_name = None
@@ -168,6 +168,16 @@ class ReIDDataset:
         """``(text, attrs)`` for ``sample`` (raw pid) in ``split``; default none."""
         return None, None
 
+    def label_insertion_order(self, samples):
+        """Raw training identities in the order the reference's loader meets them (default: its images in
+        sorted path order).
+
+        The reference numbers identities by their position in a Python ``set`` filled in this order, whose
+        iteration order is not always ascending ({100, 101, 104, 105} iterates 104, 105, 100, 101); the same
+        weights then train the same classifier row (and CLIP-ReID prompt) for an identity as there.
+        """
+        return [s.pid for s in sorted(samples, key=lambda s: s.path)]
+
     # ---- protocol mechanics --------------------------------------------------------------------------
     def _keep_views(self, samples, views):
         return list(samples) if views is None else [s for s in samples if s.viewid in views]
@@ -179,7 +189,7 @@ class ReIDDataset:
 
     def _make_train(self, samples):
         samples = [s for s in samples if s.pid != -1]
-        label_of = {pid: label for label, pid in enumerate(sorted({s.pid for s in samples}))}
+        label_of = {pid: label for label, pid in enumerate(set(self.label_insertion_order(samples)))}
         return [self._with_annotation(s, "train")._replace(pid=label_of[s.pid]) for s in samples]
 
     def require_dir(self, path, layout):

@@ -16,6 +16,7 @@ class DukeFormat(SplitFolders):
     name_pattern = re.compile(r"^(-?\d+)_c(\d+)_f\d+")
     name_rule = "PPPP_cC_fFFFFFFF.jpg (identity, camera 1-8, frame)"
     num_cameras = 8
+    directory_order = True
 
 
 @register_dataset("dukemtmc")

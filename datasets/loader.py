@@ -17,19 +17,21 @@ from utils.errors import ConfigError, DataError
 
 from .registry import DATASETS, build_dataset
 from .samplers import ContiguousShardSampler, RandomIdentitySampler
-from .transforms import build_test_transform, build_train_transform, read_image
+from .transforms import build_test_transform, build_train_transform, image_reader, read_image
 
 
 class ImageDataset(Dataset):
     """Decoded, transformed images of a list of :class:`~datasets.bases.Sample` with their labels.
 
     Each distinct text is tokenised once, here, with ``tokenizer(texts, context_length, truncate=True)``.
+    ``reader`` decodes a path into what ``transform`` takes (``datasets.transforms.image_reader``).
     Items are dicts; :func:`collate` turns a list of them into a batch.
     """
 
-    def __init__(self, samples, transform, tokenizer=tokenize, text_len=77):
+    def __init__(self, samples, transform, tokenizer=tokenize, text_len=77, reader=read_image):
         self.samples = list(samples)
         self.transform = transform
+        self.reader = reader
         has_text = {s.text is not None for s in self.samples}
         has_attrs = {s.attrs is not None for s in self.samples}
         if len(has_text) > 1 or len(has_attrs) > 1:
@@ -49,7 +51,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index):
         sample = self.samples[index]
         return {
-            "image": self.transform(read_image(sample.path)),
+            "image": self.transform(self.reader(sample.path)),
             "labels": self.labels[index],
             "text_tokens": None if self.text_tokens is None else self.text_tokens[self.text_index[index]],
             "attrs": None if self.attrs is None else self.attrs[index],
@@ -213,7 +215,7 @@ def make_loader(cfg, samples, transform, batch_size, sampler, tokenizer=tokenize
     so every loader of a run (``offset``: 0 training, 1 a model's extra phase, 2 evaluation) has its own
     stream."""
     workers = cfg.DATALOADER.NUM_WORKERS
-    data = ImageDataset(samples, transform, tokenizer=tokenizer, text_len=cfg.MODEL.TEXT_LEN)
+    data = ImageDataset(samples, transform, tokenizer=tokenizer, text_len=cfg.MODEL.TEXT_LEN, reader=image_reader(cfg))
     generator = torch.Generator().manual_seed(cfg.SOLVER.SEED + 1000 * offset + distributed.get_rank())
     return ReIDDataLoader(data, batch_size=batch_size, sampler=sampler, generator=generator,
                       persistent_workers=persistent and workers > 0, collate_fn=partial(collate, with_paths=with_paths),

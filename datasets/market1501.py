@@ -52,6 +52,9 @@ class SplitFolders(ReIDDataset):
     num_cameras = 0
     subject = prompts.PERSON
     view_names = {GROUND: "ground"}
+    # The reference meets the training images of some of these benchmarks in directory order (an unsorted
+    # glob), which then decides its identity labels (ReIDDataset.label_insertion_order).
+    directory_order = False
 
     @property
     def dataset_dir(self):
@@ -80,6 +83,19 @@ class SplitFolders(ReIDDataset):
     def annotate(self, sample, split):
         # No attributes or captions: every image gets the plain prompt.
         return prompts.test_caption(self.num_prompt_words, subject=self.subject), None
+
+    def label_insertion_order(self, samples):
+        if not self.directory_order:
+            return super().label_insertion_order(samples)
+        listing = {}  # folder -> {file name: position in os.listdir}
+
+        def position(sample):
+            folder, name = os.path.split(sample.path)
+            if folder not in listing:
+                listing[folder] = {entry: i for i, entry in enumerate(os.listdir(folder))}
+            return folder, listing[folder][name]
+
+        return [s.pid for s in sorted(samples, key=position)]
 
 
 @register_dataset("market1501")

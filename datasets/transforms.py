@@ -1,64 +1,122 @@
-"""Train and test image transforms (torchvision v2 on uint8 tensors) and image decoding."""
+"""Image decoding and the train and test transforms.
+
+INPUT.IMAGE_BACKEND chooses the decoder and with it the resize: "pil" (default) decodes with Pillow and
+resizes the PIL image with Pillow's filters, exactly as the reference's torchvision transforms do (so every
+input is pixel-identical to the authors' at any image size); "tensor" decodes with torchvision and resizes
+uint8 tensors (faster, but when an image is shrunk up to 1 grey level apart with bilinear and up to ~20 with
+bicubic interpolation). Flip, pad and crop are exact on either; then both divide by 255 as ``ToTensor``
+does, normalise and erase.
+"""
 import time
 import warnings
 
 import torch
+import torchvision.transforms as transforms_v1
 from PIL import Image, ImageFile
 from timm.data.random_erasing import RandomErasing
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import InterpolationMode, v2
 
-from utils.errors import DataError
+from utils.errors import ConfigError, DataError
 
 # Partly written JPEGs still decode (the reference datasets contain a few).
 ImageFile.LOAD_TRUNCATED_IMAGES = True
 READ_ATTEMPTS = 3
+IMAGE_BACKENDS = ("pil", "tensor")
 # torchvision 0.29 flags its decoders as deprecated in favour of TorchCodec; they remain the fastest here.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
 
 
-def read_image(path, attempts=READ_ATTEMPTS):
-    """Decode ``path`` to a uint8 RGB tensor (3, H, W).
+def _pil_rgb(path):
+    with Image.open(path) as img:
+        return img.convert("RGB")
 
-    torchvision's decoder first; Pillow for what it cannot read (truncated files, rare formats). Transient
-    I/O errors are retried ``attempts`` times, then a one-line ``DataError`` names the file.
-    """
+
+def _torchvision_rgb(path):
+    return decode_image(path, mode=ImageReadMode.RGB)
+
+
+def _read(path, attempts, decoders):
+    """The first of ``decoders`` that reads ``path``; transient I/O errors are retried ``attempts`` times,
+    then a one-line ``DataError`` names the file."""
     error = None
     for attempt in range(attempts):
-        try:
-            return decode_image(path, mode=ImageReadMode.RGB)
-        except (RuntimeError, OSError, ValueError) as exc:
-            error = exc
-        try:
-            with Image.open(path) as img:
-                return v2.functional.pil_to_tensor(img.convert("RGB"))
-        except (OSError, ValueError, SyntaxError) as exc:
-            error = exc
+        for decode, errors in decoders:
+            try:
+                return decode(path)
+            except errors as exc:
+                error = exc
         if attempt + 1 < attempts:
             time.sleep(0.05 * (attempt + 1))
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     raise DataError(f"image '{path}' cannot be read ({reason}) after {attempts} attempts")
 
 
+_PIL_ERRORS = (OSError, ValueError, SyntaxError)
+
+
+def read_image(path, attempts=READ_ATTEMPTS):
+    """Decode ``path`` to a uint8 RGB tensor (3, H, W): torchvision's decoder first, Pillow for what it
+    cannot read (truncated files, rare formats); a ``DataError`` naming the file if neither can."""
+    return _read(path, attempts, [(_torchvision_rgb, (RuntimeError, OSError, ValueError)),
+                                  (lambda p: v2.functional.pil_to_tensor(_pil_rgb(p)), _PIL_ERRORS)])
+
+
+def read_pil_image(path, attempts=READ_ATTEMPTS):
+    """Decode ``path`` with Pillow to an RGB ``PIL.Image`` (the reference's ``Image.open(path).convert('RGB')``);
+    a ``DataError`` naming the file if it cannot."""
+    return _read(path, attempts, [(_pil_rgb, _PIL_ERRORS)])
+
+
+def image_reader(cfg):
+    """The decoder of INPUT.IMAGE_BACKEND: :func:`read_pil_image` ("pil") or :func:`read_image` ("tensor")."""
+    backend = cfg.INPUT.IMAGE_BACKEND
+    if backend not in IMAGE_BACKENDS:
+        raise ConfigError(f"INPUT.IMAGE_BACKEND = {backend!r}: expected one of {', '.join(IMAGE_BACKENDS)}")
+    return read_pil_image if backend == "pil" else read_image
+
+
+class ToFloat:
+    """PIL image or uint8 tensor (3, H, W) -> contiguous float32 (3, H, W) in [0, 1].
+
+    Divides by 255 as the reference's ``ToTensor`` does (``v2.ToDtype`` multiplies by 1/255, one float ulp
+    away on 126 of the 256 levels).
+    """
+
+    def __call__(self, image):
+        if isinstance(image, Image.Image):
+            return transforms_v1.functional.to_tensor(image)
+        return transforms_v1.functional.convert_image_dtype(image.contiguous(), torch.float32)
+
+
+def _to_normalised_float(cfg):
+    # The v1 Normalize is the reference's arithmetic, here in place on the fresh float tensor (half the time
+    # of v2.Normalize).
+    return [ToFloat(),
+            transforms_v1.Normalize(mean=list(cfg.INPUT.PIXEL_MEAN), std=list(cfg.INPUT.PIXEL_STD), inplace=True)]
+
+
 def build_train_transform(cfg):
-    """Resize (bicubic), flip, pad, random crop, normalise, random erasing (per-pixel normal values)."""
+    """Resize (bicubic), flip, pad, random crop, /255, normalise, random erasing (per-pixel normal values).
+
+    Takes a PIL image (transformed by Pillow up to the crop, as the reference) or a uint8 tensor
+    (transformed by torchvision).
+    """
     size = list(cfg.INPUT.SIZE_TRAIN)
     return v2.Compose([
         v2.Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(p=cfg.INPUT.PROB),
         v2.Pad(cfg.INPUT.PADDING, fill=0),
         v2.RandomCrop(size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(cfg.INPUT.PIXEL_MEAN), std=list(cfg.INPUT.PIXEL_STD)),
+        *_to_normalised_float(cfg),
         RandomErasing(probability=cfg.INPUT.RE_PROB, mode="pixel", max_count=1, device="cpu"),
     ])
 
 
 def build_test_transform(cfg):
-    """Resize (bilinear) and normalise."""
+    """Resize (bilinear), /255 and normalise; takes a PIL image or a uint8 tensor like the train transform."""
     return v2.Compose([
         v2.Resize(list(cfg.INPUT.SIZE_TEST), interpolation=InterpolationMode.BILINEAR, antialias=True),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(cfg.INPUT.PIXEL_MEAN), std=list(cfg.INPUT.PIXEL_STD)),
+        *_to_normalised_float(cfg),
     ])

@@ -120,3 +120,7 @@ class VehicleID(ReIDDataset):
     def annotate(self, sample, split):
         # No attributes or captions: every image gets the plain prompt.
         return prompts.test_caption(self.num_prompt_words, subject=prompts.VEHICLE), None
+
+    def label_insertion_order(self, samples):
+        # The reference fills its set from the sorted vehicle ids.
+        return sorted(s.pid for s in samples)

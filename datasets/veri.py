@@ -22,3 +22,4 @@ class VeRi(SplitFolders):
     name_rule = "VVVV_cCCC_FFFFFFFF_N.jpg (vehicle identity, camera 1-20, frame, index)"
     num_cameras = 20
     subject = prompts.VEHICLE
+    directory_order = True

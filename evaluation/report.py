@@ -86,10 +86,11 @@ def _git_commit():
     return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
 
 
-def evaluation_settings(cfg, trained_on=None):
-    """Every setting besides the weights that changes the reported numbers, for ``results.json``."""
+def evaluation_settings(cfg, trained_on=None, initial_weights=None):
+    """Every setting besides the weights that changes the reported numbers, for ``results.json``
+    (``initial_weights``: where a training run's initial weights came from, MODEL.PRETRAIN_CHOICE)."""
     test = cfg.TEST
-    return {
+    settings = {
         "trained_on": trained_on, "test_protocols": list(cfg.DATASETS.TESTS),
         "re_ranking": bool(test.RE_RANKING), "re_ranking_k1": int(test.RR_K1), "re_ranking_k2": int(test.RR_K2),
         "re_ranking_lambda": float(test.RR_LAMBDA), "time_mode": test.TIME_MODE, "feat_norm": test.FEAT_NORM,
@@ -98,6 +99,9 @@ def evaluation_settings(cfg, trained_on=None):
         "amp": bool(cfg.SOLVER.AMP) and cfg.SOLVER.AMP_DTYPE, "seed": int(cfg.SOLVER.SEED),
         "framework_commit": _git_commit(), "torch": torch.__version__,
     }
+    if initial_weights is not None:
+        settings["initial_weights"] = initial_weights
+    return settings
 
 
 def write_results(output_dir, checkpoint, config, epoch, protocols, settings=None):

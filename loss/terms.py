@@ -30,8 +30,8 @@ def add_loss_config(cfg):
     cfg.MODEL.ID_LOSS_WEIGHT = 1.0
     # Weight of the triplet loss.
     cfg.MODEL.TRIPLET_LOSS_WEIGHT = 1.0
-    # VDT/SeCap: smooth the view cross-entropy over the V views (targets sum to 1) instead of the authors'
-    # epsilon / number-of-identities.
+    # VDT/SeCap/SVPR-ReID: smooth the view cross-entropy over the V views (targets sum to 1) instead of the
+    # authors' epsilon / number-of-identities.
     cfg.MODEL.FIXES.VIEW_LOSS_SMOOTHING = False
     # Triplet margin (only with MODEL.NO_MARGIN False).
     cfg.SOLVER.MARGIN = 0.3

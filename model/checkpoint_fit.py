@@ -1,4 +1,7 @@
-"""Strict loading of saved model weights, with a one-line diagnosis when they do not fit the model."""
+"""Strict loading of saved model weights, with a one-line diagnosis when they do not fit the model; weights in
+the authors' layout recognised and converted."""
+import re
+
 from configs import config_value
 from utils.errors import CheckpointError
 
@@ -16,6 +19,26 @@ _NAMES_SHOWN = 3
 
 def _strip_prefix(state_dict, prefix="module."):
     return {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in state_dict.items()}
+
+
+def matches(key, patterns):
+    """Whether state-dict name ``key`` fully matches one of the regular expressions ``patterns``."""
+    return any(re.fullmatch(pattern, key) for pattern in patterns)
+
+
+def to_our_layout(model_class, state_dict, cfg):
+    """``(state_dict in this framework's layout, whether it came in the authors' layout)`` for a model of
+    ``model_class`` (DDP's ``module.`` stripped).
+
+    The authors' layout is recognised by the model's own converter (``from_reference_state_dict``): weights it
+    cannot map, or maps to the same names, are taken to be ours already.
+    """
+    state_dict = _strip_prefix(state_dict)
+    try:
+        converted = model_class.from_reference_state_dict(state_dict, cfg)
+    except (CheckpointError, KeyError, ValueError, IndexError):
+        return state_dict, False
+    return (converted, True) if set(converted) != set(state_dict) else (state_dict, False)
 
 
 def _hints_for(keys, model_hints=()):
@@ -44,15 +67,16 @@ def _listing(label, names):
     return f"{len(names)} {label} ({shown}{more})"
 
 
-def load_model_weights(model, state_dict, cfg, source="checkpoint"):
-    """Load ``state_dict`` into ``model`` strictly (``module.`` prefixes of DDP are stripped).
+def load_model_weights(model, state_dict, cfg, source="checkpoint", optional=()):
+    """Load ``state_dict`` into ``model`` strictly (``module.`` prefixes of DDP are stripped); parameters whose
+    names match a pattern of ``optional`` may be absent from it (they keep their values).
 
     Raises ``CheckpointError`` naming the missing, unexpected and differently shaped parameters (first few
     and counts) and the config keys, with their current values, that most likely differ from training.
     """
     state_dict = _strip_prefix(state_dict)
     expected = model.state_dict()
-    missing = [key for key in expected if key not in state_dict]
+    missing = [key for key in expected if key not in state_dict and not matches(key, optional)]
     unexpected = [key for key in state_dict if key not in expected]
     reshaped = [key for key in expected
                 if key in state_dict and tuple(getattr(state_dict[key], "shape", ())) != tuple(expected[key].shape)]
@@ -79,5 +103,5 @@ def load_model_weights(model, state_dict, cfg, source="checkpoint"):
         raise CheckpointError(f"{source} does not fit the {type(model).__name__} model built from this config: "
                               f"parameters {'; '.join(parts)}; check that these config keys match the ones used "
                               f"for training: {hints}")
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=not optional)
     return model

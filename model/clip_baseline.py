@@ -81,6 +81,8 @@ class ClipImageModel(ReIDModel):
 
     batch_inputs = ("camids", "viewids")
     checkpoint_hints = CLIP_CHECKPOINT_HINTS
+    identity_parameters = (r"head_(cls|proj)\.classifier\.weight",)
+    dataset_parameters = (r"sie_embed\..*",)
     #: Where ``visual`` lives in this model's state dict.
     visual_prefix = "visual."
 

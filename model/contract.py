@@ -15,8 +15,15 @@ A model is a ``ReIDModel`` subclass registered with ``@MODELS.register("Name")``
   model, in the order ``tools/ablation.py`` adds them back (empty: no component ablation);
 * ``checkpoint_hints``: ``(parameter-name fragment, config keys)`` rows naming the keys that decide
   whether a parameter exists, for the one-line message about a checkpoint that does not fit;
+* ``identity_parameters``: patterns (``re.fullmatch`` on state-dict names) of the tensors with one row per
+  training identity (identity classifiers, CLIP-ReID's prompts), which MODEL.PRETRAIN_CHOICE "finetune" leaves
+  out; ``dataset_parameters``: patterns of tensors sized by the training set's cameras, views or attributes,
+  which "finetune" loads where they fit the new training set and re-initialises otherwise;
 * ``training_phases``: :class:`TrainingPhase` classes the engine runs before the main training loop, each
   with its own data, optimiser and schedule (CLIP-ReID's prompt learning);
+* ``lr_step_at_epoch_start``: whether the main loop steps its learning-rate schedule at the start of every
+  epoch (epoch e trains at schedule step e, as the authors' CLIP-ReID stage 2) instead of at the end (epoch
+  e trains at step e - 1, as their other training loops);
 * ``from_reference_state_dict`` / ``to_reference_state_dict``: the mapping between this model's
   parameter names and those of the authors' code (identity unless the layouts differ);
   ``reference_model_args``: the constructor sizes of the authors' model behind one of their state dicts
@@ -60,14 +67,24 @@ class LossSpec:
     options: Dict[str, Any] = field(default_factory=dict)
 
 
+def view_loss(cfg, weight):
+    """The view loss term with ``weight``: the authors' smoothing, epsilon / (number of identities) on each
+    view logit (``view_identity_smoothing``), or over the views with MODEL.FIXES.VIEW_LOSS_SMOOTHING
+    (``view``)."""
+    return LossSpec("view" if cfg.MODEL.FIXES.VIEW_LOSS_SMOOTHING else "view_identity_smoothing", weight)
+
+
 class ReIDModel(nn.Module):
     """Base class of every registered model (see the module docstring for the contract)."""
 
     batch_inputs = ()
     training_phases = ()
+    lr_step_at_epoch_start = False
     fixes = ()
     components = ()
     checkpoint_hints = ()
+    identity_parameters = ()
+    dataset_parameters = ()
     #: Width of the test-time feature and of the first training feature; set by the constructor.
     embedding_dim = 0
     feature_dim = 0

@@ -12,7 +12,7 @@ from loss import build_criterion
 from processor.hooks import BEST_CHECKPOINT, FINAL_CHECKPOINT, LAST_CHECKPOINT, weights_file
 from processor.inference import RANK_LIST_FOLDER, evaluate
 from processor.metrics_log import CURVES_FILE
-from processor.model_io import build_from_args, load_trained_model, model_args_from_dataset
+from processor.model_io import build_training_model, load_trained_model, model_args_from_dataset
 from processor.phase_runner import run_phases
 from processor.preflight import check_data
 from processor.trainer import Trainer
@@ -54,11 +54,11 @@ def evaluate_protocols(cfg, model, device, protocols=None, known=None):
     return results
 
 
-def _report(cfg, results, checkpoint, config_file, epoch, trained_on=None):
+def _report(cfg, results, checkpoint, config_file, epoch, trained_on=None, initial_weights=None):
     if is_main_process():
         logger.info("results (%s, epoch %s):\n%s", checkpoint, epoch, format_table(results))
         document = write_results(cfg.OUTPUT_DIR, checkpoint, config_file, epoch, results,
-                                 evaluation_settings(cfg, trained_on))
+                                 evaluation_settings(cfg, trained_on, initial_weights))
         # A test run (test_svpr.py) shows the curves of the training run its checkpoint comes from.
         curves = next((path for path in (os.path.join(cfg.OUTPUT_DIR, CURVES_FILE),
                                          os.path.join(os.path.dirname(os.path.abspath(checkpoint)), CURVES_FILE))
@@ -74,7 +74,7 @@ def run_training(cfg, device, resume=False, config_file=None):
     bundle = make_dataloaders(cfg)
     datasets = check_data(cfg, bundle.dataset)  # every dataset of the run, read once
     model_args = model_args_from_dataset(bundle.dataset)
-    model = build_from_args(cfg, model_args, device)
+    model, initial_weights = build_training_model(cfg, model_args, device)
     last_path = os.path.join(cfg.OUTPUT_DIR, LAST_CHECKPOINT)
     run_phases(cfg, model, bundle.dataset, device, resume)
     criterion = build_criterion(cfg, model, model_args["num_classes"]).to(device)
@@ -97,7 +97,8 @@ def run_training(cfg, device, resume=False, config_file=None):
     eval_epoch, metrics = trainer.last_eval
     known = {first_test.name: metrics} if eval_epoch == last_epoch else None
     results = evaluate_protocols(cfg, model, device, protocols, known)
-    _report(cfg, results, final_path, config_file, last_epoch, trained_on=cfg.DATASETS.NAMES)
+    _report(cfg, results, final_path, config_file, last_epoch, trained_on=cfg.DATASETS.NAMES,
+            initial_weights=initial_weights)
     return results
 
 

@@ -60,8 +60,9 @@ class HookBase:
         (their sum), ``accuracy``, ``lr``, ``images_per_second``."""
 
     def after_epoch(self, epoch):
-        """After ``epoch`` was trained and the learning rate stepped (``trainer.last_eval`` holds
-        ``(epoch, metrics)`` of the latest evaluation)."""
+        """After ``epoch`` was trained and the learning-rate schedule stepped for the next epoch (before this
+        one, for models that step it at the start of every epoch; ``trainer.last_eval`` holds ``(epoch,
+        metrics)`` of the latest evaluation)."""
 
     def after_train(self):
         """After the last epoch."""

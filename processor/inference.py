@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from configs import config_from_checkpoint
-from datasets import ImageDataset, Sample, build_test_transform, collate
+from datasets import ImageDataset, Sample, build_test_transform, collate, image_reader
 from evaluation import ReIDEvaluator
 from evaluation.embedding import embedding_file, plot_embedding
 from evaluation.relevance import overlay_drawer
@@ -115,7 +115,8 @@ class FeatureExtractor:
         if len(viewids) != len(paths):
             raise ValueError(f"got {len(viewids)} view ids for {len(paths)} images")
         samples = [Sample(path, -1, 0, int(viewid), 0, self.text, None) for path, viewid in zip(paths, viewids)]
-        loader = DataLoader(ImageDataset(samples, self.transform, text_len=self.cfg.MODEL.TEXT_LEN),
+        loader = DataLoader(ImageDataset(samples, self.transform, text_len=self.cfg.MODEL.TEXT_LEN,
+                                         reader=image_reader(self.cfg)),
                             batch_size=batch_size or self.cfg.TEST.IMS_PER_BATCH, collate_fn=collate)
         return (to_device(batch, self.device) for batch in loader)
 

@@ -151,16 +151,22 @@ class Trainer:
         elif self.start_epoch == 1:
             # The state before epoch 1, so that even an interruption in the first epoch can be resumed.
             self.save(LAST_CHECKPOINT, self.state_dict(0))
+        # The model says when the schedule steps (ReIDModel.lr_step_at_epoch_start); either way the checkpoint
+        # after epoch e holds the schedule as it was after that epoch, so a resume steps exactly as a full run.
+        step_first = getattr(unwrap(self.model), "lr_step_at_epoch_start", False)
         self.call_hooks("before_train")
         for epoch in range(self.start_epoch, max_epochs + 1):
             self._seed_epoch(epoch)
+            if step_first:
+                self.scheduler.step()
             try:
                 self.train_one_epoch(epoch)
             except (KeyboardInterrupt, SystemExit):
                 logger.warning("interrupted in epoch %d: %s holds the state after epoch %d; --resume restarts "
                                "epoch %d from there", epoch, LAST_CHECKPOINT, epoch - 1, epoch)
                 raise
-            self.scheduler.step()
+            if not step_first:
+                self.scheduler.step()
             self.call_hooks("after_epoch", epoch)
             barrier()
         self.call_hooks("after_train")

@@ -9,9 +9,10 @@ from utils.errors import ConfigError
 
 
 class WarmupMultiStepLR(LambdaLR):
-    """Warm-up then step decay, stepped once at the end of every epoch.
+    """Warm-up then step decay, stepped once per epoch.
 
-    With ``t = last_epoch`` (epoch e, 1-based, trains at t = e - 1) the learning rate is
+    With ``t = last_epoch`` (epoch e, 1-based, trains at t = e - 1 when stepped at the end of every epoch,
+    at t = e when stepped at the start, see ``ReIDModel.lr_step_at_epoch_start``) the learning rate is
     ``base_lr * warmup(t) * gamma ** (number of milestones <= t)``, where ``warmup(t)`` is 1 for
     ``t >= warmup_iters`` and otherwise ``warmup_factor`` ("constant") or
     ``warmup_factor * (1 - t / warmup_iters) + t / warmup_iters`` ("linear").

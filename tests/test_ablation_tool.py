@@ -80,6 +80,6 @@ def test_fix_rows_start_from_the_shipped_reference_and_add_each_fix():
     svpr_fixes = CLIPSVPRReID.fixes
     off = sorted(name for name in svpr_fixes if not cfg.MODEL.FIXES[name])
     assert rows[0] == ("reference", []) and rows[-1][0] == "all fixes"
-    assert [name for name, _ in rows[1:-1]] == [f"+{fix}" for fix in off] and len(off) == 8
+    assert [name for name, _ in rows[1:-1]] == [f"+{fix}" for fix in off] and len(off) == 9
     assert "+TRANSREID_SINGLE_BN" not in dict(rows)  # another model's switch
     assert dict(zip(rows[-1][1][0::2], rows[-1][1][1::2])) == {f"MODEL.FIXES.{fix}": "True" for fix in svpr_fixes}

@@ -9,7 +9,8 @@ from PIL import Image
 
 from configs.defaults import get_cfg_defaults
 from datasets import (ContiguousShardSampler, RandomIdentitySampler, SynthConfig, build_test_transform,
-                      build_train_transform, generate_synthag, make_dataloaders, read_image)
+                      build_train_transform, generate_synthag, image_reader, make_dataloaders, read_image,
+                      read_pil_image)
 from utils.errors import ConfigError, DataError
 from tests.fixtures import openai_clip_module
 
@@ -189,11 +190,86 @@ def test_transforms_shapes_and_constant_image(tmp_path):
     assert (train != expected[:, None, None]).any()
 
 
+# Odd sizes, shrunk and enlarged to 64 x 32; random pixels are the hardest case for a resampling filter.
+ODD_SIZES = [(300, 110), (97, 41), (61, 203), (129, 63), (40, 17)]
+
+
+def _odd_images(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (height, width) in enumerate(ODD_SIZES):
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        path = str(tmp_path / (f"odd{i}.png" if i % 2 else f"odd{i}.jpg"))
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths
+
+
+def _exact_cfg(tmp_path, backend="pil"):
+    cfg = small_cfg(tmp_path)
+    cfg.INPUT.SIZE_TRAIN = cfg.INPUT.SIZE_TEST = [64, 32]
+    cfg.INPUT.PROB, cfg.INPUT.RE_PROB, cfg.INPUT.PADDING = 0.0, 0.0, 0  # augmentations off: the deterministic part
+    cfg.INPUT.IMAGE_BACKEND = backend
+    return cfg
+
+
+@pytest.mark.parametrize("split,pil_filter", [("train", Image.BICUBIC), ("test", Image.BILINEAR)])
+def test_pil_backend_resizes_images_of_any_size_exactly_as_pillow(tmp_path, split, pil_filter):
+    # The reference: PIL image, Pillow's resize (bicubic at train, bilinear at test), ToTensor (/ 255), Normalize.
+    cfg = _exact_cfg(tmp_path)
+    transform = (build_train_transform if split == "train" else build_test_transform)(cfg)
+    mean = torch.tensor(cfg.INPUT.PIXEL_MEAN)[:, None, None]
+    std = torch.tensor(cfg.INPUT.PIXEL_STD)[:, None, None]
+    for path in _odd_images(tmp_path):
+        pillow = np.asarray(Image.open(path).convert("RGB").resize((32, 64), pil_filter))  # (64, 32, 3) uint8
+        expected = (torch.from_numpy(pillow.copy()).permute(2, 0, 1).float() / 255 - mean) / std
+        got = transform(image_reader(cfg)(path))
+        assert got.shape == (3, 64, 32) and got.is_contiguous()
+        assert torch.equal(got, expected), path
+
+
+def test_tensor_backend_is_the_faster_approximation(tmp_path):
+    # "tensor" decodes to uint8 tensors and resizes them with torchvision: same pipeline, not Pillow's pixels
+    # when shrinking (the documented price of its speed).
+    cfg, fast = _exact_cfg(tmp_path), _exact_cfg(tmp_path, "tensor")
+    assert image_reader(cfg) is read_pil_image and image_reader(fast) is read_image
+    path = _odd_images(tmp_path)[0]  # 300 x 110 -> 64 x 32
+    exact = build_train_transform(cfg)(read_pil_image(path))
+    approx = build_train_transform(fast)(read_image(path))
+    assert approx.shape == exact.shape and not torch.equal(approx, exact)
+    assert float((approx - exact).abs().max()) * min(cfg.INPUT.PIXEL_STD) * 255 < 40  # a few grey levels
+
+
+def test_pixels_are_divided_by_255_like_to_tensor(tmp_path):
+    # Every grey level ends as level / 255 in float32 (x * (1/255) differs by one ulp on 126 of the 256 levels).
+    cfg = _exact_cfg(tmp_path)
+    cfg.INPUT.SIZE_TEST = [16, 16]
+    cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD = [0.0] * 3, [1.0] * 3
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    path = str(tmp_path / "levels.png")
+    Image.fromarray(np.stack([levels] * 3, axis=2)).save(path)
+    expected = torch.from_numpy(levels).float().div(255)
+    assert not torch.equal(expected, torch.from_numpy(levels).float() * (1 / 255))
+    for backend in ("pil", "tensor"):
+        cfg.INPUT.IMAGE_BACKEND = backend
+        out = build_test_transform(cfg)(image_reader(cfg)(path))
+        assert all(torch.equal(out[c], expected) for c in range(3)), backend
+
+
+def test_unknown_image_backend_is_a_config_error(tmp_path):
+    cfg = small_cfg(tmp_path)
+    cfg.INPUT.IMAGE_BACKEND = "cv2"
+    with pytest.raises(ConfigError, match="INPUT.IMAGE_BACKEND = 'cv2': expected one of pil, tensor"):
+        image_reader(cfg)
+
+
 def test_unreadable_image_is_named(tmp_path):
     path = tmp_path / "broken.jpg"
     path.write_bytes(b"\xff\xd8 this is not a jpeg")
     with pytest.raises(DataError, match=r"image '.*broken.jpg' cannot be read .* after 3 attempts"):
         read_image(str(path))
+    with pytest.raises(DataError, match=r"image '.*broken.jpg' cannot be read .* after 1 attempts"):
+        read_pil_image(str(path), attempts=1)
     with pytest.raises(DataError, match="missing.jpg"):
         read_image(str(tmp_path / "missing.jpg"), attempts=1)
 

@@ -59,7 +59,8 @@ def test_protocols(cargo, name, qviews, gviews, restrict, mode):
     assert _got(ds.gallery) == gallery
     assert _got(ds.query) == [q for q in _raw(QUERY, qviews) if not restrict or q[0] in pids]
     assert ds.view_mode == mode
-    labels = {p: i for i, p in enumerate(sorted({p for _, _, p in TRAIN}))}
+    # The reference's numbering: position in a Python set of the raw ids ({4, 11, 2} in 8 slots: 2, 11, 4).
+    labels = {2: 0, 11: 1, 4: 2}
     assert _got(ds.train) == sorted((labels[p], c, v, t) for p, c, v, t in _raw(TRAIN))
 
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 from datasets import build_dataset
 from datasets.cp2108 import ATTRIBUTE_NAMES
-from tests.fixtures import GALLERY, QUERY, TRAIN, VALUES, entry, make_cp2108_tree
+from tests.fixtures import GALLERY, QUERY, TRAIN, VALUES, entry, make_cp2108_tree, name_of
 from utils.errors import DataError
 
 @pytest.fixture
@@ -16,9 +16,15 @@ def cp2108(tmp_path):
     return tmp_path
 
 
-def test_train_relabelled_in_sorted_order_and_junk_dropped(cp2108):
+# The reference numbers identities by their position in a Python set of the raw ids (CPython: an int
+# hashes to itself, slot = id mod table size, 8 slots for a few ids): {3, 7, 10} iterates 10, 3, 7.
+SET_ORDER = [10, 3, 7]
+
+
+def test_train_relabelled_in_the_references_set_order_and_junk_dropped(cp2108):
     ds = build_dataset("CP2108_ALL", cp2108, verbose=False)
-    raw = sorted({p for p, _, _ in TRAIN if p != -1})
+    raw = SET_ORDER
+    assert sorted(raw) == sorted({p for p, _, _ in TRAIN if p != -1})
     assert len(ds.train) == sum(p != -1 for p, _, _ in TRAIN)
     for sample in ds.train:
         pid, camera, time = (int(v) for v in os.path.basename(sample.path).split("_")[:3])
@@ -31,6 +37,24 @@ def test_train_relabelled_in_sorted_order_and_junk_dropped(cp2108):
     assert ds.num_train_pids == len(raw)
     assert ds.attributes == ()
     assert ds.view_mode == "mix"
+
+
+def test_labels_follow_the_set_not_ascending_order(tmp_path):
+    # The example of the reference's numbering: {100, 101, 104, 105} iterates 104, 105, 100, 101.
+    base = os.path.join(tmp_path, "CP2108")
+    os.makedirs(os.path.join(base, "images"))
+    lines = {"train": [], "query": [], "gallery": []}
+    for index, (split, pid, camera) in enumerate([("train", p, c) for p in (100, 101, 104, 105) for c in (1, 23)]
+                                                 + [("query", 7, 1), ("gallery", 7, 23)]):
+        name = name_of(pid, camera, 1, index)
+        Image.new("RGB", (8, 16), (pid, camera, 0)).save(os.path.join(base, "images", name))
+        lines[split].append(name)
+    for split, names in lines.items():
+        with open(os.path.join(base, f"{split}.txt"), "w") as f:
+            f.write("\n".join(names) + "\n")
+    ds = build_dataset("CP2108_ALL", tmp_path, verbose=False)
+    labels = {int(os.path.basename(s.path).split("_")[0]): s.pid for s in ds.train}
+    assert labels == {104: 0, 105: 1, 100: 2, 101: 3}
 
 
 def _raw(rows, views=(0, 1)):
@@ -87,7 +111,7 @@ def test_attributes_and_texts_use_each_images_own_annotation(cp2108):
                        annotation_per_image=True)
     names = sorted(VALUES)
     assert ds.attributes == tuple((n, len(VALUES[n])) for n in names)
-    raw_of = {i: p for i, p in enumerate(sorted({p for p, _, _ in TRAIN if p != -1}))}
+    raw_of = dict(enumerate(SET_ORDER))
     for sample in ds.train:
         values = _expected_values(raw_of[sample.pid], sample.viewid, sample.timeid)
         assert sample.attrs == tuple(VALUES[n].index(values[n]) for n in names)
@@ -108,7 +132,7 @@ def test_missing_annotation_falls_back_by_the_repair_rules(tmp_path):
     make_cp2108_tree(tmp_path, missing_keys={(3, 1, 0), (10, 1, 1)})
     ds = build_dataset("CP2108_ALL", tmp_path, use_attr=True, verbose=False, annotation_per_image=True)
     names = sorted(VALUES)
-    labels = {(sorted({3, 7, 10})[s.pid], s.viewid, s.timeid): s.attrs for s in ds.train}
+    labels = {(SET_ORDER[s.pid], s.viewid, s.timeid): s.attrs for s in ds.train}
     expect = lambda p, v, t: tuple(VALUES[n].index(_expected_values(p, v, t)[n]) for n in names)  # noqa: E731
     assert labels[(3, 1, 0)] == expect(3, 1, 1)
     assert labels[(10, 1, 1)] == expect(10, 0, 1)
@@ -128,7 +152,7 @@ def test_captions_text_type(cp2108, per_image):
 def test_by_default_every_image_reads_its_identitys_ground_time1_entry_as_the_reference(cp2108):
     ds = build_dataset("CP2108_ALL", cp2108, use_text=True, use_attr=True, verbose=False)
     names = sorted(VALUES)
-    raw_of = {i: p for i, p in enumerate(sorted({p for p, _, _ in TRAIN if p != -1}))}
+    raw_of = dict(enumerate(SET_ORDER))
     # Identity 3 has no (view 0, time 1) entry: the reference repairs it from (view 0, time 0).
     entry_of = {10: (10, 0, 1), 7: (7, 0, 1), 3: (3, 0, 0), 100: (100, 0, 1), 101: (101, 0, 1), 102: (102, 0, 1),
                 300: (300, 0, 1)}

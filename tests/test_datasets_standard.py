@@ -76,14 +76,37 @@ def test_split_folder_benchmarks_identities_cameras_junk_and_distractors(tmp_pat
     make_split_tree(os.path.join(tmp_path, folder), splits, name_of)
     ds = build_dataset(name, tmp_path, verbose=False)
     assert ds.dataset_dir == os.path.join(tmp_path, folder)
-    # Train identities 5, 17, 40 relabelled 0, 1, 2 in sorted order of the raw id; junk gone.
-    relabel = {5: 0, 17: 1, 40: 2}
+    # Train identities 5, 17, 40 numbered as the reference does, by their position in a Python set of the raw
+    # ids ({5, 17, 40} in 8 slots iterates 40, 17, 5); junk gone.
+    relabel = {40: 0, 17: 1, 5: 2}
     assert rows(ds.train) == sorted((relabel[p], c, v, t) for p, c, v, t in expected(TRAIN))
     assert rows(ds.query) == expected(QUERY)
     assert rows(ds.gallery) == expected(GALLERY)
     assert sum(s.pid == 0 for s in ds.gallery) == 2
     assert (ds.num_train_pids, ds.num_train_cams, ds.num_train_views) == (3, 4, 1)
     assert all(os.path.isfile(s.path) and s.text is None and s.attrs is None for s in ds.train + ds.query)
+
+
+@pytest.mark.parametrize("name,folder", [("dukemtmc", "DukeMTMC-reID"), ("veri", "VeRi"),
+                                         ("market1501", "Market-1501")])
+def test_identities_numbered_in_the_order_the_reference_lists_the_training_folder(tmp_path, name, folder):
+    # The reference fills a Python set with the raw ids while listing the training folder, unsorted (glob)
+    # for DukeMTMC-reID and VeRi-776, sorted for Market-1501, and numbers each id by its position in the
+    # set. Ids 3, 11, 19, 27 share a slot of the set's table, so the listing order decides their labels.
+    _, splits, name_of = BENCHMARKS[name]
+    base = os.path.join(tmp_path, folder)
+    for i, pid in enumerate([27, 3, 19, 11, 3, 27, 11, 19]):
+        jpeg(os.path.join(base, splits["train"], name_of(pid, 1 + i % 4, i)), shade=i)
+    for split, pid in (("query", 101), ("gallery", 101)):
+        jpeg(os.path.join(base, splits[split], name_of(pid, 1 if split == "query" else 2, 50)))
+    ds = build_dataset(name, tmp_path, verbose=False)
+    listing = os.listdir(os.path.join(base, splits["train"]))
+    if name == "market1501":
+        listing = sorted(listing)
+    met = [int(entry.split("_")[0]) for entry in listing]
+    expected = {pid: label for label, pid in enumerate(set(met))}
+    got = {int(os.path.basename(s.path).split("_")[0]): s.pid for s in ds.train}
+    assert got == expected
 
 
 def test_first_accepted_folder_wins(tmp_path):
@@ -222,7 +245,9 @@ def test_vehicleid_random_gallery_per_vehicle(tmp_path):
     make_vehicleid_tree(tmp_path)
     ds = build_dataset("VehicleID", tmp_path, verbose=False)
     assert ds.num_trials == 10 and ds.test_size == 800
-    assert rows(ds.train) == sorted([(1, 0, 0, 0)] * 2 + [(0, 0, 0, 0)] * 2 + [(2, 0, 0, 0)])
+    # The reference fills its set with the sorted vehicle ids 8, 30, 1000; 1000 collides with 8 (slot 0 of 8)
+    # and takes the next slot, so the set iterates 8, 1000, 30.
+    assert rows(ds.train) == sorted([(2, 0, 0, 0)] * 2 + [(0, 0, 0, 0)] * 2 + [(1, 0, 0, 0)])
     for trial in range(ds.num_trials):
         ds.select_trial(trial)
         gallery_pids = [s.pid for s in ds.gallery]

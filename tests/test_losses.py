@@ -18,10 +18,11 @@ from utils.errors import ConfigError
 # ---------------------------------------------------------------------------------------------------------
 # Reference definitions (plain loops over samples, float64)
 # ---------------------------------------------------------------------------------------------------------
-def ref_smoothed_ce(logits, targets, epsilon):
-    """mean_b -sum_k q_bk log softmax(z_b)_k with q = (1 - eps) onehot + eps / K."""
+def ref_smoothed_ce(logits, targets, epsilon, num_classes=None):
+    """mean_b -sum_k q_bk log softmax(z_b)_k with q = (1 - eps) onehot + eps / K (K = the logit width unless
+    ``num_classes`` is given: the authors' CrossEntropyLabelSmooth built for another count)."""
     logits = logits.detach().double()
-    num_classes = logits.shape[1]
+    num_classes = num_classes or logits.shape[1]
     total = 0.0
     for row, target in zip(logits, targets.tolist()):
         log_norm = math.log(sum(math.exp(v) for v in row.tolist()))
@@ -270,14 +271,18 @@ def baseline_like(arch):
     return stub
 
 
-def test_svpr_total_matches_reference_formula():
+@pytest.mark.parametrize("fixed", [False, True])
+def test_svpr_total_matches_reference_formula(fixed):
     """The reference's SVPR loss with the shipped weights: L = 0.25 [CE(s_inv) + (CE(s_cvpr) + CE(s_local)) / 2]
     + [T(f_inv) + (T(f_cvpr) + T(f_local) + T(x11)) / 3] + CE'(s_view) + mean|cos(f_inv, f_view)|
-    + 0.05 sum_a CE(attr_a)."""
-    cfg = make_cfg(**cfg_opts(MODEL__ID_LOSS_WEIGHT=0.25, MODEL__TRIPLET_LOSS_WEIGHT=1.0))
+    + 0.05 sum_a CE(attr_a), where CE' is the identity loss's smoothing (eps / number of identities on each
+    of the 3 view logits) unless MODEL.FIXES.VIEW_LOSS_SMOOTHING (eps / 3)."""
+    cfg = make_cfg(**cfg_opts(MODEL__ID_LOSS_WEIGHT=0.25, MODEL__TRIPLET_LOSS_WEIGHT=1.0,
+                              MODEL__FIXES__VIEW_LOSS_SMOOTHING=fixed))
     outputs, labels = random_outputs()
     terms = build_criterion(cfg, svpr_like(), NUM_CLASSES)(outputs, labels)
-    assert sorted(terms) == ["attr", "id", "triplet", "view"]
+    view = "view" if fixed else "view_identity_smoothing"
+    assert sorted(terms) == sorted(["attr", "id", "triplet", view])
 
     pids = labels["pids"]
     ce = [ref_smoothed_ce(s, pids, 0.1) for s in outputs.id_logits.values()]
@@ -286,7 +291,7 @@ def test_svpr_total_matches_reference_formula():
     expected = {
         "id": 0.25 * (ce[0] + (ce[1] + ce[2]) / 2),
         "triplet": 1.0 * (tri[0] + (tri[1] + tri[2] + tri[3]) / 3),
-        "view": ref_smoothed_ce(aux["view_logits"], labels["viewids"], 0.1)
+        view: ref_smoothed_ce(aux["view_logits"], labels["viewids"], 0.1, None if fixed else NUM_CLASSES)
         + ref_abs_cos(aux["inv_feat"], aux["view_feat"]),
         "attr": 0.05 * sum(ref_smoothed_ce(s, labels["attrs"][:, a], 0.0)
                            for a, s in enumerate(aux["attr_logits"])),
@@ -335,10 +340,10 @@ def test_softmax_sampler_drops_triplet_and_view_weight_applies():
     cfg = make_cfg(**cfg_opts(DATALOADER__SAMPLER="softmax", MODEL__SVPR__VIEW_LOSS_WEIGHT=0.1))
     outputs, labels = random_outputs(num_id=1, num_feats=1, view=True, attr=False)
     terms = build_criterion(cfg, svpr_like(asmoe=False), NUM_CLASSES)(outputs, labels)
-    assert sorted(terms) == ["id", "view"]
-    expected_view = 0.1 * (ref_smoothed_ce(outputs.aux["view_logits"], labels["viewids"], 0.1)
+    assert sorted(terms) == ["id", "view_identity_smoothing"]
+    expected_view = 0.1 * (ref_smoothed_ce(outputs.aux["view_logits"], labels["viewids"], 0.1, NUM_CLASSES)
                            + ref_abs_cos(outputs.aux["inv_feat"], outputs.aux["view_feat"]))
-    assert terms["view"].item() == pytest.approx(expected_view, rel=1e-5)
+    assert terms["view_identity_smoothing"].item() == pytest.approx(expected_view, rel=1e-5)
 
 
 def test_missing_model_output_or_labels_is_an_error():

@@ -1,18 +1,25 @@
 """Optimisers and learning-rate schedules: parameter groups, the reference schedules' values, and exact resumption
 through real checkpoint files."""
+import glob
 import math
+import os
+import warnings
 
 import pytest
 import torch
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from configs import get_cfg_defaults
+from configs import get_cfg_defaults, read_config
 from loss.center_loss import CenterTerm
+from model import MODELS
 from model.clip_reid import PromptLearning
+from processor.hooks import HookBase
+from processor.trainer import Trainer
 from solver import WarmupCosineLR, WarmupMultiStepLR, make_optimizer, make_scheduler
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import ConfigError
+from tests.fixtures import REPO_ROOT
 
 
 class _Prompts(nn.Module):
@@ -296,3 +303,83 @@ def test_scheduler_state_holds_only_plain_values(tmp_path):
     save_checkpoint(scheduler.state_dict(), path)
     state = torch.load(path, weights_only=True)
     assert state["last_epoch"] == 0 and state["lr_lambdas"] == [None] * len(optimizer.param_groups)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The learning rate of every epoch of every shipped schedule, as the training loop steps it
+# ---------------------------------------------------------------------------------------------------------
+SHIPPED = sorted(path for path in glob.glob(os.path.join(REPO_ROOT, "configs", "**", "*.yml"), recursive=True)
+                 if not os.path.basename(path).startswith("Base-"))
+
+
+def authors_lr(solver, epoch, step_at_start):
+    """The authors' WarmupMultiStepLR during 1-based ``epoch``: their CLIP-ReID stage 2 steps it before each
+    epoch (epoch e at t = e), their other loops after (t = e - 1); lr = BASE_LR * warm-up(t) * GAMMA ** (number
+    of STEPS <= t), warm-up(t) = FACTOR * (1 - t / ITERS) + t / ITERS (linear) or FACTOR (constant) for t < ITERS."""
+    t = epoch if step_at_start else epoch - 1
+    warmup = 1.0
+    if t < solver.WARMUP_ITERS:
+        alpha = t / solver.WARMUP_ITERS
+        warmup = solver.WARMUP_FACTOR if solver.WARMUP_METHOD == "constant" else \
+            solver.WARMUP_FACTOR * (1 - alpha) + alpha
+    return solver.BASE_LR * warmup * solver.GAMMA ** sum(1 for step in solver.STEPS if step <= t)
+
+
+class _NoTerms(nn.Module):
+    """A criterion without loss terms (the loop below trains on no batch)."""
+
+    terms = {}
+
+
+class _RecordLR(HookBase):
+    def __init__(self):
+        self.lrs = []
+
+    def before_epoch(self, epoch):
+        self.lrs.append({group["name"]: group["lr"] for group in self.trainer.optimizer.param_groups})
+
+
+def test_every_model_declares_where_its_main_loop_steps_the_schedule():
+    # Only the authors' CLIP-ReID stage-2 loop steps before the epoch (processor_clipreid_stage2.py).
+    assert {name: MODELS.get(name).lr_step_at_epoch_start for name in MODELS.names()} == \
+        {name: name == "CLIP_ReID" for name in MODELS.names()}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: os.path.relpath(p, os.path.join(REPO_ROOT, "configs")))
+def test_training_loop_lr_of_every_epoch_of_every_shipped_config(tmp_path, path):
+    cfg, _ = read_config(path, ["OUTPUT_DIR", str(tmp_path), "MODEL.DEVICE", "cpu"])
+    step_at_start = MODELS.get(cfg.MODEL.ARCH_NAME).lr_step_at_epoch_start
+    model = TinyReID()
+    model.lr_step_at_epoch_start = step_at_start
+    record = _RecordLR()
+    trainer = Trainer(cfg, model, _NoTerms(), [], None, torch.device("cpu"), {}, hooks=[record])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the scheduler steps although no batch stepped the optimiser
+        trainer.fit()
+    solver = cfg.SOLVER
+    assert len(record.lrs) == solver.MAX_EPOCHS
+    for epoch, lrs in enumerate(record.lrs, start=1):
+        base = authors_lr(solver, epoch, step_at_start)
+        assert lrs["weight"] == pytest.approx(base, rel=1e-12), epoch
+        assert lrs["bias"] == pytest.approx(base * solver.BIAS_LR_FACTOR, rel=1e-12), epoch
+        classifier = "classifier_weight" if solver.LARGE_FC_LR else "weight"
+        assert lrs[classifier] == pytest.approx(base * (2 if solver.LARGE_FC_LR else 1), rel=1e-12), epoch
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if "clipreid" in os.path.basename(p)],
+                         ids=lambda p: os.path.relpath(p, os.path.join(REPO_ROOT, "configs")))
+def test_prompt_learning_lr_of_every_epoch_of_every_shipped_clipreid_config(path):
+    # The authors' stage 1: timm's cosine schedule with warm-up stepped with the epoch number before each epoch.
+    cfg, _ = read_config(path)
+    stage1 = cfg.SOLVER.STAGE1
+    optimizer = make_stage1_optimizer(cfg, [nn.Parameter(torch.zeros(2, 3))])
+    ours = [lrs[0] for lrs in lrs_per_epoch(optimizer, make_stage1_scheduler(cfg, optimizer), stage1.MAX_EPOCHS)]
+    for epoch, lr in enumerate(ours, start=1):
+        if epoch < stage1.WARMUP_EPOCHS:
+            expected = stage1.WARMUP_LR_INIT + epoch * (stage1.BASE_LR - stage1.WARMUP_LR_INIT) / stage1.WARMUP_EPOCHS
+        elif epoch < stage1.MAX_EPOCHS:
+            expected = stage1.LR_MIN + 0.5 * (stage1.BASE_LR - stage1.LR_MIN) * (
+                1 + math.cos(math.pi * epoch / stage1.MAX_EPOCHS))
+        else:
+            expected = stage1.LR_MIN
+        assert lr == pytest.approx(expected, rel=1e-12), epoch

@@ -19,6 +19,7 @@ import torch
 
 from configs import load_config
 from model import MODELS
+from model.architecture import config_for_weights
 from model.checkpoint_fit import load_model_weights
 from processor.hooks import weights_file
 from processor.model_io import build_from_args
@@ -51,7 +52,8 @@ def from_reference(args, cfg):
     if args.num_views is not None:
         model_args["num_views"] = args.num_views
     converted = model_class.from_reference_state_dict(reference, cfg)
-    model = build_from_args(cfg, model_args, torch.device("cpu"))
+    # Every weight is in the file: the backbone is built from its shapes, without the backbone weight file.
+    model = build_from_args(config_for_weights(cfg, converted, args.reference), model_args, torch.device("cpu"))
     load_model_weights(model, converted, cfg, source=f"{args.reference} (converted)")
     return weights_file(cfg, model, model_args, None)
 

@@ -62,7 +62,8 @@ def prompt_length(cfg):
 class CLIP_ReID(ClipImageModel):
     """The CLIP-ReID image side (``ClipImageModel``) plus the frozen text tower and per-identity prompts."""
 
-    fixes = ("CLIPREID_PROMPT_AT_TEXT_LEN",)
+    fixes = ("CLIPREID_PROMPT_AT_TEXT_LEN", "STAGE1_EMPTY_BATCH")
+    identity_parameters = ClipImageModel.identity_parameters + ("cls_ctx",)
     checkpoint_hints = (
         ("cls_ctx", ("DATASETS.NAMES",)),
         ("class_text_features", ("DATASETS.NAMES",)),
@@ -70,6 +71,8 @@ class CLIP_ReID(ClipImageModel):
     ) + ClipImageModel.checkpoint_hints
 
     training_phases = (PromptLearning,)
+    # The authors' stage-2 loop (processor_clipreid_stage2.py) steps its warm-up schedule before each epoch.
+    lr_step_at_epoch_start = True
     visual_prefix = "clip.visual."
 
     def __init__(self, cfg, num_classes, num_cameras=1, num_views=1, attributes=()):

@@ -53,6 +53,10 @@ def add_prompt_learning_config(cfg):
     cfg.SOLVER.STAGE1.WARMUP_LR_INIT = 0.00001  # learning rate at the start of the warm-up
     cfg.SOLVER.STAGE1.LR_MIN = 1e-6  # final learning rate of the cosine schedule
     cfg.SOLVER.STAGE1.LOG_PERIOD = 100  # stage-1 log period in iterations
+    # The reference cuts every stage-1 epoch into N // IMS_PER_BATCH + 1 batches, so when the number of training
+    # images N is a multiple of the batch size the last one is empty and it crashes (False raises a ConfigError
+    # there); True never forms an empty batch (the same batches otherwise).
+    cfg.MODEL.FIXES.STAGE1_EMPTY_BATCH = True
 
 
 @torch.no_grad()
@@ -152,6 +156,11 @@ class PromptLearning(TrainingPhase):
         cfg, model = self.cfg, self.model
         model.freeze_for_stage1()
         num_train = len(self.dataset.train)
+        size = cfg.SOLVER.STAGE1.IMS_PER_BATCH
+        if not cfg.MODEL.FIXES.STAGE1_EMPTY_BATCH and num_train % size == 0:
+            raise ConfigError(f"stage 1: the {num_train} training images are a multiple of SOLVER.STAGE1.IMS_PER_BATCH "
+                              f"= {size}, where the reference's last batch is empty and it crashes; set "
+                              "MODEL.FIXES.STAGE1_EMPTY_BATCH True or another batch size")
         loader = make_loader(cfg, self.dataset.train, build_test_transform(cfg),
                              per_rank_batch(cfg.SOLVER.STAGE1.IMS_PER_BATCH, "SOLVER.STAGE1.IMS_PER_BATCH"),
                              shuffled_sampler(num_train, cfg.SOLVER.SEED + 1, get_rank(), get_world_size()), offset=1)

@@ -6,7 +6,7 @@ import torch
 from configs import CN, declare_config
 from model.backbone import CLIP_CHECKPOINT_HINTS, build_clip_from_config
 from model.clip import SideInfoEmbedding
-from model.contract import LossSpec, ModelOutput, ReIDModel
+from model.contract import LossSpec, ModelOutput, ReIDModel, view_loss
 from model.heads import BNNeckHead
 from model.registry import register_model
 from model.svpr.asmoe import AttributeScatterMoE
@@ -99,9 +99,11 @@ class CLIPSVPRReID(ReIDModel):
 
     fixes = ("CVPR_PER_SAMPLE_KEY", "CVPR_SCATTER_ORDER", "CVPR_PROGRESSIVE_KEYS", "CVPR_SEPARATE_BLOCKS", "VIEW_WORDS",
              "VIEW_HEAD_CLASSES", "DROP_UNUSED_PARAMETERS", "NO_ATTRIBUTES", "LOCAL_PATCH_COUNT",
-             "ANNOTATION_PER_IMAGE")
+             "ANNOTATION_PER_IMAGE", "VIEW_LOSS_SMOOTHING")
 
     batch_inputs = ("camids", "viewids", "text_tokens")
+    identity_parameters = (r"head(_cvpr|_local)?\.classifier\.weight",)
+    dataset_parameters = (r"sie\..*", r"vdfe\.head\..*", r"asmoe\.heads\..*", r"asmoe\.attribute_prompts")
     components = ("MODEL.SVPR.VDFE", "MODEL.SVPR.ASMOE", "MODEL.SVPR.CVPR", "MODEL.SVPR.LOCAL")
     checkpoint_hints = (
         ("asmoe", ("MODEL.SVPR.ASMOE", "MODEL.USE_ATTR")),
@@ -195,11 +197,12 @@ class CLIPSVPRReID(ReIDModel):
 
     def loss_specs(self, cfg):
         """Main branch + mean of the other branches for ID and triplet (as the paper's code weighs them),
-        the view loss with VDFE, the summed attribute cross-entropies with ASMOE."""
+        the view loss with VDFE (smoothed as the authors do unless MODEL.FIXES.VIEW_LOSS_SMOOTHING), the
+        summed attribute cross-entropies with ASMOE."""
         specs = [LossSpec("id", cfg.MODEL.ID_LOSS_WEIGHT, {"reduction": "first_plus_mean"}),
                  LossSpec("triplet", cfg.MODEL.TRIPLET_LOSS_WEIGHT, {"reduction": "first_plus_mean"})]
         if self.vdfe is not None:
-            specs.append(LossSpec("view", cfg.MODEL.SVPR.VIEW_LOSS_WEIGHT))
+            specs.append(view_loss(cfg, cfg.MODEL.SVPR.VIEW_LOSS_WEIGHT))
         if self.asmoe is not None:
             specs.append(LossSpec("attr", cfg.MODEL.SVPR.ATTR_LOSS_WEIGHT))
         return specs

@@ -19,7 +19,7 @@ from model.vit.backbone import build_vit_backbone
 from model.vit.reference import BACKBONE_NAMES, ReferenceLayout, reference_depth, with_dead_last_block
 from model.vit.secap_modules import LocalFeatureRefinement, PromptRecalibration
 from model.vit.transreid import id_and_triplet
-from model.vit.vdt import VIEW_DECOUPLED_HEAD_NAMES, view_loss_spec, view_model_args
+from model.vit.vdt import VDT, VIEW_DECOUPLED_HEAD_NAMES, view_loss_spec, view_model_args
 from utils.errors import ConfigError
 
 
@@ -57,6 +57,8 @@ class SeCap(ReIDModel):
     fixes = ("VIEW_POS_EMBED", "VIEW_LOSS_SMOOTHING")
 
     batch_inputs = ("camids", "viewids")
+    identity_parameters = (r"head_(id|out)\.classifier\.weight",)
+    dataset_parameters = VDT.dataset_parameters
 
     def __init__(self, cfg, num_classes, num_cameras=1, num_views=1, attributes=()):
         super().__init__()

@@ -57,6 +57,8 @@ class ViT(ReIDModel):
     """ImageNet ViT + BNNeck; loss CE(cls) + triplet(cls); test feature: the pre-BN class token."""
 
     batch_inputs = ("camids", "viewids")
+    identity_parameters = (r"head\.classifier\.weight",)
+    dataset_parameters = (r"backbone\.sie_embed\..*",)
 
     def __init__(self, cfg, num_classes, num_cameras=1, num_views=1, attributes=()):
         super().__init__()
@@ -120,6 +122,8 @@ class TransReID(ReIDModel):
     fixes = ("TRANSREID_SINGLE_BN",)
 
     batch_inputs = ("camids", "viewids")
+    identity_parameters = (r"heads\.\d+\.classifier\.weight",)
+    dataset_parameters = ViT.dataset_parameters
 
     def __init__(self, cfg, num_classes, num_cameras=1, num_views=1, attributes=()):
         super().__init__()

@@ -5,7 +5,7 @@ Tokens [cls, view, patches]; after every block the view token is subtracted from
 view, and the view loss adds |cos(g, v)|. Test feature: g (C, pre-BN).
 """
 from configs import CN, declare_config
-from model.contract import LossSpec, ModelOutput, ReIDModel
+from model.contract import ModelOutput, ReIDModel, view_loss
 from model.heads import BNNeckHead
 from model.registry import register_model
 from model.vit.backbone import build_vit_backbone
@@ -29,9 +29,8 @@ VDT_LAYOUT = ReferenceLayout(names=(*VIEW_DECOUPLED_HEAD_NAMES, *BACKBONE_NAMES)
 
 
 def view_loss_spec(cfg):
-    """The view term with MODEL.VDT.VIEW_LOSS_WEIGHT; its smoothing follows MODEL.FIXES.VIEW_LOSS_SMOOTHING."""
-    name = "view" if cfg.MODEL.FIXES.VIEW_LOSS_SMOOTHING else "view_identity_smoothing"
-    return LossSpec(name, cfg.MODEL.VDT.VIEW_LOSS_WEIGHT)
+    """The view term with MODEL.VDT.VIEW_LOSS_WEIGHT (smoothing: ``model.contract.view_loss``)."""
+    return view_loss(cfg, cfg.MODEL.VDT.VIEW_LOSS_WEIGHT)
 
 
 def view_model_args(state_dict, cfg):
@@ -49,6 +48,8 @@ class VDT(ReIDModel):
     fixes = ("VIEW_POS_EMBED", "VIEW_LOSS_SMOOTHING")
 
     batch_inputs = ("camids", "viewids")
+    identity_parameters = (r"head_id\.classifier\.weight",)
+    dataset_parameters = (r"backbone\.sie_embed\..*", r"head_view\..*")
 
     def __init__(self, cfg, num_classes, num_cameras=1, num_views=1, attributes=()):
         super().__init__()
