@@ -108,8 +108,9 @@ class ClipImageModel(ReIDModel):
         return self.sie_embed(camids, viewids)
 
     def image_features(self, images, camids=None, viewids=None):
-        """Return (penultimate CLS (B, C), CLS (B, C), projected CLS (B, D))."""
-        feats = self.visual.forward_features(images, side_embed=self._side_embedding(camids, viewids))
+        """Return (penultimate CLS (B, C), CLS (B, C), projected CLS (B, D)); the last block computes only the
+        CLS token, the one token these models read."""
+        feats = self.visual.forward_features(images, side_embed=self._side_embedding(camids, viewids), num_outputs=1)
         return feats.penultimate[:, 0], feats.tokens[:, 0], feats.projected[:, 0]
 
     @classmethod

@@ -81,6 +81,34 @@ def test_extra_tokens_only_enter_the_last_block(pair):
     assert not torch.allclose(with_extra.tokens[:, 0], plain.tokens[:, 0], atol=1e-4)
 
 
+@pytest.mark.parametrize("num_outputs", [1, 2])
+def test_num_outputs_gives_the_first_tokens_of_the_full_last_block_and_their_gradients(pair, num_outputs):
+    reference, ours = pair
+    images = torch.randn(2, 3, 64, 64)
+    extra = torch.randn(2, 1, 128)
+    visual = reference.visual
+    with torch.no_grad():  # OpenAI's blocks on [penultimate, extra], all tokens
+        x = visual.conv1(images).flatten(2).transpose(1, 2)
+        x = torch.cat([visual.class_embedding.expand(2, 1, -1), x], 1) + visual.positional_embedding
+        x = visual.transformer.resblocks[:-1](visual.ln_pre(x).transpose(0, 1))
+        x = torch.cat([x, extra.transpose(0, 1)], 0)
+        last = visual.ln_post(visual.transformer.resblocks[-1](x).transpose(0, 1))
+        first = ours.visual.forward_features(images, extra_tokens=extra, num_outputs=num_outputs)
+    assert first.tokens.shape == (2, num_outputs, 128) and first.projected.shape == (2, num_outputs, 64)
+    torch.testing.assert_close(first.tokens, last[:, :num_outputs], atol=1e-5, rtol=1e-5)
+
+    def gradients(**kwargs):
+        ours.zero_grad()
+        features = ours.visual.forward_features(images, extra_tokens=extra, **kwargs)
+        (features.tokens[:, :num_outputs].square().sum() + features.penultimate[:, 0].sum()).backward()
+        return {name: p.grad.clone() for name, p in ours.visual.named_parameters() if p.grad is not None}
+
+    full, partial = gradients(), gradients(num_outputs=num_outputs)
+    assert full.keys() == partial.keys() and len(full) > 10
+    for name in full:
+        torch.testing.assert_close(partial[name], full[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_side_embedding_is_added_to_the_cls_token_only(pair):
     _, ours = pair
     images = torch.randn(2, 3, 64, 64)

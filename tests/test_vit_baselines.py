@@ -19,7 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from datasets.synthetic import SynthConfig, generate_synthag
 from loss import LOSSES, build_criterion
 from model import ModelOutput, build_model
-from model.vit.backbone import ReIDVisionTransformer
+from model.vit.backbone import ReIDVisionTransformer, block_first_tokens
 from model.vit.transreid import jpm_rearrange
 from model.vit.weights import load_pretrained_vit, read_vit_weights
 from processor import run_training
@@ -231,6 +231,37 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(batch):
         results.append((loss.detach(), model.backbone.blocks[0].attn.qkv.weight.grad.clone()))
     assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_last_block_for_the_first_tokens_equals_the_full_block(train):
+    """``block_first_tokens`` against timm's own block: values and every gradient, stochastic depth included."""
+    block = build("ViT", **{"MODEL.DROP_PATH": 0.5}).backbone.blocks[-1].train(train)
+    x = torch.randn(3, 9, WIDTH, generator=torch.Generator().manual_seed(2))
+    results = []
+    for first_tokens in (False, True):
+        block.zero_grad()
+        inputs = x.clone().requires_grad_(True)
+        torch.manual_seed(7)  # the same drop-path draw for both
+        out = block_first_tokens(block, inputs, 2) if first_tokens else block(inputs)[:, :2]
+        out.square().sum().backward()
+        results.append((out.detach(), inputs.grad, {n: p.grad.clone() for n, p in block.named_parameters()}))
+    (full, full_x, full_p), (first, first_x, first_p) = results
+    assert first.shape == (3, 2, WIDTH)
+    torch.testing.assert_close(first, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(first_x, full_x, atol=1e-5, rtol=1e-5)
+    for name in full_p:
+        torch.testing.assert_close(first_p[name], full_p[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_last_block_with_dropout_runs_the_full_block():
+    """Dropout's random draws depend on the token count: the full block keeps them the authors' way."""
+    block = build("ViT", **{"MODEL.DROP_OUT": 0.2}).backbone.blocks[-1].train()
+    x = torch.randn(3, 9, WIDTH)
+    torch.manual_seed(3)
+    full = block(x)
+    torch.manual_seed(3)
+    assert torch.equal(block_first_tokens(block, x, 1), full)  # every token: callers read the first
 
 
 def test_jpm_shift_and_shuffle_follow_the_index_formula():

@@ -64,21 +64,25 @@ class VisionTransformer(nn.Module):
         return self.ln_pre(x)
 
     def forward(self, images):
-        """Projected CLS embedding (B, D), as OpenAI's ``encode_image``."""
-        x = self.transformer(self._embed(images))
+        """Projected CLS embedding (B, D), as OpenAI's ``encode_image`` (the last block computes the CLS only)."""
+        x = self.transformer(self._embed(images), num_queries=1)
         return self.ln_post(x[:, 0]) @ self.proj
 
-    def forward_features(self, images, side_embed=None, extra_tokens=None):
+    def forward_features(self, images, side_embed=None, extra_tokens=None, num_outputs=None):
         """All token features; see ``VisualFeatures``.
 
         ``side_embed`` (B, C) is added to the CLS token (with its positional embedding); ``extra_tokens``
-        (B, P, C) are appended right before the last block, so only that block sees them.
+        (B, P, C) are appended right before the last block, so only that block sees them. ``num_outputs``:
+        the last block computes only the first that many tokens (1: the CLS), so ``tokens`` and
+        ``projected`` have that many (all of them while the attention is written out for relevance maps);
+        they attend over all tokens as before, so their values are the same.
         """
         penultimate = self.transformer(self._embed(images, side_embed), stop=-1)
         x = penultimate
         if extra_tokens is not None:
             x = torch.cat([x, extra_tokens.to(x.dtype)], dim=1)  # (B, 1+N+P, C)
-        tokens = self.ln_post(self.transformer(x, start=len(self.transformer.resblocks) - 1))
+        tokens = self.ln_post(self.transformer(x, start=len(self.transformer.resblocks) - 1,
+                                               num_queries=num_outputs))
         return VisualFeatures(penultimate, tokens, tokens @ self.proj)
 
 

@@ -8,10 +8,18 @@ from torch.utils.checkpoint import checkpoint
 
 
 class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x), the GELU approximation CLIP was trained with."""
+    """x * sigmoid(1.702 x), the GELU approximation CLIP was trained with. ``inplace``: overwrite the input
+    when no gradient is recorded (inference), which saves a (tokens x 4 width) allocation per block."""
+
+    def __init__(self, inplace=False):
+        super().__init__()
+        self.inplace = inplace
 
     def forward(self, x):
-        return x * (1.702 * x).sigmoid_()  # in place on a temporary: one large allocation fewer
+        gate = (1.702 * x).sigmoid_()  # in place on a temporary: one large allocation fewer
+        if self.inplace and not torch.is_grad_enabled():
+            return x.mul_(gate)
+        return x * gate
 
 
 class SelfAttention(nn.Module):
@@ -43,16 +51,32 @@ class SelfAttention(nn.Module):
         nn.init.zeros_(self.in_proj_bias)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x):
+    def forward(self, x, num_queries=None):
+        """(B, L, C) -> (B, L, C); with ``num_queries`` only the first that many positions attend (over all L
+        positions) and the output is (B, num_queries, C): the same values as the first rows of the full
+        output, without the queries nobody reads."""
         batch, length, width = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        qkv = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, L, Dh)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=self.causal)  # (B, H, L, Dh)
-        else:
-            x = self.attn_probs(self._probabilities(qkv[0], qkv[1])) @ qkv[2]  # (B, H, L, Dh)
-        x = x.transpose(1, 2).reshape(batch, length, width)  # (B, L, C)
-        return self.out_proj(x)
+        head_dim = width // self.heads
+        # q, k, v are strided views of the projection's (B, L, 3, H, Dh) layout: the backward of ``unbind``
+        # writes their gradients straight back into that layout (indexing a permuted copy would allocate,
+        # zero and sum a full-size gradient for each of the three).
+        if not self.fused_attn or num_queries is None or num_queries >= length:
+            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(batch, length, 3, self.heads, head_dim)
+            q, k, v = (part.transpose(1, 2) for part in qkv.unbind(2))  # (B, H, L, Dh) each
+            if self.fused_attn:
+                x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, Dh)
+            else:  # every query: the probabilities' hooks see the whole (B, H, L, L) map
+                x = self.attn_probs(self._probabilities(q, k)) @ v  # (B, H, L, Dh)
+            x = x.transpose(1, 2).reshape(batch, length, width)[:, :num_queries]  # (B, L or n, C)
+            return self.out_proj(x)
+        if self.causal:
+            raise ValueError("num_queries is for bidirectional attention (the image tower)")
+        q = F.linear(x[:, :num_queries], self.in_proj_weight[:width], self.in_proj_bias[:width])
+        kv = F.linear(x, self.in_proj_weight[width:], self.in_proj_bias[width:])
+        q = q.view(batch, num_queries, self.heads, head_dim).transpose(1, 2)  # (B, H, n, Dh)
+        k, v = (part.transpose(1, 2) for part in kv.view(batch, length, 2, self.heads, head_dim).unbind(2))
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, n, Dh)
+        return self.out_proj(x.transpose(1, 2).reshape(batch, num_queries, width))  # (B, n, C)
 
     def _probabilities(self, q, k):
         """The softmax attention (B, H, L, L) that ``scaled_dot_product_attention`` computes fused."""
@@ -74,13 +98,18 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(width, width * 4)),
-            ("gelu", QuickGELU()),
+            ("gelu", QuickGELU(inplace=True)),  # its input is c_fc's output, read by nothing else
             ("c_proj", nn.Linear(width * 4, width)),
         ]))
 
-    def forward(self, x):
+    def forward(self, x, num_queries=None):
+        """(B, L, C) -> (B, L, C), or the first ``num_queries`` positions only (B, n, C) (see
+        ``SelfAttention.forward``); all positions with the written-out attention (``fused_attn`` False)."""
         # Out-of-place sums: under autocast the residual stream stays in the wider dtype.
-        x = x + self.attn(self.ln_1(x))
+        if not self.attn.fused_attn:
+            num_queries = None  # written-out attention (relevance maps) runs, and returns, every token
+        residual = x if num_queries is None else x[:, :num_queries]
+        x = residual + self.attn(self.ln_1(x), num_queries)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -94,11 +123,14 @@ class Transformer(nn.Module):
         self.grad_checkpointing = False
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, causal) for _ in range(layers)])
 
-    def forward(self, x, start=0, stop=None):
-        """Run blocks ``start`` .. ``stop - 1`` (all by default)."""
-        for block in self.resblocks[start:stop]:
+    def forward(self, x, start=0, stop=None, num_queries=None):
+        """Run blocks ``start`` .. ``stop - 1`` (all by default); ``num_queries``: the last of them computes
+        only the first that many positions (see ``SelfAttention.forward``)."""
+        blocks = self.resblocks[start:stop]
+        for index, block in enumerate(blocks):
+            queries = num_queries if index == len(blocks) - 1 else None
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, queries, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, queries)
         return x

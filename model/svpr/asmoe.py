@@ -39,7 +39,10 @@ class MixtureOfExperts(nn.Module):
 
     def experts(self, x):
         """Every expert's output (E, N, C) for inputs ``x`` (N, C)."""
-        hidden = self.act(torch.matmul(x, self.fc1_weight) + self.fc1_bias)  # (E, N, 4C)
+        # bmm over the inputs broadcast to (E, N, C): ``torch.matmul`` of a 2-D by a 3-D tensor would copy the
+        # transposed expert weights on every call (same products either way).
+        inputs = x.expand(self.fc1_weight.shape[0], -1, -1)  # (E, N, C)
+        hidden = self.act(torch.bmm(inputs, self.fc1_weight) + self.fc1_bias)  # (E, N, 4C)
         out = self.act(torch.bmm(hidden, self.fc2_weight) + self.fc2_bias)  # (E, N, C)
         out = F.layer_norm(out, out.shape[-1:], eps=1e-6)
         return out * self.norm_weight + self.norm_bias

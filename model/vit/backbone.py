@@ -10,6 +10,7 @@ subtraction). Pretrained weights are read by ``model.vit.weights``.
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -68,6 +69,44 @@ class OverlapPatchEmbed(PatchEmbed):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
 
+def _has_dropout(module):
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
+
+
+def block_first_tokens(block, x, num_queries=None):
+    """A timm ``Block`` on ``x`` (B, L, C) computed for the first ``num_queries`` tokens only: (B, n, C).
+
+    Those tokens attend over all L tokens as in the full block, so their values are the full block's; the
+    other tokens' queries, output projections and MLPs, which only a caller reading them would need, are
+    not computed. The full block runs, and all (B, L, C) tokens are returned, when ``num_queries`` is None,
+    with timm's written-out attention (``fused_attn`` False: relevance maps read every token) and in training
+    with dropout (whose random draws depend on the token count); callers read the first tokens either way.
+    """
+    attn = block.attn
+    if (num_queries is None or num_queries >= x.shape[1] or not getattr(attn, "fused_attn", False)
+            or getattr(attn, "gate", None) is not None or (block.training and _has_dropout(block))):
+        return block(x)
+    batch, length, _ = x.shape
+    dim, heads, head_dim = attn.attn_dim, attn.num_heads, attn.head_dim
+    h = block.norm1(x)
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(h[:, :num_queries], weight[:dim], None if bias is None else bias[:dim])
+    kv = F.linear(h, weight[dim:], None if bias is None else bias[dim:])
+    q = q.view(batch, num_queries, heads, head_dim).transpose(1, 2)  # (B, H, n, d)
+    k, v = (part.transpose(1, 2) for part in kv.view(batch, length, 2, heads, head_dim).unbind(2))  # (B, H, L, d)
+    out = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v)  # (B, H, n, d)
+    out = attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(batch, num_queries, dim))))
+    x = x[:, :num_queries] + block.drop_path1(block.ls1(out))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def branch_first_tokens(branch, x, num_queries):
+    """A (last block, final norm) branch (``nn.Sequential``, as TransReID's and SeCap's ``b1``/``b2``) on ``x``,
+    computed for its first ``num_queries`` output tokens (``block_first_tokens``): (B, n, C), or all tokens."""
+    block, norm = branch
+    return norm(block_first_tokens(block, x, num_queries))
+
+
 class ReIDVisionTransformer(VisionTransformer):
     """timm ViT (token pooling, no classification head) with overlapping patches, SIE and a view token.
 
@@ -105,20 +144,26 @@ class ReIDVisionTransformer(VisionTransformer):
             x = x + self.sie_embed(camids, viewids).unsqueeze(1)
         return self.pos_drop(x)
 
-    def run_blocks(self, x, blocks, subtract_view=False):
-        """Apply ``blocks`` to tokens ``x``; with ``subtract_view``, ``cls <- cls - view`` after each block."""
-        for block in blocks:
+    def run_blocks(self, x, blocks, subtract_view=False, num_outputs=None):
+        """Apply ``blocks`` to tokens ``x``; with ``subtract_view``, ``cls <- cls - view`` after each block;
+        ``num_outputs``: the last block computes only the first that many tokens (``block_first_tokens``)."""
+        for index, block in enumerate(blocks):
+            queries = num_outputs if index == len(blocks) - 1 else None
             if self.grad_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block_first_tokens, block, x, queries, use_reentrant=False)
             else:
-                x = block(x)
+                x = block_first_tokens(block, x, queries)
             if subtract_view:
                 x = torch.cat([x[:, :1] - x[:, 1:2], x[:, 1:]], dim=1)
         return x
 
-    def forward(self, images, camids=None, viewids=None, num_blocks=None, subtract_view=False, final_norm=True):
-        """All tokens (B, P + N, C) after the first ``num_blocks`` blocks (all by default) and the final LN."""
-        x = self.run_blocks(self.embed(images, camids, viewids), self.blocks[:num_blocks], subtract_view)
+    def forward(self, images, camids=None, viewids=None, num_blocks=None, subtract_view=False, final_norm=True,
+                num_outputs=None):
+        """All tokens (B, P + N, C) after the first ``num_blocks`` blocks (all by default) and the final LN;
+        with ``num_outputs`` the last block computes only the first that many tokens (same values) and only
+        those are returned, unless it has to run in full (``block_first_tokens``)."""
+        x = self.run_blocks(self.embed(images, camids, viewids), self.blocks[:num_blocks], subtract_view,
+                            num_outputs)
         return self.norm(x) if final_norm else x
 
 

@@ -15,7 +15,7 @@ from configs import CN, declare_config
 from model.contract import ModelOutput, ReIDModel
 from model.heads import BNNeckHead
 from model.registry import register_model
-from model.vit.backbone import build_vit_backbone
+from model.vit.backbone import branch_first_tokens, build_vit_backbone
 from model.vit.reference import BACKBONE_NAMES, ReferenceLayout, reference_depth, with_dead_last_block
 from model.vit.secap_modules import LocalFeatureRefinement, PromptRecalibration
 from model.vit.transreid import id_and_triplet
@@ -93,7 +93,7 @@ class SeCap(ReIDModel):
         """Training: ``ModelOutput`` (branches global and out; view logits and tokens for the view loss);
         eval: (B, 2C) = [g, out], pre-BN."""
         tokens = self.backbone(images, camids, viewids, subtract_view=True)  # (B, 2 + N, C), no last block / LN
-        top = self.b1(tokens)
+        top = branch_first_tokens(self.b1, tokens, 2)  # class and view tokens only
         cls, view = top[:, 0], top[:, 1]
         batch = images.shape[0]
         prompts = self.prm(self.prompt.expand(batch, -1, -1), cls - view)  # (B, P, C)

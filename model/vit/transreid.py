@@ -14,7 +14,7 @@ from configs import CN, declare_config
 from model.contract import LossSpec, ModelOutput, ReIDModel
 from model.heads import BNNeckHead
 from model.registry import register_model
-from model.vit.backbone import build_vit_backbone
+from model.vit.backbone import branch_first_tokens, build_vit_backbone
 from model.vit.reference import (BACKBONE_NAMES, ReferenceLayout, reference_depth, rows, sie_counts,
                                  with_dead_last_block)
 from utils.errors import ConfigError
@@ -73,7 +73,7 @@ class ViT(ReIDModel):
 
     def forward(self, images, camids=None, viewids=None):
         """Training: ``ModelOutput`` of the class token; eval: the (B, C) pre-BN class token."""
-        cls = self.backbone(images, camids, viewids)[:, 0]
+        cls = self.backbone(images, camids, viewids, num_outputs=1)[:, 0]
         if not self.training:
             return cls
         return ModelOutput({"global": self.head(cls)[0]}, {"global": cls})
@@ -159,12 +159,13 @@ class TransReID(ReIDModel):
         patches = jpm_rearrange(tokens, self.shift, self.shuffle_groups)[:, :group_len * self.num_groups]
         groups = patches.reshape(batch * self.num_groups, group_len, width)  # (B * G, L, C)
         cls = tokens[:, :1].repeat_interleave(self.num_groups, dim=0)  # (B * G, 1, C)
-        return self.b2(torch.cat([cls, groups], dim=1))[:, 0].view(batch, self.num_groups, width)
+        local = branch_first_tokens(self.b2, torch.cat([cls, groups], dim=1), 1)  # (B * G, 1, C)
+        return local[:, 0].view(batch, self.num_groups, width)
 
     def forward(self, images, camids=None, viewids=None):
         """Training: ``ModelOutput`` (global + G local branches, pre-BN features); eval: (B, C * (1 + G))."""
         tokens = self.backbone(images, camids, viewids)  # (B, 1 + N, C), all blocks but the last, no LN
-        global_feat = self.b1(tokens)[:, 0]
+        global_feat = branch_first_tokens(self.b1, tokens, 1)[:, 0]
         local = self.local_features(tokens).unbind(dim=1)
         if not self.training:
             return torch.cat([global_feat] + [feat / self.num_groups for feat in local], dim=1)

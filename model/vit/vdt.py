@@ -66,7 +66,7 @@ class VDT(ReIDModel):
     def forward(self, images, camids=None, viewids=None):
         """Training: ``ModelOutput`` (identity logits, class token, view logits and tokens for the view loss);
         eval: the (B, C) pre-BN class token."""
-        tokens = self.backbone(images, camids, viewids, subtract_view=True)  # (B, 2 + N, C)
+        tokens = self.backbone(images, camids, viewids, subtract_view=True, num_outputs=2)  # (B, 2, C)
         cls, view = tokens[:, 0], tokens[:, 1]
         if not self.training:
             return cls
