@@ -17,6 +17,7 @@ from processor.faults import fault_point
 from processor.inference import evaluate
 from processor.run_state import DivergedError
 from utils.distributed import get_world_size, unwrap
+from utils.threads import rebalance_core_share
 
 logger = logging.getLogger(__name__)
 
@@ -189,3 +190,11 @@ class CheckpointHook(HookBase):
         if epoch % trainer.cfg.SOLVER.CHECKPOINT_PERIOD == 0:
             trainer.save(f"{trainer.cfg.MODEL.NAME}_{epoch}.pth",
                          weights_file(trainer.cfg, trainer.model, trainer.model_args, epoch))
+
+
+class CoreShareHook(HookBase):
+    """Re-sizes this process's CPU threads before every epoch when other runs on the machine started or
+    ended (``utils/threads.py``; a no-op when DIST.CPU_THREADS or OMP_NUM_THREADS fix them)."""
+
+    def before_epoch(self, epoch):
+        rebalance_core_share()

@@ -18,6 +18,7 @@ from utils.errors import ConfigError
 from utils.io import atomic_write
 from utils.logger import setup_logger
 from utils.seed import set_seed
+from utils.threads import start_core_share
 
 DEFAULT_CONFIG = "configs/Synthetic/svpr_reid.yml"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,6 +135,7 @@ def prepare_run(args, log_file, run_files=(), base_config=None):
     if is_main_process():
         atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
     logger.info("running on %s; merged config saved to %s", device, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
+    start_core_share(cfg.DIST.CPU_THREADS, cfg.DATALOADER.NUM_WORKERS, device.type)
     # Each rank gets its own stream so that augmentations differ across ranks; samplers share the seed.
     set_seed(cfg.SOLVER.SEED + get_rank())
     return cfg, device
