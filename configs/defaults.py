@@ -135,6 +135,11 @@ _C.SOLVER.MOMENTUM = 0.9
 # Weight decay for weights and for biases.
 _C.SOLVER.WEIGHT_DECAY = 0.0001
 _C.SOLVER.WEIGHT_DECAY_BIAS = 0.0001
+# Run the optimiser as PyTorch's fused kernel where it has one (Adam, AdamW, SGD, ... on CPU and CUDA): one
+# pass over each parameter and its state instead of one per operation. The same update rule, but the values
+# equal the per-operation loop's only up to float rounding, so False (the reference's code path) is the
+# default and True a speed switch.
+_C.SOLVER.FUSED_OPTIMIZER = False
 # Multi-step schedule: decay factor and the epochs at which it applies.
 _C.SOLVER.GAMMA = 0.1
 _C.SOLVER.STEPS = (40, 70)
@@ -156,6 +161,10 @@ _C.SOLVER.IMS_PER_BATCH = 64
 _C.SOLVER.AMP = True
 # "float16" (with a gradient scaler) or "bfloat16".
 _C.SOLVER.AMP_DTYPE = "float16"
+# Compile the training forward with torch.compile (TorchInductor; a C++ compiler on the CPU, Triton on CUDA):
+# fused kernels, faster on a GPU after a compilation of a minute or more at the start. Losses and gradients
+# equal eager mode's up to float rounding; evaluation runs eagerly.
+_C.SOLVER.COMPILE = False
 # Multi-process training (torchrun): BatchNorm statistics over the batch of all processes (SyncBatchNorm on
 # CUDA, its CPU twin on gloo), and batch-hard triplet mining over that global batch. With both, a DDP step
 # computes the loss and gradients one process would on the whole P x K batch (see docs/distributed.md).
@@ -193,13 +202,19 @@ _C.TEST.SAVE_FEATURES = False
 _C.TEST.VISUALIZE_TOPK = 0
 
 # ---------------------------------------------------------------------------------------------------
-# DIST (multi-process training under torchrun)
+# DIST (several processes: torchrun ranks, and runs sharing a machine)
 # ---------------------------------------------------------------------------------------------------
 _C.DIST = CN()
 # How long a process waits for the others at a collective operation (gradient all-reduce, barrier,
 # gather) before it stops with an error naming the fault: a stalled or dead rank ends the run after
 # this many minutes instead of hanging it. A float (write 5.0, not 5); fractions such as 0.5 work.
 _C.DIST.TIMEOUT_MINUTES = 10.0
+# CPU threads of each process (intra-op). 0 sizes them from the machine: its cores divided by the
+# processes of this framework running on it (torchrun ranks and separately started runs alike; each run
+# re-checks every epoch), less the data workers on CUDA, where they do the CPU work; see utils/threads.py.
+# Oversubscribed cores make every parallel operation wait for a descheduled thread (two default-sized runs
+# on 2 cores ran 15-20x slower than one). OMP_NUM_THREADS, when set, is used as given; so is a value > 0.
+_C.DIST.CPU_THREADS = 0
 
 # Output folder: logs, config.yaml, checkpoints, results.json/results.csv.
 _C.OUTPUT_DIR = "./outputs/default"

@@ -12,12 +12,13 @@ augmentations depend only on (seed, epoch, rank), so the result is bit-identical
 import logging
 import os
 
+import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from processor.faults import fault_injection_planned
-from processor.hooks import (LAST_CHECKPOINT, CheckpointHook, DivergenceHook, EvalHook, FaultInjectionHook,
-                             TrainingLogHook)
+from processor.hooks import (LAST_CHECKPOINT, CheckpointHook, CoreShareHook, DivergenceHook, EvalHook,
+                             FaultInjectionHook, TrainingLogHook)
 from processor.metrics_log import MetricsLogHook
 from processor.run_state import restore_rng, rng_states
 from solver import make_optimizer, make_scheduler
@@ -36,7 +37,8 @@ def default_hooks(cfg):
     before anything reads the step's losses, evaluation before the checkpoint (it draws from the RNGs that
     the checkpoint saves), curves after the evaluation they plot."""
     hooks = [FaultInjectionHook()] if fault_injection_planned() else []
-    return hooks + [DivergenceHook(), TrainingLogHook(), EvalHook(), CheckpointHook(), MetricsLogHook()]
+    return hooks + [CoreShareHook(), DivergenceHook(), TrainingLogHook(), EvalHook(), CheckpointHook(),
+                    MetricsLogHook()]
 
 
 class Trainer:
@@ -72,6 +74,9 @@ class Trainer:
             # Some parameters get no gradient in a given configuration (e.g. CLIP's unused projection).
             self.train_model = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+        if cfg.SOLVER.COMPILE:
+            # Only the training forward: checkpoints read ``model`` itself, evaluation calls it eagerly.
+            self.train_model = torch.compile(self.train_model)
 
     def register_hook(self, hook):
         """Add ``hook`` (a ``processor.hooks.HookBase``) after the existing ones."""

@@ -1,4 +1,6 @@
 """Optimisers built from the config, with parameter groups for biases and classifiers."""
+import inspect
+
 import torch
 
 from utils.errors import ConfigError
@@ -13,13 +15,22 @@ def _optimizer_class(name, key):
     return cls
 
 
-def build_optimizer(name, key, param_groups, lr, momentum):
+def _fused_supported(cls, param_groups):
+    """Whether ``cls`` has PyTorch's fused kernel for these parameters (floating point, on CPU or CUDA)."""
+    if "fused" not in inspect.signature(cls.__init__).parameters:
+        return False
+    params = [p for group in param_groups for p in group["params"]]
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
+def build_optimizer(name, key, param_groups, lr, momentum, fused=False):
     """The ``torch.optim`` optimiser ``name`` over ``param_groups`` (``key``: its config key, for errors); SGD
-    gets ``momentum``."""
+    gets ``momentum``; ``fused`` runs PyTorch's fused kernel where the optimiser has one (SOLVER.FUSED_OPTIMIZER)."""
     cls = _optimizer_class(name, key)
-    if cls is torch.optim.SGD:
-        return cls(param_groups, lr=lr, momentum=momentum)
-    return cls(param_groups, lr=lr)
+    options = {"momentum": momentum} if cls is torch.optim.SGD else {}
+    if fused and _fused_supported(cls, param_groups):
+        options["fused"] = True
+    return cls(param_groups, lr=lr, **options)
 
 
 def _param_groups(cfg, model):
@@ -59,4 +70,4 @@ def make_optimizer(cfg, model):
     if not param_groups:
         raise ConfigError("the model has no trainable parameters to optimise (check MODEL.FREEZE_* keys)")
     return build_optimizer(cfg.SOLVER.OPTIMIZER_NAME, "SOLVER.OPTIMIZER_NAME", param_groups, cfg.SOLVER.BASE_LR,
-                           cfg.SOLVER.MOMENTUM)
+                           cfg.SOLVER.MOMENTUM, fused=cfg.SOLVER.FUSED_OPTIMIZER)
