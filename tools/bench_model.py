@@ -1,36 +1,46 @@
-"""Training and inference throughput of a config's model and of the CLIP baseline on the same backbone.
+"""Training and inference throughput of the models: images/s, peak memory, achieved TFLOP/s and its share of
+the device's peak, per precision (fp32, or fp16 / bf16 autocast).
 
+    python tools/bench_model.py --all configs/CP2108 --random-weights --threads 1     # every model, our side
+    python tools/bench_model.py --all --device cuda --amp fp16 bf16                    # on a GPU
     python tools/bench_model.py --config_file configs/CP2108/svpr_reid.yml --random-weights [--batch 16]
 
-More models (e.g. the ImageNet-ViT baselines) are timed in the same run with ``--also CONFIG ...``, and the
-CLIP baseline can be built from another config (``--baseline_config``, e.g. the Synthetic CLIP baseline
-next to the Synthetic ViT baselines):
-
-    python tools/bench_model.py --config_file configs/Synthetic/vit.yml --also configs/Synthetic/transreid.yml \
-        configs/Synthetic/vdt.yml configs/Synthetic/secap.yml --baseline_config configs/Synthetic/clip_baseline.yml \
-        --random-weights --device cpu
+``--all [FOLDER]`` times the seven models of a config folder (default configs/CP2108: ViT-B/16 at 256x128).
+With ``--config_file`` the config's model is timed next to the CLIP baseline on the same backbone (built from
+``--baseline_config`` if given), and further models with ``--also CONFIG ...``.
 
 A training step is forward + criterion + backward + optimiser step on a synthetic P x K batch (one caption
-and one attribute vector per identity, alternating views). CUDA with autocast when available, else CPU
-fp32. The models' timed steps alternate. The last line printed is one JSON object.
+and one attribute vector per identity, alternating views), as the trainer runs it; inference is the test
+forward in eval mode without gradients. The models' timed steps alternate, so a change in machine load
+affects them alike. FLOPs are those ``torch.utils.flop_counter`` counts in one step (matrix products,
+convolutions, attention); the peak they are compared with is ``--peak-tflops`` or, by default, a dense
+matrix product of the same precision measured on the device. CUDA runs use each precision's autocast
+(fp16 with the gradient scaler); ``--amp`` defaults to fp16 and bf16 on CUDA, fp32 elsewhere. A printed
+table, then one JSON object as the last line.
 """
 import argparse
 import json
+import os
 import time
 
-
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from configs import load_config
 from loss import build_criterion
 from model import build_model
+from processor.inference import test_autocast
+from processor.trainer import Trainer
 from text import tokenize
-from solver import make_optimizer
 from utils.entrypoint import run_main
 from utils.errors import ConfigError
 
 # A CP2108-like attribute annotation (12 attributes) for configs that use attributes.
 BENCH_ATTRIBUTES = tuple((f"attribute {i}", 2 + i % 4) for i in range(12))
+# The seven models, by config file name, in the order they are reported.
+MODEL_CONFIGS = ("svpr_reid.yml", "clip_baseline.yml", "clipreid.yml", "vit.yml", "transreid.yml", "vdt.yml",
+                 "secap.yml")
+AMP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def synthetic_batch(cfg, batch_size, num_classes, num_views, device):
@@ -56,58 +66,132 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def precision_config(cfg, precision):
+    """``cfg`` with training and test autocast set for ``precision`` ("fp32", "fp16" or "bf16")."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.SOLVER.AMP = cfg.TEST.AMP = precision != "fp32"
+    if precision != "fp32":
+        cfg.SOLVER.AMP_DTYPE = "float16" if precision == "fp16" else "bfloat16"
+    cfg.freeze()
+    return cfg
+
+
 def make_steps(cfg, batch, num_classes, num_views, device):
-    """(model, train step, inference step) of ``cfg.MODEL.ARCH_NAME`` on ``batch``."""
+    """(model, train step, inference step) of ``cfg.MODEL.ARCH_NAME`` on ``batch``: the trainer's
+    ``run_step`` (optimiser, autocast, gradient scaler and SOLVER.COMPILE as configured) and the test forward
+    of evaluation (TEST.AMP; eager, as evaluation runs)."""
     attributes = BENCH_ATTRIBUTES if cfg.MODEL.USE_ATTR else ()
     model = build_model(cfg, num_classes, num_cameras=2, num_views=num_views, attributes=attributes).to(device)
-    optimizer = make_optimizer(cfg, model)
-    amp = device.type == "cuda" and cfg.SOLVER.AMP
-    dtype = torch.bfloat16 if cfg.SOLVER.AMP_DTYPE == "bfloat16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)
-    inputs = model.forward_inputs(batch)
+    if hasattr(model, "set_class_text_features"):
+        # CLIP-ReID's main loop needs stage 1's class text features: any fixed values time the same.
+        generator = torch.Generator().manual_seed(0)
+        model.set_class_text_features(torch.randn(num_classes, model.clip.embed_dim, generator=generator).to(device))
     criterion = build_criterion(cfg, model, num_classes).to(device)
+    trainer = Trainer(cfg, model, criterion, None, None, device, {}, hooks=[])
+    inputs = model.forward_inputs(batch)
 
     def train_step():
-        with torch.autocast(device.type, dtype=dtype, enabled=amp):
-            outputs = model(batch["images"], **inputs)
-            loss = sum(criterion(outputs, batch).values())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        trainer.run_step(batch)
 
     @torch.no_grad()
     def infer_step():
-        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+        with test_autocast(cfg, device):
             model(batch["images"], **inputs)
 
     return model, train_step, infer_step
 
 
+class _WholeStep:
+    """Stands in for ``FlopCounterMode``'s module tracker: every FLOP counts for the whole step (the tracker's
+    backward hooks fail on the outputs of frozen parts, e.g. SVPR-ReID's top-k scorer)."""
+
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def count_flops(model, steps):
+    """FLOPs of one (train, inference) step as ``torch.utils.flop_counter`` counts them (run eagerly: compiled
+    kernels do not pass through the counter)."""
+    flops = []
+    for train, step in zip((True, False), steps):
+        model.train(train)
+        counter = FlopCounterMode(display=False)
+        counter.mod_tracker = _WholeStep()
+        with counter, torch.compiler.set_stance("force_eager"):
+            step()
+        flops.append(counter.get_total_flops())
+    return flops
+
+
+def matmul_peak_tflops(device, dtype):
+    """TFLOP/s of a large dense matrix product in ``dtype`` on ``device``: the practical peak."""
+    size = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(a, b)
+    _sync(device)
+    best = float("inf")
+    for _ in range(5 if device.type == "cuda" else 2):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e12
+
+
 def measure(candidates, batch_size, device, warmup, iters):
-    """Images/s of each candidate's train and inference step: {name: (train, infer)}.
+    """Images/s and peak memory (bytes, CUDA only) of each candidate's train and inference step:
+    ``{name: ([train, infer] images/s, [train, infer] peak bytes or None)}``.
 
     The candidates' timed steps alternate, so a change in machine load affects them alike.
     """
     seconds = {name: [0.0, 0.0] for name in candidates}
+    peaks = {name: [None, None] for name in candidates}
     for phase, train in ((0, True), (1, False)):
         for model, *steps in candidates.values():
             model.train(train)
             for _ in range(warmup):
                 steps[phase]()
         for _ in range(iters):
-            for name, (_, *steps) in candidates.items():
+            for name, (model, *steps) in candidates.items():
+                model.train(train)
                 _sync(device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 start = time.perf_counter()
                 steps[phase]()
                 _sync(device)
                 seconds[name][phase] += time.perf_counter() - start
-    return {name: [iters * batch_size / s for s in spent] for name, spent in seconds.items()}
+                if device.type == "cuda":
+                    peaks[name][phase] = max(peaks[name][phase] or 0, torch.cuda.max_memory_allocated(device))
+    return {name: ([iters * batch_size / s for s in spent], peaks[name]) for name, spent in seconds.items()}
 
 
-def main():
+def config_files(args):
+    """``{name: config path}`` of the models to time (``model`` first with --config_file)."""
+    if args.all is not None:
+        folder = args.all
+        paths = {name[:-4]: os.path.join(folder, name) for name in MODEL_CONFIGS
+                 if os.path.isfile(os.path.join(folder, name))}
+        if not paths:
+            raise ConfigError(f"--all {folder}: no model config ({', '.join(MODEL_CONFIGS)}) in that folder")
+        return paths
+    if not args.config_file:
+        raise ConfigError("give --config_file CONFIG or --all [FOLDER]")
+    return {"model": args.config_file, **{f"also{i}": path for i, path in enumerate(args.also)}}
+
+
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config_file", required=True)
+    parser.add_argument("--config_file", default=None)
+    parser.add_argument("--all", nargs="?", const="configs/CP2108", default=None, metavar="FOLDER",
+                        help="time the seven models of FOLDER (default configs/CP2108) instead of --config_file")
     parser.add_argument("--also", nargs="+", default=[], metavar="CONFIG",
                         help="further config files whose models are timed in the same run")
     parser.add_argument("--baseline_config", default=None,
@@ -120,6 +204,10 @@ def main():
     parser.add_argument("--num-classes", type=int, default=500, help="identities of the classifiers")
     parser.add_argument("--num-views", type=int, default=2, help="views of the synthetic batch")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when available)")
+    parser.add_argument("--amp", nargs="+", choices=sorted(AMP_DTYPES), default=None,
+                        help="precisions to time (default: fp16 bf16 on CUDA, fp32 elsewhere)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak TFLOP/s to compare with (default: a measured dense matmul)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (torch.set_num_threads); 1 avoids OpenMP waits on a busy machine")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
@@ -127,39 +215,95 @@ def main():
     args = parser.parse_args()
     if args.batch < 2 or args.iters < 1 or args.warmup < 0:
         raise ConfigError("--batch must be >= 2, --iters >= 1 and --warmup >= 0")
+    return args
+
+
+def main():
+    args = parse_args()
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
-    opts = list(args.opts) + (["MODEL.RANDOM_INIT", "True"] if args.random_weights else [])
-    cfg = load_config(args.config_file, opts)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(cfg.SOLVER.SEED)
-    batch = synthetic_batch(cfg, args.batch, args.num_classes, args.num_views, device)
-    baseline_cfg = load_config(args.baseline_config or args.config_file, opts + ["MODEL.ARCH_NAME", "CLIP_baseline"])
-    configs = {"model": cfg, "baseline": baseline_cfg}
-    configs.update({f"also{i}": load_config(path, opts) for i, path in enumerate(args.also)})
-    candidates = {name: make_steps(config, batch, args.num_classes, args.num_views, device)
-                  for name, config in configs.items()}
-    rates = measure(candidates, args.batch, device, args.warmup, args.iters)
-    (train_rate, infer_rate), (base_train, base_infer) = rates["model"], rates["baseline"]
-    height, width = cfg.INPUT.SIZE_TRAIN
-    print(json.dumps({
-        "config": args.config_file, "arch": cfg.MODEL.ARCH_NAME, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "amp": device.type == "cuda" and cfg.SOLVER.AMP, "batch": args.batch, "input": [height, width],
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available on this machine")
+    precisions = args.amp or (["fp16", "bf16"] if device.type == "cuda" else ["fp32"])
+    opts = list(args.opts) + (["MODEL.RANDOM_INIT", "True"] if args.random_weights else [])
+    paths = config_files(args)
+    configs = {name: load_config(path, opts) for name, path in paths.items()}
+    if args.all is None:
+        baseline = load_config(args.baseline_config or args.config_file, opts + ["MODEL.ARCH_NAME", "CLIP_baseline"])
+        configs = {"model": configs["model"], "baseline": baseline,
+                   **{name: cfg for name, cfg in configs.items() if name != "model"}}
+    first = next(iter(configs.values()))
+    torch.manual_seed(first.SOLVER.SEED)
+    batch = synthetic_batch(first, args.batch, args.num_classes, args.num_views, device)
+    height, width = first.INPUT.SIZE_TRAIN
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{device_name}, batch {args.batch}, input {height}x{width}, {torch.get_num_threads()} CPU threads, "
+          f"{args.warmup} warm-up + {args.iters} timed steps")
+    print(f"{'model':<16}{'precision':<10}{'train img/s':>12}{'infer img/s':>12}{'train MiB':>10}{'infer MiB':>10}"
+          f"{'train TFLOP/s':>14}{'infer TFLOP/s':>14}{'of peak (train, infer)':>24}")
+    results, legacy, params = [], None, {}
+    for precision in precisions:
+        peak = args.peak_tflops or matmul_peak_tflops(device, AMP_DTYPES[precision])
+        candidates = {name: make_steps(precision_config(cfg, precision), batch, args.num_classes, args.num_views,
+                                       device) for name, cfg in configs.items()}
+        flops = {name: count_flops(model, steps) for name, (model, *steps) in candidates.items()}
+        rates = measure(candidates, args.batch, device, args.warmup, args.iters)
+        for name, ((train, infer), (train_mem, infer_mem)) in rates.items():
+            tflops = [flops[name][0] * train / args.batch / 1e12, flops[name][1] * infer / args.batch / 1e12]
+            row = {"config": paths.get(name, args.baseline_config or args.config_file),
+                   "arch": configs[name].MODEL.ARCH_NAME, "precision": precision,
+                   "train_img_per_s": round(train, 3), "infer_img_per_s": round(infer, 3),
+                   "train_step_s": round(args.batch / train, 4), "infer_step_s": round(args.batch / infer, 4),
+                   "train_peak_mib": None if train_mem is None else round(train_mem / 2 ** 20, 1),
+                   "infer_peak_mib": None if infer_mem is None else round(infer_mem / 2 ** 20, 1),
+                   "train_gflop_per_step": round(flops[name][0] / 1e9, 3),
+                   "infer_gflop_per_step": round(flops[name][1] / 1e9, 3),
+                   "train_tflops": round(tflops[0], 4), "infer_tflops": round(tflops[1], 4),
+                   "train_share_of_peak": round(tflops[0] / peak, 4),
+                   "infer_share_of_peak": round(tflops[1] / peak, 4), "peak_tflops": round(peak, 3),
+                   "peak_source": "--peak-tflops" if args.peak_tflops else "measured matmul",
+                   "params_m": round(sum(p.numel() for p in candidates[name][0].parameters()) / 1e6, 3)}
+            results.append(row)
+            params[name] = row["params_m"]
+            memory = ["-" if m is None else f"{m / 2 ** 20:.0f}" for m in (train_mem, infer_mem)]
+            print(f"{row['arch']:<16}{precision:<10}{train:>12.2f}{infer:>12.2f}{memory[0]:>10}{memory[1]:>10}"
+                  f"{tflops[0]:>14.3f}{tflops[1]:>14.3f}{100 * tflops[0] / peak:>16.1f}%, "
+                  f"{100 * tflops[1] / peak:.1f}%")
+        if legacy is None:
+            legacy = rates
+        del candidates
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(json.dumps({**_legacy_report(args, configs, legacy, params, precisions[0]), "device": str(device),
+                      "device_name": device_name, "batch": args.batch, "input": [height, width],
+                      "threads": torch.get_num_threads(), "precisions": precisions, "results": results}))
+
+
+def _legacy_report(args, configs, rates, params, precision):
+    """The summary keys of earlier versions (first precision): the config's model next to the CLIP baseline."""
+    steps = {configs[name].MODEL.ARCH_NAME: round(args.batch / rate[0][0], 4) for name, rate in rates.items()}
+    if args.all is not None:
+        return {"config": args.all, "train_step_s": steps}
+    (train_rate, infer_rate), _ = rates["model"]
+    (base_train, base_infer), _ = rates["baseline"]
+    baseline_cfg = configs["baseline"]
+    return {
+        "config": args.config_file, "arch": configs["model"].MODEL.ARCH_NAME,
+        "amp": precision != "fp32",
         "vision_width": baseline_cfg.MODEL.CLIP.VISION_WIDTH if baseline_cfg.MODEL.RANDOM_INIT else "checkpoint",
-        "threads": torch.get_num_threads(),
         "train_img_per_s": round(train_rate, 3), "infer_img_per_s": round(infer_rate, 3),
         "baseline_train_img_per_s": round(base_train, 3), "baseline_infer_img_per_s": round(base_infer, 3),
         "svpr_over_baseline_train_cost": round(base_train / train_rate, 3),
         "svpr_over_baseline_infer_cost": round(base_infer / infer_rate, 3),
-        "train_step_s": {configs[name].MODEL.ARCH_NAME: round(args.batch / rates[name][0], 4) for name in configs},
-        "params_m": {configs[name].MODEL.ARCH_NAME: round(sum(p.numel() for p in candidates[name][0].parameters())
-                                                          / 1e6, 3) for name in configs},
+        "train_step_s": steps,
+        "params_m": {configs[name].MODEL.ARCH_NAME: params[name] for name in configs},
         "also": [{"config": path, "arch": configs[f"also{i}"].MODEL.ARCH_NAME,
-                  "train_img_per_s": round(rates[f"also{i}"][0], 3), "infer_img_per_s": round(rates[f"also{i}"][1], 3),
-                  "over_baseline_train_cost": round(base_train / rates[f"also{i}"][0], 3)}
+                  "train_img_per_s": round(rates[f"also{i}"][0][0], 3),
+                  "infer_img_per_s": round(rates[f"also{i}"][0][1], 3),
+                  "over_baseline_train_cost": round(base_train / rates[f"also{i}"][0][0], 3)}
                  for i, path in enumerate(args.also)],
-    }))
+    }
 
 
 if __name__ == "__main__":
