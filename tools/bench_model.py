@@ -61,6 +61,11 @@ def synthetic_batch(cfg, batch_size, num_classes, num_views, device):
     }
 
 
+def significant(value, digits=4):
+    """``value`` rounded to ``digits`` significant digits (TFLOP/s on a CPU and on an H100 differ by 10^4)."""
+    return float(f"{value:.{digits}g}")
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -259,9 +264,9 @@ def main():
                    "infer_peak_mib": None if infer_mem is None else round(infer_mem / 2 ** 20, 1),
                    "train_gflop_per_step": round(flops[name][0] / 1e9, 3),
                    "infer_gflop_per_step": round(flops[name][1] / 1e9, 3),
-                   "train_tflops": round(tflops[0], 4), "infer_tflops": round(tflops[1], 4),
-                   "train_share_of_peak": round(tflops[0] / peak, 4),
-                   "infer_share_of_peak": round(tflops[1] / peak, 4), "peak_tflops": round(peak, 3),
+                   "train_tflops": significant(tflops[0]), "infer_tflops": significant(tflops[1]),
+                   "train_share_of_peak": significant(tflops[0] / peak),
+                   "infer_share_of_peak": significant(tflops[1] / peak), "peak_tflops": significant(peak),
                    "peak_source": "--peak-tflops" if args.peak_tflops else "measured matmul",
                    "params_m": round(sum(p.numel() for p in candidates[name][0].parameters()) / 1e6, 3)}
             results.append(row)
