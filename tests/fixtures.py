@@ -5,6 +5,7 @@ other.)"""
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -29,13 +30,20 @@ VIT_BACKBONES = {"ViT": "vit_base_patch16_224_TransReID", "TransReID": "vit_base
 
 
 def run_script(args, cwd=REPO_ROOT, env=None, timeout=600):
-    """Run a Python script of the repository as a real subprocess; return the CompletedProcess."""
+    """Run a Python script of the repository as a real subprocess; return the CompletedProcess.
+
+    The child starts with SIGINT's default action, as from an interactive shell: a suite started in the
+    background (``pytest &``) would otherwise pass on the ignored SIGINT, and the interruption tests with it."""
     full_env = dict(os.environ)
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     if env:
         full_env.update(env)
     return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, preexec_fn=_default_sigint)
+
+
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def check_ok(result):
