@@ -20,7 +20,8 @@ A model is a ``ReIDModel`` subclass registered with ``@MODELS.register("Name")``
   out; ``dataset_parameters``: patterns of tensors sized by the training set's cameras, views or attributes,
   which "finetune" loads where they fit the new training set and re-initialises otherwise;
 * ``training_phases``: :class:`TrainingPhase` classes the engine runs before the main training loop, each
-  with its own data, optimiser and schedule (CLIP-ReID's prompt learning);
+  with its own data, optimiser and schedule (CLIP-ReID's prompt learning); ``stand_in_for_phases`` fills what
+  they would leave with fixed random values, for tools that time only the main loop;
 * ``lr_step_at_epoch_start``: whether the main loop steps its learning-rate schedule at the start of every
   epoch (epoch e trains at schedule step e, as the authors' CLIP-ReID stage 2) instead of at the end (epoch
   e trains at step e - 1, as their other training loops);
@@ -88,6 +89,11 @@ class ReIDModel(nn.Module):
     #: Width of the test-time feature and of the first training feature; set by the constructor.
     embedding_dim = 0
     feature_dim = 0
+
+    def stand_in_for_phases(self, generator):
+        """Fill what this model's ``training_phases`` would leave in it with fixed random values drawn from
+        ``generator`` (they time the same), so that tools timing only the main loop (benchmarks, profiles) can
+        run it. Nothing to fill by default."""
 
     def loss_specs(self, cfg):
         """The model's loss terms (list of :class:`LossSpec`)."""

@@ -38,12 +38,40 @@ def test_every_model_ships_a_synthetic_config():
 
 @pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize("name", BUILT_IN)
-def test_model_honours_the_contract(name, synth_root, tmp_path):
-    cfg = load_config(SYNTHETIC[name], [
+def small_config(name, synth_root, output_dir):
+    """``name``'s Synthetic config on the small SynthAG of ``synth_root``, on the CPU in fp32."""
+    return load_config(SYNTHETIC[name], [
         "MODEL.DEVICE", "cpu", "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "INPUT.PADDING", "2",
         "DATASETS.ROOT_DIR", synth_root, "DATASETS.AUTO_GENERATE", "False", "DATALOADER.NUM_WORKERS", "0",
         "SOLVER.IMS_PER_BATCH", "8", "DATALOADER.NUM_INSTANCE", "2", "SOLVER.STAGE1.MAX_EPOCHS", "1",
-        "SOLVER.STAGE1.IMS_PER_BATCH", "16", "SOLVER.AMP", "False", "OUTPUT_DIR", str(tmp_path)])
+        "SOLVER.STAGE1.IMS_PER_BATCH", "16", "SOLVER.AMP", "False", "OUTPUT_DIR", str(output_dir)])
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_stand_in_for_phases_lets_the_main_loop_run_without_them(name, synth_root, tmp_path):
+    """What the benchmarks and the profiler do: no extra training phases, the model's fixed random stand-ins in
+    their place (``stand_in_for_phases``); the same generator seed gives the same training outputs."""
+    cfg = small_config(name, synth_root, tmp_path)
+    bundle = make_dataloaders(cfg)
+    model_args = model_args_from_dataset(bundle.dataset)
+    batch = next(iter(bundle.train_loader))
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = build_from_args(cfg, model_args, torch.device("cpu"))
+        model.stand_in_for_phases(torch.Generator().manual_seed(0))
+        model.train()
+        runs.append(model(batch["images"], **model.forward_inputs(batch)))
+    first, second = runs
+    for part in ("id_logits", "features", "aux"):  # nested dicts and lists of tensors, compared exactly
+        torch.testing.assert_close(getattr(second, part), getattr(first, part), rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_model_honours_the_contract(name, synth_root, tmp_path):
+    cfg = small_config(name, synth_root, tmp_path)
     device = torch.device("cpu")
     bundle = make_dataloaders(cfg)
     model_args = model_args_from_dataset(bundle.dataset)

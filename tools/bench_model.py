@@ -88,10 +88,7 @@ def make_steps(cfg, batch, num_classes, num_views, device):
     of evaluation (TEST.AMP; eager, as evaluation runs)."""
     attributes = BENCH_ATTRIBUTES if cfg.MODEL.USE_ATTR else ()
     model = build_model(cfg, num_classes, num_cameras=2, num_views=num_views, attributes=attributes).to(device)
-    if hasattr(model, "set_class_text_features"):
-        # CLIP-ReID's main loop needs stage 1's class text features: any fixed values time the same.
-        generator = torch.Generator().manual_seed(0)
-        model.set_class_text_features(torch.randn(num_classes, model.clip.embed_dim, generator=generator).to(device))
+    model.stand_in_for_phases(torch.Generator().manual_seed(0))  # e.g. CLIP-ReID's stage-1 text features
     criterion = build_criterion(cfg, model, num_classes).to(device)
     trainer = Trainer(cfg, model, criterion, None, None, device, {}, hooks=[])
     inputs = model.forward_inputs(batch)

@@ -130,15 +130,12 @@ def profile_training(cfg, bundle, device, iters):
     """Train ``iters`` iterations (the trainer's ``run_step`` on its loader) under the profiler; return
     ({(phase, part): seconds}, wall seconds, model).
 
-    Training phases before the main loop (CLIP-ReID's prompt learning) are not run: the main loop gets fixed
-    random class text features in their place, which time the same.
+    Training phases before the main loop (CLIP-ReID's prompt learning) are not run: the model fills what they
+    would leave with fixed random values (``stand_in_for_phases``), which time the same.
     """
     model_args = model_args_from_dataset(bundle.dataset)
     model = build_from_args(cfg, model_args, device)
-    if hasattr(model, "set_class_text_features"):
-        generator = torch.Generator().manual_seed(0)
-        model.set_class_text_features(torch.randn(model_args["num_classes"], model.clip.embed_dim,
-                                                  generator=generator).to(device))
+    model.stand_in_for_phases(torch.Generator().manual_seed(0))
     criterion = build_criterion(cfg, model, model_args["num_classes"]).to(device)
     trainer = Trainer(cfg, model, criterion, bundle.train_loader, None, device, model_args, hooks=[])
     trainer.train_model.train()

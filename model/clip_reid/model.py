@@ -170,6 +170,11 @@ class CLIP_ReID(ClipImageModel):
         self.class_text_features.copy_(feats.detach())
         self._class_text_features_set = True
 
+    def stand_in_for_phases(self, generator):
+        """Random class text features in place of stage 1's (see ``ReIDModel.stand_in_for_phases``)."""
+        feats = torch.randn(*self.class_text_features.shape, generator=generator)
+        self.set_class_text_features(feats.to(self.class_text_features.device))
+
     @staticmethod
     def _image_side(name):
         return not name.startswith("clip.") or name.startswith("clip.visual.")
