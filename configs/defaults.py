@@ -202,7 +202,7 @@ _C.TEST.SAVE_FEATURES = False
 _C.TEST.VISUALIZE_TOPK = 0
 
 # ---------------------------------------------------------------------------------------------------
-# DIST (several processes: torchrun ranks, and runs sharing a machine)
+# DIST (processes: torchrun ranks, runs sharing a machine, and what each process holds)
 # ---------------------------------------------------------------------------------------------------
 _C.DIST = CN()
 # How long a process waits for the others at a collective operation (gradient all-reduce, barrier,
@@ -215,6 +215,10 @@ _C.DIST.TIMEOUT_MINUTES = 10.0
 # Oversubscribed cores make every parallel operation wait for a descheduled thread (two default-sized runs
 # on 2 cores ran 15-20x slower than one). OMP_NUM_THREADS, when set, is used as given; so is a value > 0.
 _C.DIST.CPU_THREADS = 0
+# Keep freed CPU memory in the process (glibc's mmap and trim thresholds raised) so that every step reuses
+# the pages of the last one instead of faulting fresh ones in: 7-13% faster CPU steps measured on ViT-B/16.
+# The process keeps its peak footprint. Only glibc on Linux; see utils/allocator.py.
+_C.DIST.KEEP_FREED_CPU_MEMORY = True
 
 # Output folder: logs, config.yaml, checkpoints, results.json/results.csv.
 _C.OUTPUT_DIR = "./outputs/default"

@@ -12,6 +12,7 @@ from datasets import DATASETS
 from model import MODELS
 from processor.preflight import (RESULTS_FILE, check_output_dir, check_resume_config, check_writable,
                                  remove_run_files, remove_stale_temporaries)
+from utils.allocator import retain_freed_cpu_memory
 from utils.device import resolve_device
 from utils.distributed import get_rank, init_distributed, is_main_process, restart_count
 from utils.errors import ConfigError
@@ -136,6 +137,8 @@ def prepare_run(args, log_file, run_files=(), base_config=None):
         atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
     logger.info("running on %s; merged config saved to %s", device, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
     start_core_share(cfg.DIST.CPU_THREADS, cfg.DATALOADER.NUM_WORKERS, device.type)
+    if cfg.DIST.KEEP_FREED_CPU_MEMORY:
+        retain_freed_cpu_memory()
     # Each rank gets its own stream so that augmentations differ across ranks; samplers share the seed.
     set_seed(cfg.SOLVER.SEED + get_rank())
     return cfg, device

@@ -32,6 +32,7 @@ from model import build_model
 from processor.inference import test_autocast
 from processor.trainer import Trainer
 from text import tokenize
+from utils.allocator import retain_freed_cpu_memory
 from utils.entrypoint import run_main
 from utils.errors import ConfigError
 
@@ -236,6 +237,8 @@ def main():
         configs = {"model": configs["model"], "baseline": baseline,
                    **{name: cfg for name, cfg in configs.items() if name != "model"}}
     first = next(iter(configs.values()))
+    if first.DIST.KEEP_FREED_CPU_MEMORY:  # the process set-up of train_svpr.py / test_svpr.py
+        retain_freed_cpu_memory()
     torch.manual_seed(first.SOLVER.SEED)
     batch = synthetic_batch(first, args.batch, args.num_classes, args.num_views, device)
     height, width = first.INPUT.SIZE_TRAIN
