@@ -16,6 +16,7 @@ from loss import build_criterion
 from model import build_model
 from processor.hooks import HookBase
 from processor.trainer import Trainer
+from solver import make_optimizer
 from tests.fixtures import tiny_cfg
 from text import tokenize
 
@@ -257,3 +258,49 @@ def test_prompt_learning_never_forms_the_authors_empty_last_batch():
     model = build_model(cfg, num_classes=NUM_CLASSES)
     with pytest.raises(ConfigError, match="the 8 training images are a multiple of SOLVER.STAGE1.IMS_PER_BATCH = 4"):
         PromptLearning(cfg, model, dataset, torch.device("cpu")).setup()
+
+
+def _train(arch, fused, nudge_images, steps=40):
+    """Initial and trained parameters of ``steps`` steps on the fixed batch, learning rates x20 so that the
+    weights move visibly; ``nudge_images`` moves every pixel to the next float (one ulp)."""
+    cfg = tiny_cfg(arch, **{**COMMON, "SOLVER.FUSED_OPTIMIZER": fused}, **SETTINGS[arch])
+    cfg.freeze()
+    torch.manual_seed(0)
+    attributes = ATTRIBUTES if arch == "CLIP_SVPR_ReID" else ()
+    model = build_model(cfg, num_classes=NUM_CLASSES, num_cameras=3, num_views=2, attributes=attributes)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    criterion = build_criterion(cfg, model, NUM_CLASSES)
+    optimizer = make_optimizer(cfg, model)
+    assert bool(optimizer.defaults.get("fused")) is fused
+    for group in optimizer.param_groups:
+        group["lr"] *= 20
+    batch = fixed_batch(cfg)
+    if nudge_images:
+        batch["images"] = torch.nextafter(batch["images"], torch.full_like(batch["images"], float("inf")))
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        sum(criterion(model(batch["images"], **model.forward_inputs(batch)), batch).values()).backward()
+        optimizer.step()
+    return initial, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ["CLIP_baseline", "CLIP_SVPR_ReID", "SeCap"])
+def test_fused_optimiser_moves_training_less_than_one_ulp_of_input_noise(arch):
+    """SOLVER.FUSED_OPTIMIZER (the default) against the authors' per-operation loop over 40 steps: the weights
+    differ by float rounding only, no more than a one-ulp perturbation of the images makes them differ."""
+    initial, loop = _train(arch, False, False)
+    _, fused = _train(arch, True, False)
+    _, nudged = _train(arch, False, True)
+    names = [name for name in loop if not torch.equal(loop[name], initial[name])]
+
+    def distance(a, b):
+        return torch.cat([(a[name] - b[name]).flatten() for name in names]).norm()
+
+    trained = distance(loop, initial)
+    assert trained > 0.5
+    assert distance(fused, loop) <= 2 * distance(nudged, loop)
+    assert distance(nudged, loop) < 0.05 * trained
