@@ -137,9 +137,10 @@ class _Terms(HookBase):
         self.total = float(sum(value.detach() for value in terms.values()))
 
 
-@pytest.mark.parametrize("arch", list(SETTINGS))
-def test_one_training_step_equals_the_authors(arch):
-    cfg = tiny_cfg(arch, **COMMON, **SETTINGS[arch])
+def tiny_model(arch, **keys):
+    """The frozen config (COMMON, the arch's SETTINGS, then ``keys``) and its tiny model from seed 0, without
+    dropout, and the attributes it was built with."""
+    cfg = tiny_cfg(arch, **{**COMMON, **SETTINGS[arch], **keys})
     cfg.freeze()
     torch.manual_seed(0)
     attributes = ATTRIBUTES if arch == "CLIP_SVPR_ReID" else ()
@@ -147,6 +148,12 @@ def test_one_training_step_equals_the_authors(arch):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+    return cfg, model, attributes
+
+
+@pytest.mark.parametrize("arch", list(SETTINGS))
+def test_one_training_step_equals_the_authors(arch):
+    cfg, model, attributes = tiny_model(arch)
     if arch == "CLIP_ReID":  # stage 2: prompts and text frozen, every identity's text feature fixed
         model.unfreeze_for_stage2()
         model.set_class_text_features(torch.randn(NUM_CLASSES, model.clip.embed_dim))
@@ -263,14 +270,7 @@ def test_prompt_learning_never_forms_the_authors_empty_last_batch():
 def _train(arch, fused, nudge_images, steps=40):
     """Initial and trained parameters of ``steps`` steps on the fixed batch, learning rates x20 so that the
     weights move visibly; ``nudge_images`` moves every pixel to the next float (one ulp)."""
-    cfg = tiny_cfg(arch, **{**COMMON, "SOLVER.FUSED_OPTIMIZER": fused}, **SETTINGS[arch])
-    cfg.freeze()
-    torch.manual_seed(0)
-    attributes = ATTRIBUTES if arch == "CLIP_SVPR_ReID" else ()
-    model = build_model(cfg, num_classes=NUM_CLASSES, num_cameras=3, num_views=2, attributes=attributes)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    cfg, model, _ = tiny_model(arch, **{"SOLVER.FUSED_OPTIMIZER": fused})
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
     criterion = build_criterion(cfg, model, NUM_CLASSES)
     optimizer = make_optimizer(cfg, model)
