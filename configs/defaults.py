@@ -217,7 +217,7 @@ _C.DIST.TIMEOUT_MINUTES = 10.0
 # on 2 cores ran 15-20x slower than one). OMP_NUM_THREADS, when set, is used as given; so is a value > 0.
 _C.DIST.CPU_THREADS = 0
 # Keep freed CPU memory in the process (glibc's mmap and trim thresholds raised) so that every step reuses
-# the pages of the last one instead of faulting fresh ones in: 7-13% faster CPU steps measured on ViT-B/16.
+# the pages of the last one instead of faulting fresh ones in (ViT-B/16 inference on one thread: 8% faster).
 # The process keeps its peak footprint. Only glibc on Linux; see utils/allocator.py.
 _C.DIST.KEEP_FREED_CPU_MEMORY = True
 
