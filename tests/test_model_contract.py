@@ -36,8 +36,6 @@ def test_every_model_ships_a_synthetic_config():
     assert BUILT_IN and set(BUILT_IN) <= set(SYNTHETIC), sorted(set(BUILT_IN) - set(SYNTHETIC))
 
 
-@pytest.mark.usefixtures("single_thread")
-@pytest.mark.parametrize("name", BUILT_IN)
 def small_config(name, synth_root, output_dir):
     """``name``'s Synthetic config on the small SynthAG of ``synth_root``, on the CPU in fp32."""
     return load_config(SYNTHETIC[name], [
