@@ -2,15 +2,13 @@
 buffers again does not fault fresh pages in (counted with getrusage in a real subprocess). That a training run
 applies and logs it is checked in test_threads.py, next to the thread sizing of the same process set-up."""
 import json
-import platform
 import subprocess
 import sys
 
 import pytest
 
 from tests.fixtures import REPO_ROOT
-
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+from utils.allocator import has_glibc_allocator
 
 # A 'step': allocate and write four 48 MB buffers, free them; the faults of 5 steps after 4 first ones (the
 # heap settles into its layout over the first two or three).
@@ -40,10 +38,9 @@ def _faults(mode):
     return json.loads(result.stdout.strip().splitlines()[-1])["faults"]
 
 
-@pytest.mark.skipif(not GLIBC, reason="the thresholds exist only in glibc's allocator")
+@pytest.mark.skipif(not has_glibc_allocator(), reason="the thresholds exist only in glibc's allocator")
 def test_freed_buffers_are_reused_without_page_faults():
     pages = 5 * 4 * 48 * 2 ** 20 // 4096  # what faulting every buffer in anew costs
     default, kept = _faults("default"), _faults("keep")
     assert default > pages // 2, default
     assert kept < pages // 50, kept
-

@@ -1,7 +1,6 @@
 """CPU threads per process: the sizing rule, real processes sharing the cores of this machine, and a training
 run that logs the threads it uses."""
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import pytest
 
 from datasets.synthetic import SynthConfig, generate_synthag
 from tests.fixtures import BASELINE, REPO_ROOT, check_ok, run_script, tiny
+from utils.allocator import has_glibc_allocator
 from utils.threads import available_cores, plan_threads
 
 
@@ -113,8 +113,7 @@ def test_a_training_run_logs_the_threads_it_uses(setting, tmp_path):
         assert "CPU threads: 1 per process (set by the config)" in log
         assert "CPU memory" not in log
         return
-    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    assert ("stay in the process for reuse" if glibc else "has no effect") in log
+    assert ("stay in the process for reuse" if has_glibc_allocator() else "has no effect") in log
     # Other runs of this framework on the machine may hold a share at the same time: the rule, not a number.
     match = re.search(r"CPU threads: (\d+) per process \((\d+) cores shared by (\d+) process", log)
     assert match, log[-2000:]

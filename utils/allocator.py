@@ -14,6 +14,7 @@ has these knobs; elsewhere this does nothing.
 """
 import ctypes
 import ctypes.util
+import functools
 import logging
 import platform
 
@@ -27,23 +28,24 @@ MMAP_THRESHOLD_BYTES = 1 << 30
 # Free memory at the top of the heap is returned to the OS only above 2 GiB - 1 (mallopt takes an int).
 TRIM_THRESHOLD_BYTES = (1 << 31) - 1
 
-_applied = []
+
+def has_glibc_allocator():
+    """Whether this process allocates with glibc's malloc (Linux with glibc), the one with these thresholds."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
+@functools.cache
 def retain_freed_cpu_memory():
     """Raise glibc's mmap and trim thresholds for this process (once); returns whether they are set."""
-    if _applied:
-        return _applied[0]
-    done = False
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        done = bool(libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(MMAP_THRESHOLD_BYTES))
-                    and libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(TRIM_THRESHOLD_BYTES)))
-    if done:
-        logger.info("CPU memory: freed blocks up to %d MiB stay in the process for reuse "
-                    "(DIST.KEEP_FREED_CPU_MEMORY)", MMAP_THRESHOLD_BYTES >> 20)
-    else:
+    if not has_glibc_allocator():
         logger.info("CPU memory: the allocator is not glibc's (%s), DIST.KEEP_FREED_CPU_MEMORY has no effect",
                     platform.libc_ver()[0] or platform.system())
-    _applied.append(done)
-    return done
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if not (libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(MMAP_THRESHOLD_BYTES))
+            and libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(TRIM_THRESHOLD_BYTES))):
+        logger.info("CPU memory: glibc refused the thresholds, DIST.KEEP_FREED_CPU_MEMORY has no effect")
+        return False
+    logger.info("CPU memory: freed blocks up to %d MiB stay in the process for reuse (DIST.KEEP_FREED_CPU_MEMORY)",
+                MMAP_THRESHOLD_BYTES >> 20)
+    return True
