@@ -138,8 +138,8 @@ _C.SOLVER.WEIGHT_DECAY_BIAS = 0.0001
 # Run the optimiser as PyTorch's fused kernel where it has one (Adam, AdamW, SGD, ... on CPU and CUDA): one
 # pass over each parameter and its state instead of one per operation (Adam over ViT-B/16: 4-6x faster on
 # one CPU thread). The same update rule; values differ from the per-operation loop of the authors' code only
-# by float rounding: after 40 steps of every model, less than 1-ulp noise on the input images moves the
-# weights (SGD's fused kernel gave the loop's bits). False runs the per-operation loop.
+# by float rounding: over 40 steps of five of the models, no more than 1-ulp noise on the input images moves
+# the weights (SGD's fused kernel gave the loop's bits). False runs the per-operation loop.
 _C.SOLVER.FUSED_OPTIMIZER = True
 # Multi-step schedule: decay factor and the epochs at which it applies.
 _C.SOLVER.GAMMA = 0.1
