@@ -198,3 +198,36 @@ def test_with_the_real_trainer(tmp_path, single_thread):
     assert sorted({epoch for epoch, _ in eval_rows}) == [1, 2]
     assert eval_rows[(2, "SynthAG_ALL/mAP")] == pytest.approx(100 * trainer.last_eval[1]["mAP"])
     assert_picture(os.path.join(out, "curves.png"))
+
+
+def test_curves_are_redrawn_after_evaluations_at_most_once_a_minute_between_and_at_the_end(tmp_path, monkeypatch):
+    """Five epochs, an evaluation after epoch 4, a clock at 40 s an epoch: drawn after epoch 1 (the first),
+    epoch 3 (80 s after the last), epoch 4 (evaluated) and at the end (epoch 5's rows not yet shown)."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(metrics_log.time, "monotonic", lambda: clock["now"])
+    drawn = []
+    real_plot = metrics_log.plot_curves
+
+    def plot(rows, path):
+        drawn.append(max(row["epoch"] for row in rows))
+        return real_plot(rows, path)
+
+    monkeypatch.setattr(metrics_log, "plot_curves", plot)
+    out = str(tmp_path)
+    hook, trainer = MetricsLogHook(), FakeTrainer(out)
+    hook.trainer = trainer
+    hook.before_train()
+    for epoch in range(1, 6):
+        clock["now"] += 40.0
+        hook.after_log({"epoch": epoch, "iteration": ITERATIONS, "num_iterations": ITERATIONS,
+                        "losses": {"id": 1.0 / epoch}, "loss": 1.0 / epoch, "accuracy": 0.1 * epoch, "lr": 1e-3,
+                        "images_per_second": 100.0})
+        if epoch == 4:
+            trainer.last_eval = (epoch, metrics_at(epoch))
+        hook.after_epoch(epoch)
+    assert drawn == [1, 3, 4]
+    hook.after_train()
+    assert drawn == [1, 3, 4, 5]
+    assert_picture(os.path.join(out, "curves.png"))
+    hook.after_train()  # nothing new to show: not drawn again
+    assert drawn == [1, 3, 4, 5]
