@@ -113,6 +113,11 @@ _C.DATALOADER.NUM_INSTANCE = 16
 # Before training, decode every image of every split (not only check that it exists): slower, but a
 # corrupt file stops the run at startup instead of mid-training.
 _C.DATALOADER.CHECK_IMAGES = False
+# Decode every image once, when its loader is built, and keep the pixels in memory (H x W x 3 bytes an image,
+# shared with the loader workers): later epochs and other test protocols with the same images do not decode
+# again. Same inputs, same results; refused with one clear error when the images would take more than half of
+# the free memory. Pays off where decoding is a visible share of a step (small models, few or no workers).
+_C.DATALOADER.CACHE_IMAGES = False
 
 # ---------------------------------------------------------------------------------------------------
 # SOLVER (stage 2, i.e. ReID fine-tuning; SVPR-ReID has only this stage)

@@ -15,6 +15,7 @@ from utils import distributed
 from utils.device import resolve_device
 from utils.errors import ConfigError, DataError
 
+from .image_cache import cached_reader
 from .registry import DATASETS, build_dataset
 from .samplers import ContiguousShardSampler, RandomIdentitySampler
 from .transforms import build_test_transform, build_train_transform, image_reader, read_image
@@ -215,7 +216,10 @@ def make_loader(cfg, samples, transform, batch_size, sampler, tokenizer=tokenize
     so every loader of a run (``offset``: 0 training, 1 a model's extra phase, 2 evaluation) has its own
     stream."""
     workers = cfg.DATALOADER.NUM_WORKERS
-    data = ImageDataset(samples, transform, tokenizer=tokenizer, text_len=cfg.MODEL.TEXT_LEN, reader=image_reader(cfg))
+    reader = image_reader(cfg)
+    if cfg.DATALOADER.CACHE_IMAGES:
+        reader = cached_reader(reader, [s.path for s in samples], threads=workers or os.cpu_count() or 1)
+    data = ImageDataset(samples, transform, tokenizer=tokenizer, text_len=cfg.MODEL.TEXT_LEN, reader=reader)
     generator = torch.Generator().manual_seed(cfg.SOLVER.SEED + 1000 * offset + distributed.get_rank())
     return ReIDDataLoader(data, batch_size=batch_size, sampler=sampler, generator=generator,
                       persistent_workers=persistent and workers > 0, collate_fn=partial(collate, with_paths=with_paths),

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from configs import load_config
-from tests.fixtures import REPO_ROOT, run_script
+from tests.fixtures import REPO_ROOT, check_ok, run_script
 
 SVPR_CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*", "svpr_reid.yml")))
 
@@ -59,3 +59,16 @@ def test_bench_model_prints_svpr_and_baseline_throughput():
         assert report[key] > 0
     assert report["svpr_over_baseline_train_cost"] == pytest.approx(
         report["baseline_train_img_per_s"] / report["train_img_per_s"], rel=0.05)  # rates are rounded
+
+
+def test_bench_data_compares_backends_and_the_decoded_image_cache():
+    result = run_script(["tools/bench_data.py", "--num-images", "40", "--repeats", "1"])
+    check_ok(result)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("40 training images of SynthAG_ALL, output 256x128")
+    for backend in ("pil", "tensor"):
+        assert any(line.startswith(f"INPUT.IMAGE_BACKEND {backend}") and "x the reference" in line
+                   and "pixel-identical to it on" in line for line in lines)
+        (cached,) = [line for line in lines if line.startswith(f"INPUT.IMAGE_BACKEND {backend} ")
+                     and "CACHE_IMAGES" in line]
+        assert float(cached.split("images/s")[0].split()[-1]) > 0 and "x decoding every read" in cached

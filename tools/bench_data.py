@@ -1,6 +1,7 @@
 """Training-pipeline throughput (decode + augment, images/s in one worker process) of both
 INPUT.IMAGE_BACKEND values against the reference's PIL + torchvision v1 pipeline, and whether each gives the
-reference's pixels (checked with the random augmentations off).
+reference's pixels (checked with the random augmentations off); then each backend reading images decoded
+once (DATALOADER.CACHE_IMAGES) against decoding them on every read.
 
     python tools/bench_data.py                                  # on a temporary SynthAG benchmark
     python tools/bench_data.py --image-size 300 140             # images that must be shrunk to INPUT.SIZE_TRAIN
@@ -17,6 +18,7 @@ from timm.data.random_erasing import RandomErasing
 
 from configs import load_config
 from datasets import SynthConfig, build_dataset, build_train_transform, generate_synthag, image_reader
+from datasets.image_cache import DecodedImages
 from utils.entrypoint import run_main
 
 BACKENDS = {"pil": "Pillow decode + resize, the default", "tensor": "decode_image + uint8-tensor resize"}
@@ -97,6 +99,11 @@ def main():
                 transform(read(path))
         speeds = {backend: throughput(paths, lambda p, t=t, r=r: t(r(p)), args.repeats)
                   for backend, (t, r) in pipelines.items()}
+        cached = {}
+        for backend, (transform, read) in pipelines.items():
+            held = DecodedImages(read)
+            held.ensure(paths)
+            cached[backend] = throughput(paths, lambda p, t=transform, r=held: t(r(p)), args.repeats)
         slow = throughput(paths, lambda p: reference(reference_read(p)), args.repeats)
         exact = {backend: identical_count(cfg, paths[:200], backend) for backend in BACKENDS}
     size = "x".join(str(v) for v in cfg.INPUT.SIZE_TRAIN)
@@ -106,6 +113,9 @@ def main():
               f"{speeds[backend] / slow:.2f}x the reference; pixel-identical to it on {exact[backend]} of "
               f"{min(len(paths), 200)} images")
     print(f"reference (PIL + torchvision.transforms v1):{'':19}{slow:8.1f} images/s per worker")
+    for backend in BACKENDS:
+        print(f"INPUT.IMAGE_BACKEND {backend:<6} with DATALOADER.CACHE_IMAGES (decoded once): {cached[backend]:8.1f} "
+              f"images/s per worker, {cached[backend] / speeds[backend]:.2f}x decoding every read")
 
 
 if __name__ == "__main__":
