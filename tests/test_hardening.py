@@ -210,18 +210,24 @@ def test_corrupt_image_with_check_images_stops_before_training(cli, data_copy, t
 
 
 @pytest.mark.slow
-def test_corrupt_image_in_a_loader_worker_names_the_file(data_copy, tmp_path):
+@pytest.mark.parametrize("cache_images", [False, True])
+def test_corrupt_image_in_a_loader_worker_names_the_file(data_copy, tmp_path, cache_images):
+    """Read by a loader worker mid-epoch (the run's state before the epoch is kept), or, with
+    DATALOADER.CACHE_IMAGES, when the loader decodes its images at startup (before anything is trained)."""
     root, images, splits = data_copy
     corrupt = os.path.join(images, splits["train"][5])
     with open(corrupt, "wb") as handle:
         handle.write(b"\x00not a jpeg" * 10)
     out = str(tmp_path / "out")
-    result = run_script(["train_svpr.py", "--config_file", BASELINE, *tiny(root, out, workers=2)],
-                        env={"OMP_NUM_THREADS": "1"})
+    result = run_script(["train_svpr.py", "--config_file", BASELINE, *tiny(root, out, workers=2),
+                         "DATALOADER.CACHE_IMAGES", str(cache_images)], env={"OMP_NUM_THREADS": "1"})
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert_one_error_line(result.returncode, lines, corrupt)
     assert "worker" not in lines[0]
-    assert load_checkpoint(os.path.join(out, "checkpoint_last.pth"))["epoch"] == 0
+    if cache_images:
+        assert not os.path.exists(os.path.join(out, "checkpoint_last.pth"))
+    else:
+        assert load_checkpoint(os.path.join(out, "checkpoint_last.pth"))["epoch"] == 0
 
 
 def _sample(pid, camid, viewid=0, timeid=0):
