@@ -5,9 +5,10 @@ each image every epoch (and again for every test protocol that shares it) can de
 decoded pixels are the decoder's output, unchanged (the transforms still run on every read), so the inputs,
 and with them the run's results, are the same as without the cache.
 
-The images of a loader's samples are decoded when the loader is built, in threads, into one uint8 tensor per
-loader (a later loader reuses what an earlier one decoded). Loader workers share those tensors instead of
-copying them: forked workers see the parent's memory, spawned ones receive them through shared memory.
+The images of a loader's samples are decoded when the loader is built, in threads, into uint8 tensors of up
+to ``CHUNK_IMAGES`` images (a later loader reuses what an earlier one decoded). Loader workers share those
+tensors instead of copying them: forked workers see the parent's memory, spawned ones receive them through
+shared memory.
 Before decoding, the memory they will take (estimated from the first image) is checked against the memory
 the machine has free: a set too large for it is one clear error, not a swapping machine.
 """
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 #: The cache may take at most this share of the memory free when it is filled.
 MAX_SHARE_OF_FREE_MEMORY = 0.5
+#: Images per uint8 chunk.
+CHUNK_IMAGES = 1024
 
 
 def free_memory_bytes():
@@ -59,7 +62,7 @@ def _version(path):
 class DecodedImages:
     """Path -> decoded image, held in uint8 chunks; ``reader`` decodes what is not held yet.
 
-    ``ensure(paths)`` decodes the missing paths into a new chunk; calling the object with a path returns the
+    ``ensure(paths)`` decodes the missing paths into new chunks; calling the object with a path returns the
     held image in the form ``reader`` returns (a uint8 tensor (3, H, W), or a PIL RGB image for the Pillow
     reader), and decodes the path with ``reader`` if it was never ensured.
     """
@@ -86,8 +89,7 @@ class DecodedImages:
             return 0
         first = self.reader(missing[0])
         self.returns_pil = isinstance(first, Image.Image)
-        first = _as_chw_tensor(first)
-        estimate = first.numel() * len(missing)
+        estimate = _as_chw_tensor(first).numel() * len(missing)
         free = free_memory_bytes()
         if free is not None and estimate > MAX_SHARE_OF_FREE_MEMORY * free:
             raise ConfigError(
@@ -95,15 +97,21 @@ class DecodedImages:
                 f"take about {estimate / 2 ** 30:.1f} GiB, more than half of the {free / 2 ** 30:.1f} GiB of free "
                 f"memory; set DATALOADER.CACHE_IMAGES False")
         with ThreadPoolExecutor(self.threads) as pool:
-            images = [first] + [_as_chw_tensor(image) for image in pool.map(self.reader, missing[1:])]
+            # A chunk per slice of paths: the decoded images and their copy coexist for one slice only.
+            for start in range(0, len(missing), CHUNK_IMAGES):
+                paths_of_chunk = missing[start:start + CHUNK_IMAGES]
+                images = [_as_chw_tensor(image) for image in pool.map(self.reader, paths_of_chunk)]
+                self._add_chunk(paths_of_chunk, images)
+        return len(missing)
+
+    def _add_chunk(self, paths, images):
         chunk = torch.empty(sum(image.numel() for image in images), dtype=torch.uint8)
         chunk_id, offset = len(self.chunks), 0
-        for path, image in zip(missing, images):
+        for path, image in zip(paths, images):
             chunk[offset:offset + image.numel()].view(image.shape).copy_(image)
             self.index[path] = (chunk_id, offset, tuple(image.shape), _version(path))
             offset += image.numel()
         self.chunks.append(chunk)
-        return len(missing)
 
     def __call__(self, path):
         held = self.index.get(path)

@@ -218,7 +218,8 @@ def make_loader(cfg, samples, transform, batch_size, sampler, tokenizer=tokenize
     workers = cfg.DATALOADER.NUM_WORKERS
     reader = image_reader(cfg)
     if cfg.DATALOADER.CACHE_IMAGES:
-        reader = cached_reader(reader, [s.path for s in samples], threads=workers or os.cpu_count() or 1)
+        # Decoded with this process's intra-op threads (sized with the other processes on the machine).
+        reader = cached_reader(reader, [s.path for s in samples], threads=torch.get_num_threads())
     data = ImageDataset(samples, transform, tokenizer=tokenizer, text_len=cfg.MODEL.TEXT_LEN, reader=reader)
     generator = torch.Generator().manual_seed(cfg.SOLVER.SEED + 1000 * offset + distributed.get_rank())
     return ReIDDataLoader(data, batch_size=batch_size, sampler=sampler, generator=generator,

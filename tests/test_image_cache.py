@@ -88,6 +88,17 @@ def test_a_replaced_file_is_decoded_again(tmp_path, reader):
     assert np.array_equal(again, np.asarray(reader(path))) and not np.array_equal(again, first)
 
 
+def test_images_spread_over_several_chunks_read_back_exactly(tmp_path, monkeypatch):
+    monkeypatch.setattr(image_cache, "CHUNK_IMAGES", 3)
+    paths = [str(tmp_path / f"{i}.jpg") for i in range(8)]
+    for i, path in enumerate(paths):
+        jpeg(path, shade=30 * i)
+    cache = DecodedImages(read_image, threads=2)
+    assert cache.ensure(paths) == 8 and len(cache.chunks) == 3
+    assert all(torch.equal(cache(path), read_image(path)) for path in paths)
+    assert cache.nbytes == sum(read_image(path).numel() for path in paths)
+
+
 def test_a_cached_image_is_a_copy(tmp_path):
     path = str(tmp_path / "a.jpg")
     jpeg(path, shade=10)
