@@ -12,9 +12,10 @@
 
 A resumed run first drops the rows of the epochs it trains again, so the file never holds duplicates.
 
-``curves.png`` is redrawn after an epoch that evaluated, after any epoch once ``CURVES_REDRAW_SECONDS`` have
-passed since the last drawing, and at the end of training: drawing it takes about 0.3 s, a cost that on
-short epochs (the quickstart's take 12 s) would add up to 2% of the run. ``metrics.csv`` and TensorBoard get
+``curves.png`` is drawn after the first epoch, after every epoch that evaluated, after any other epoch once
+``CURVES_REDRAW_SECONDS`` have passed since the last drawing, and at the end of training: drawing it takes
+about 0.3 s, which after every one of short epochs (the quickstart's take about 10 s) came to 2-3% of the
+run. ``metrics.csv`` and TensorBoard get
 every row as it comes.
 """
 import csv
@@ -95,7 +96,8 @@ def plot_curves(rows, path):
 
 class MetricsLogHook(HookBase):
     """Writes ``OUTPUT_DIR/metrics.csv`` (see the module docstring), redraws ``curves.png`` (after evaluations,
-    at most every ``CURVES_REDRAW_SECONDS`` between them, and at the end) and, with ``SOLVER.TENSORBOARD``, logs the same scalars to ``OUTPUT_DIR/tensorboard/``.
+    at most every ``CURVES_REDRAW_SECONDS`` between them, and at the end) and, with ``SOLVER.TENSORBOARD``,
+    logs the same scalars to ``OUTPUT_DIR/tensorboard/``.
 
     Register it after ``EvalHook`` so that ``trainer.last_eval`` already holds the epoch's evaluation.
     """
