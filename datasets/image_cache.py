@@ -96,11 +96,14 @@ class DecodedImages:
                 f"DATALOADER.CACHE_IMAGES = True: decoding {len(missing)} images ({missing[0]} and others) would "
                 f"take about {estimate / 2 ** 30:.1f} GiB, more than half of the {free / 2 ** 30:.1f} GiB of free "
                 f"memory; set DATALOADER.CACHE_IMAGES False")
+        def read(path):  # the first image is already decoded
+            return first if path == missing[0] else self.reader(path)
+
         with ThreadPoolExecutor(self.threads) as pool:
             # A chunk per slice of paths: the decoded images and their copy coexist for one slice only.
             for start in range(0, len(missing), CHUNK_IMAGES):
                 paths_of_chunk = missing[start:start + CHUNK_IMAGES]
-                images = [_as_chw_tensor(image) for image in pool.map(self.reader, paths_of_chunk)]
+                images = [_as_chw_tensor(image) for image in pool.map(read, paths_of_chunk)]
                 self._add_chunk(paths_of_chunk, images)
         return len(missing)
 

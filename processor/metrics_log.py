@@ -15,8 +15,7 @@ A resumed run first drops the rows of the epochs it trains again, so the file ne
 ``curves.png`` is drawn after the first epoch, after every epoch that evaluated, after any other epoch once
 ``CURVES_REDRAW_SECONDS`` have passed since the last drawing, and at the end of training: drawing it takes
 about 0.3 s, which after every one of short epochs (the quickstart's take about 10 s) came to 2-3% of the
-run. ``metrics.csv`` and TensorBoard get
-every row as it comes.
+run. ``metrics.csv`` and TensorBoard get every row as it comes.
 """
 import csv
 import logging

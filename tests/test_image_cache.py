@@ -93,8 +93,10 @@ def test_images_spread_over_several_chunks_read_back_exactly(tmp_path, monkeypat
     paths = [str(tmp_path / f"{i}.jpg") for i in range(8)]
     for i, path in enumerate(paths):
         jpeg(path, shade=30 * i)
-    cache = DecodedImages(read_image, threads=2)
+    decoded = []
+    cache = DecodedImages(lambda path: decoded.append(path) or read_image(path), threads=2)
     assert cache.ensure(paths) == 8 and len(cache.chunks) == 3
+    assert sorted(decoded) == sorted(paths)  # each once, the first too (read for the memory estimate)
     assert all(torch.equal(cache(path), read_image(path)) for path in paths)
     assert cache.nbytes == sum(read_image(path).numel() for path in paths)
 
