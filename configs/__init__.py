@@ -28,6 +28,7 @@ _CHOICES = {
     "DATALOADER.SAMPLER": ("softmax_triplet", "softmax"),
     "SOLVER.WARMUP_METHOD": ("linear", "constant"),
     "SOLVER.AMP_DTYPE": ("float16", "bfloat16"),
+    "SOLVER.CPU_AMP": ("float32", "auto", "bfloat16", "float16"),
     "TEST.FEAT_NORM": ("yes", "no"),
     "TEST.DIST_METRIC": ("euclidean", "cosine"),
     "TEST.TIME_MODE": ("mix", "cross", "same"),

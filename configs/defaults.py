@@ -162,11 +162,21 @@ _C.SOLVER.EVAL_PERIOD = 1
 _C.SOLVER.TENSORBOARD = True
 # Training batch size (P x K) over all processes.
 _C.SOLVER.IMS_PER_BATCH = 64
-# Mixed precision on CUDA: True uses autocast with AMP_DTYPE. On CPU only "bfloat16" autocasts;
-# "float16" runs in fp32 there.
+# Mixed precision (utils/amp.py). False: fp32 on every device. True: autocast to AMP_DTYPE on CUDA; on the CPU
+# as CPU_AMP says.
 _C.SOLVER.AMP = True
-# "float16" (with a gradient scaler) or "bfloat16".
+# The autocast dtype on CUDA: "float16" (with a gradient scaler; the authors' setting) or "bfloat16"
+# (with CPU_AMP "float32", "bfloat16" autocasts bf16 on the CPU too, as it did before CPU_AMP existed).
 _C.SOLVER.AMP_DTYPE = "float16"
+# Mixed precision on the CPU: "float32" (no autocast, the authors' numerics), "auto" (bf16 autocast where the
+# CPU has native bf16 matrix units, AMX-BF16 or AVX512-BF16, which multiply bf16 3-8x faster than fp32; fp32
+# elsewhere, with the reason logged), "bfloat16" (forced), "float16" (fp16 autocast with the gradient scaler:
+# the CUDA default's CPU twin, slow without fp16 units). Under bf16 the loss terms, attention softmaxes,
+# LayerNorm statistics, the optimiser and the master weights stay fp32 (docs/performance.md).
+_C.SOLVER.CPU_AMP = "float32"
+# The gradient scaler's first scale under fp16 (torch's default 2^16). A step whose scaled gradients overflow
+# is skipped and the scale halves (the log counts skipped steps per epoch); it doubles after 2000 clean steps.
+_C.SOLVER.AMP_INIT_SCALE = 65536.0
 # Compile the training forward with torch.compile (TorchInductor; a C++ compiler on the CPU, Triton on CUDA):
 # fused kernels, faster on a GPU after a compilation of a minute or more at the start. Losses and gradients
 # equal eager mode's up to float rounding; evaluation runs eagerly.
@@ -198,7 +208,8 @@ _C.TEST.DIST_METRIC = "euclidean"
 _C.TEST.TIME_MODE = "mix"
 # Largest rank of the reported CMC curve.
 _C.TEST.MAX_RANK = 50
-# Mixed precision at test time. False (the reference) embeds in fp32 even when training used AMP.
+# Mixed precision of the test features: True embeds in the training precision of the device (SOLVER.AMP,
+# AMP_DTYPE, CPU_AMP); False (the reference) embeds in fp32 even when training used mixed precision.
 _C.TEST.AMP = False
 # Write each protocol's query and gallery features with their ids, cameras, views, times and image paths
 # to OUTPUT_DIR/features_<protocol>.npz.

@@ -86,9 +86,11 @@ def _git_commit():
     return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
 
 
-def evaluation_settings(cfg, trained_on=None, initial_weights=None):
+def evaluation_settings(cfg, trained_on=None, initial_weights=None, precision=None):
     """Every setting besides the weights that changes the reported numbers, for ``results.json``
-    (``initial_weights``: where a training run's initial weights came from, MODEL.PRETRAIN_CHOICE)."""
+    (``initial_weights``: where a training run's initial weights came from, MODEL.PRETRAIN_CHOICE;
+    ``precision``: ``{"training": "fp32" | "bf16" | "fp16" | None, "test_features": ...}`` as the run used
+    them on its device, ``utils.amp``)."""
     test = cfg.TEST
     settings = {
         "trained_on": trained_on, "test_protocols": list(cfg.DATASETS.TESTS),
@@ -101,6 +103,8 @@ def evaluation_settings(cfg, trained_on=None, initial_weights=None):
     }
     if initial_weights is not None:
         settings["initial_weights"] = initial_weights
+    if precision is not None:
+        settings["precision"] = dict(precision)
     return settings
 
 

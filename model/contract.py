@@ -58,6 +58,21 @@ class ModelOutput:
     features: Dict[str, torch.Tensor]
     aux: Dict[str, Any] = field(default_factory=dict)
 
+    def float(self):
+        """A copy with every floating-point tensor (also in ``aux``'s lists and dicts) in fp32, differentiably:
+        the loss terms' input under bf16 autocast."""
+        return ModelOutput(*(_to_float32(part) for part in (self.id_logits, self.features, self.aux)))
+
+
+def _to_float32(value):
+    if torch.is_tensor(value):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {key: _to_float32(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_float32(item) for item in value)
+    return value
+
 
 @dataclass(frozen=True)
 class LossSpec:

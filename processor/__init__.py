@@ -24,6 +24,7 @@ from evaluation.protocols import average_trials, build_evaluation_protocol, prot
 from evaluation.html_report import write_html_report
 from evaluation.per_query import name_attributes
 from evaluation.report import evaluation_settings, format_table, write_results
+from utils.amp import precision_settings, test_precision, training_precision
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +55,11 @@ def evaluate_protocols(cfg, model, device, protocols=None, known=None):
     return results
 
 
-def _report(cfg, results, checkpoint, config_file, epoch, trained_on=None, initial_weights=None):
+def _report(cfg, results, checkpoint, config_file, epoch, trained_on=None, initial_weights=None, precision=None):
     if is_main_process():
         logger.info("results (%s, epoch %s):\n%s", checkpoint, epoch, format_table(results))
         document = write_results(cfg.OUTPUT_DIR, checkpoint, config_file, epoch, results,
-                                 evaluation_settings(cfg, trained_on, initial_weights))
+                                 evaluation_settings(cfg, trained_on, initial_weights, precision))
         # A test run (test_svpr.py) shows the curves of the training run its checkpoint comes from.
         curves = next((path for path in (os.path.join(cfg.OUTPUT_DIR, CURVES_FILE),
                                          os.path.join(os.path.dirname(os.path.abspath(checkpoint)), CURVES_FILE))
@@ -75,6 +76,9 @@ def run_training(cfg, device, resume=False, config_file=None):
     datasets = check_data(cfg, bundle.dataset)  # every dataset of the run, read once
     model_args = model_args_from_dataset(bundle.dataset)
     model, initial_weights = build_training_model(cfg, model_args, device)
+    precision = precision_settings(cfg, device)
+    logger.info("precision: training %s; test features %s", training_precision(cfg, device).describe(),
+                test_precision(cfg, device).describe())
     last_path = os.path.join(cfg.OUTPUT_DIR, LAST_CHECKPOINT)
     run_phases(cfg, model, bundle.dataset, device, resume)
     criterion = build_criterion(cfg, model, model_args["num_classes"]).to(device)
@@ -89,7 +93,8 @@ def run_training(cfg, device, resume=False, config_file=None):
     last_epoch = trainer.fit()
     final_path = os.path.join(cfg.OUTPUT_DIR, FINAL_CHECKPOINT)
     if is_main_process():
-        save_checkpoint(weights_file(cfg, model, model_args, last_epoch), final_path)
+        save_checkpoint(weights_file(cfg, model, model_args, last_epoch, training_precision=precision["training"]),
+                        final_path)
     barrier()
     logger.info("best %s mAP during training: %.2f%% at epoch %d (%s); final results use the last epoch's "
                 "weights (%s)", first_test.name, 100 * trainer.best["mAP"], trainer.best["epoch"], BEST_CHECKPOINT,
@@ -98,7 +103,7 @@ def run_training(cfg, device, resume=False, config_file=None):
     known = {first_test.name: metrics} if eval_epoch == last_epoch else None
     results = evaluate_protocols(cfg, model, device, protocols, known)
     _report(cfg, results, final_path, config_file, last_epoch, trained_on=cfg.DATASETS.NAMES,
-            initial_weights=initial_weights)
+            initial_weights=initial_weights, precision=precision)
     return results
 
 
@@ -109,8 +114,13 @@ def run_testing(cfg, device, config_file=None, state=None):
         raise ConfigError("TEST.WEIGHT is empty: pass the checkpoint to evaluate, e.g. "
                           "TEST.WEIGHT outputs/<run>/model_final.pth")
     model, epoch = load_trained_model(cfg, cfg.TEST.WEIGHT, device, state=state)
+    features = test_precision(cfg, device)
+    logger.info("precision: test features %s", features.describe())
+    # The training precision as the training run recorded it in its final checkpoint (None: not recorded).
+    trained = (state or {}).get("training_precision") if isinstance(state, dict) else None
+    precision = {"training": trained if trained in ("fp32", "bf16", "fp16") else None, "test_features": features.name}
     results = evaluate_protocols(cfg, model, device)
-    _report(cfg, results, cfg.TEST.WEIGHT, config_file, epoch, trained_on=cfg.DATASETS.NAMES)
+    _report(cfg, results, cfg.TEST.WEIGHT, config_file, epoch, trained_on=cfg.DATASETS.NAMES, precision=precision)
     return results
 
 

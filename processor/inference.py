@@ -1,6 +1,5 @@
 """Inference: feature extraction over a query+gallery loader and evaluation of one protocol, and the
 ``FeatureExtractor`` for using a trained checkpoint from Python code."""
-import contextlib
 import logging
 import os
 import time
@@ -18,7 +17,7 @@ from evaluation.ranking import removal_mask
 from evaluation.visualize import write_rank_lists
 from processor.model_io import load_trained_model
 from text import prompts
-from utils.amp import autocast
+from utils.amp import precision_context, test_precision
 from utils.checkpoint import load_checkpoint
 from utils.device import resolve_device, to_device
 from utils.distributed import get_rank, is_main_process, unwrap
@@ -30,8 +29,10 @@ RANK_LIST_FOLDER = "rank_lists"
 
 
 def test_autocast(cfg, device):
-    """Autocast for embedding test images: only with TEST.AMP (the reference embeds in fp32)."""
-    return autocast(cfg, device) if cfg.TEST.AMP else contextlib.nullcontext()
+    """Autocast for embedding test images (``utils.amp.test_precision``: the training precision with TEST.AMP,
+    fp32 without, as the reference). Enter it once around every batch of an evaluation: autocast then casts
+    each weight once for all of them instead of once a batch."""
+    return precision_context(test_precision(cfg, device), device)
 
 
 @torch.no_grad()
@@ -48,13 +49,13 @@ def evaluate(cfg, model, val_loader, num_query, device, view_mode="mix", desc="e
     evaluator = ReIDEvaluator(num_query, cfg)
     start, num_images = time.time(), 0
     batches = tqdm(val_loader, desc=desc, leave=False, disable=not show_progress(get_rank()))
-    for batch in batches:
-        batch = to_device(batch, device)
-        with test_autocast(cfg, device):
+    with test_autocast(cfg, device):
+        for batch in batches:
+            batch = to_device(batch, device)
             features = model(batch["images"], **unwrap(model).forward_inputs(batch))
-        evaluator.update(features.float(), batch["pids"], batch["camids"], batch["viewids"], batch["timeids"],
-                         index=batch["index"], paths=batch.get("paths"), attrs=batch.get("attrs"))
-        num_images += batch["pids"].numel()
+            evaluator.update(features.float(), batch["pids"], batch["camids"], batch["viewids"], batch["timeids"],
+                             index=batch["index"], paths=batch.get("paths"), attrs=batch.get("attrs"))
+            num_images += batch["pids"].numel()
     extract_seconds = time.time() - start
     metrics = evaluator.compute(view_mode=view_mode, time_mode=cfg.TEST.TIME_MODE)
     if cfg.TEST.SAVE_FEATURES and name and is_main_process():
@@ -123,8 +124,8 @@ class FeatureExtractor:
     @torch.no_grad()
     def __call__(self, paths, viewids=0, batch_size=None, normalize=False):
         features = []
-        for batch in self.batches(paths, viewids, batch_size):
-            with test_autocast(self.cfg, self.device):
+        with test_autocast(self.cfg, self.device):
+            for batch in self.batches(paths, viewids, batch_size):
                 features.append(self.model(batch["images"], **self.model.forward_inputs(batch)).float().cpu())
         features = torch.cat(features) if features else torch.empty(0, self.model.embedding_dim)
         return torch.nn.functional.normalize(features, dim=1) if normalize else features

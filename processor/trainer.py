@@ -22,7 +22,7 @@ from processor.hooks import (LAST_CHECKPOINT, CheckpointHook, CoreShareHook, Div
 from processor.metrics_log import MetricsLogHook
 from processor.run_state import restore_rng, rng_states
 from solver import make_optimizer, make_scheduler
-from utils.amp import autocast, make_grad_scaler
+from utils.amp import fp32_loss, make_grad_scaler, precision_context, training_precision
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.device import to_device
 from utils.distributed import barrier, get_rank, is_initialized, is_main_process, unwrap
@@ -60,6 +60,9 @@ class Trainer:
                                 if (optimizer := getattr(term, "make_optimizer", lambda cfg: None)(cfg))}
         self.scheduler = make_scheduler(cfg, self.optimizer)
         self.scaler = make_grad_scaler(cfg, device)
+        self.precision = training_precision(cfg, device)
+        self.loss_in_fp32 = fp32_loss(cfg, device)
+        self.skipped_steps = 0  # steps of the current epoch the gradient scaler skipped (inf/NaN fp16 gradients)
         self.start_epoch = 1
         self.epoch = self.iteration = self.num_iterations = 0
         self._rng_to_restore = None  # RNG states of a resumed checkpoint, restored when fit() starts
@@ -180,6 +183,7 @@ class Trainer:
     def train_one_epoch(self, epoch):
         """One pass over the training loader."""
         self.epoch, self.num_iterations = epoch, len(self.train_loader)
+        self.skipped_steps = 0
         self.train_model.train()
         self.call_hooks("before_epoch", epoch)
         bar = tqdm(total=self.num_iterations, desc=f"epoch {epoch}", leave=False,
@@ -191,21 +195,33 @@ class Trainer:
             self.call_hooks("after_step", batch, outputs, terms)
             bar.update(1)
         bar.close()
+        if self.skipped_steps:
+            logger.warning("epoch %d: the gradient scaler skipped %d of %d steps (fp16 gradients overflowed); "
+                           "scale now %g", epoch, self.skipped_steps, self.num_iterations, self.scaler.get_scale())
 
     def run_step(self, batch):
         """Forward, weighted loss terms, backward and optimiser steps on one batch; ``(outputs, terms)``."""
         self.optimizer.zero_grad(set_to_none=True)
         for optimizer in self.term_optimizers.values():
             optimizer.zero_grad(set_to_none=True)
-        with autocast(self.cfg, self.device):
+        with precision_context(self.precision, self.device):
             outputs = self.train_model(batch["images"], **unwrap(self.model).forward_inputs(batch))
-            terms = self.criterion(outputs, batch)
-            loss = sum(terms.values())
+            if not self.loss_in_fp32:
+                terms = self.criterion(outputs, batch)
+        if self.loss_in_fp32:  # bf16: every loss term in fp32, outside autocast (utils/amp.py)
+            terms = self.criterion(outputs.float(), batch)
+        loss = sum(terms.values())
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         for name, optimizer in self.term_optimizers.items():
             self.scaler.unscale_(optimizer)
             self.criterion.terms[name].prepare_gradients()
             self.scaler.step(optimizer)
-        self.scaler.update()
+        if self.scaler.is_enabled():
+            # scaler.step has already synchronised to read the overflow flags, so reading the scale costs nothing.
+            scale = self.scaler.get_scale()
+            self.scaler.update()
+            self.skipped_steps += self.scaler.get_scale() < scale
+        else:
+            self.scaler.update()
         return outputs, terms

@@ -102,7 +102,9 @@ def tiny(root, output_dir, epochs=2, workers=0, extra=()):
         "DATALOADER.NUM_WORKERS", str(workers), "DATALOADER.NUM_INSTANCE", "4", "SOLVER.IMS_PER_BATCH", "16",
         "SOLVER.BASE_LR", "0.001", "SOLVER.WARMUP_ITERS", "1", "SOLVER.MAX_EPOCHS", str(epochs),
         "SOLVER.EVAL_PERIOD", "1", "SOLVER.LOG_PERIOD", "2", "SOLVER.STAGE1.MAX_EPOCHS", "2",
-        "SOLVER.STAGE1.IMS_PER_BATCH", "16", "TEST.IMS_PER_BATCH", "32", "OUTPUT_DIR", output_dir, *extra]
+        "SOLVER.STAGE1.IMS_PER_BATCH", "16", "TEST.IMS_PER_BATCH", "32", "OUTPUT_DIR", output_dir,
+        # fp32 whatever the CPU: the same numerics on every machine (tests/test_precision.py covers the others).
+        "SOLVER.CPU_AMP", "float32", *extra]
 
 
 def openai_clip_module(name):

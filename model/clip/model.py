@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from model.clip.transformer import Transformer
+from model.kernels import patch_embedding
 from utils.errors import ConfigError
 
 VisualFeatures = namedtuple("VisualFeatures", ["penultimate", "tokens", "projected"])
@@ -56,7 +57,7 @@ class VisionTransformer(nn.Module):
             raise ConfigError(f"images are {images.shape[-2]}x{images.shape[-1]} but the CLIP image encoder "
                               f"was built for {self.image_size[0]}x{self.image_size[1]} (INPUT.SIZE_TRAIN); "
                               f"test and train sizes must match")
-        x = self.conv1(images.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, C)
+        x = patch_embedding(images.to(self.conv1.weight.dtype), self.conv1.weight, stride=self.stride)  # (B, N, C)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         if side_embed is not None:  # the CLS token only, before its position, as CLIP-ReID and SVPR-ReID add it
             cls = cls + side_embed.to(x.dtype).unsqueeze(1)

@@ -6,25 +6,25 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from model.kernels import attention, quick_gelu
+
 
 class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x), the GELU approximation CLIP was trained with. ``inplace``: overwrite the input
-    when no gradient is recorded (inference), which saves a (tokens x 4 width) allocation per block."""
+    """x * sigmoid(1.702 x), the GELU approximation CLIP was trained with (``model.kernels.quick_gelu``).
+    ``inplace``: overwrite the input when no gradient is recorded (inference), which saves a (tokens x 4 width)
+    allocation per block."""
 
     def __init__(self, inplace=False):
         super().__init__()
         self.inplace = inplace
 
     def forward(self, x):
-        gate = (1.702 * x).sigmoid_()  # in place on a temporary: one large allocation fewer
-        if self.inplace and not torch.is_grad_enabled():
-            return x.mul_(gate)
-        return x * gate
+        return quick_gelu(x, self.inplace)
 
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention with ``nn.MultiheadAttention``'s parameter layout, run by
-    ``scaled_dot_product_attention``.
+    ``model.kernels.attention`` (fused attention, or its fastest form under bf16).
 
     ``fused_attn = False`` (timm's switch of the same name) writes the attention out instead and passes its
     probabilities (B, H, L, L) through ``attn_probs``, an identity where hooks read them and their gradients
@@ -64,7 +64,7 @@ class SelfAttention(nn.Module):
             qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(batch, length, 3, self.heads, head_dim)
             q, k, v = (part.transpose(1, 2) for part in qkv.unbind(2))  # (B, H, L, Dh) each
             if self.fused_attn:
-                x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, Dh)
+                x = attention(q, k, v, is_causal=self.causal)  # (B, H, L, Dh)
             else:  # every query: the probabilities' hooks see the whole (B, H, L, L) map
                 x = self.attn_probs(self._probabilities(q, k)) @ v  # (B, H, L, Dh)
             x = x.transpose(1, 2).reshape(batch, length, width)[:, :num_queries]  # (B, L or n, C)
@@ -75,7 +75,7 @@ class SelfAttention(nn.Module):
         kv = F.linear(x, self.in_proj_weight[width:], self.in_proj_bias[width:])
         q = q.view(batch, num_queries, self.heads, head_dim).transpose(1, 2)  # (B, H, n, Dh)
         k, v = (part.transpose(1, 2) for part in kv.view(batch, length, 2, self.heads, head_dim).unbind(2))
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, n, Dh)
+        x = attention(q, k, v)  # (B, H, n, Dh)
         return self.out_proj(x.transpose(1, 2).reshape(batch, num_queries, width))  # (B, n, C)
 
     def _probabilities(self, q, k):

@@ -2,10 +2,11 @@
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
-from timm.layers.activations import QuickGELU
 from torch import nn
 
+from model.clip.transformer import QuickGELU
 from model.heads import BNNeckHead
+from model.kernels import autocast_dtype
 from model.svpr.layers import CrossAttention, init_linear_trunc_normal, mlp
 
 
@@ -41,15 +42,22 @@ class MixtureOfExperts(nn.Module):
         """Every expert's output (E, N, C) for inputs ``x`` (N, C)."""
         # bmm over the inputs broadcast to (E, N, C): ``torch.matmul`` of a 2-D by a 3-D tensor would copy the
         # transposed expert weights on every call (same products either way).
-        inputs = x.expand(self.fc1_weight.shape[0], -1, -1)  # (E, N, C)
-        hidden = self.act(torch.bmm(inputs, self.fc1_weight) + self.fc1_bias)  # (E, N, 4C)
-        out = self.act(torch.bmm(hidden, self.fc2_weight) + self.fc2_bias)  # (E, N, C)
+        # The per-expert biases and norm parameters join in the products' dtype: under bf16 autocast an fp32
+        # parameter would promote every (E, N, 4C) activation to fp32 (identity casts in fp32).
+        inputs = x.to(autocast_dtype(x)).expand(self.fc1_weight.shape[0], -1, -1)  # (E, N, C)
+        hidden = torch.bmm(inputs, self.fc1_weight)
+        hidden = self.act(hidden + self.fc1_bias.to(hidden.dtype))  # (E, N, 4C)
+        out = torch.bmm(hidden, self.fc2_weight)
+        out = self.act(out + self.fc2_bias.to(out.dtype))  # (E, N, C)
         out = F.layer_norm(out, out.shape[-1:], eps=1e-6)
-        return out * self.norm_weight + self.norm_bias
+        return out * self.norm_weight.to(out.dtype) + self.norm_bias.to(out.dtype)
 
     def gate_weights(self, x):
         """Top-k softmax gate weights (N, E), zero outside the top k, not renormalised."""
-        probs = self.gate(x).softmax(dim=-1)
+        # Computed in fp32 under autocast: which experts are kept is a discrete decision that bf16 rounding
+        # would flip for near-tied gates.
+        with torch.autocast(x.device.type, enabled=False):
+            probs = self.gate(x.float()).softmax(dim=-1)
         top = probs.topk(self.top_k, dim=-1)
         return torch.zeros_like(probs).scatter(-1, top.indices, top.values)
 
@@ -96,7 +104,8 @@ class AttributeScatterMoE(nn.Module):
         num_attributes = inputs.shape[1]
         expert_out = self.moe(inputs.reshape(batch * num_attributes, dim)).view(batch, num_attributes, dim)
         attr_logits = [self.heads[name](expert_out[:, a])[0] for a, name in enumerate(self.attribute_names)]
-        scores = self.router(inputs).mean(dim=-1)  # (B, A)
+        with torch.autocast(inputs.device.type, enabled=False):  # the kept attributes: a discrete decision
+            scores = self.router(inputs.float()).mean(dim=-1)  # (B, A)
         top = scores.topk(self.num_kept, dim=-1)
         kept = expert_out.gather(1, top.indices[..., None].expand(-1, -1, dim))  # (B, k, C)
         f_asmoe = (top.values.softmax(dim=-1)[..., None] * kept).sum(dim=1)

@@ -4,6 +4,8 @@ import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 from torch import nn
 
+from model.kernels import attention
+
 
 def init_linear_trunc_normal(module):
     """SVPR's initialisation: Linear weights trunc-normal std 0.02 with zero bias; LayerNorm 1 / 0."""
@@ -62,7 +64,7 @@ class CrossAttention(nn.Module):
         q = _split_heads(self.q(query), self.num_heads)
         k = _split_heads(self.k(key), self.num_heads)
         v = _split_heads(self.v(value), self.num_heads)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, Nq, d)
+        out = attention(q, k, v)  # (B, h, Nq, d)
         return self.proj(out.transpose(1, 2).reshape(query.shape))  # (B, Nq, C)
 
 
@@ -81,7 +83,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x):
         q, k, v = (_split_heads(part, self.num_heads) for part in self.qkv(x).chunk(3, dim=-1))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
+        out = attention(q, k, v)  # (B, h, N, d)
         return self.proj(out.transpose(1, 2).reshape(x.shape))
 
 
@@ -127,8 +129,11 @@ class TopKScorer(nn.Module):
     @torch.no_grad()
     def forward(self, query, keys):
         head_dim = keys.shape[-1] // self.num_heads
-        q = _split_heads(self.q(query), self.num_heads)  # (B, h, 1, d)
-        k = _split_heads(self.k(keys), self.num_heads)  # (B, h, N, d)
+        # A ranking is a discrete decision: bf16 rounding would swap near-tied tokens and select others, so
+        # the scores are computed in fp32 under autocast (as the reference's fp32 ones).
+        with torch.autocast(keys.device.type, enabled=False):
+            q = _split_heads(self.q(query.float()), self.num_heads)  # (B, h, 1, d)
+            k = _split_heads(self.k(keys.float()), self.num_heads)  # (B, h, N, d)
         scores = ((q @ k.transpose(-2, -1)) * head_dim ** -0.5).softmax(dim=-1).mean(dim=1)  # (B, 1, N)
         return scores[:, 0].topk(self.num_kept(keys.shape[1]), dim=-1).indices
 

@@ -18,6 +18,8 @@ from torch.utils.checkpoint import checkpoint
 
 from configs import CN, declare_config
 from model.clip.sie import SideInfoEmbedding
+from model.kernels import attention, patch_embedding
+from model.vit.attention import Attention
 from model.vit.weights import architecture_of, load_pretrained_vit, read_vit_weights
 from utils.errors import ConfigError
 
@@ -68,6 +70,13 @@ class OverlapPatchEmbed(PatchEmbed):
                                for size, patch, step in zip(self.img_size, self.patch_size, stride))
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
+    def forward(self, x):
+        """Patch tokens (B, N, C) of images (B, 3, H, W) at the built size (``model.kernels.patch_embedding``)."""
+        if tuple(x.shape[-2:]) != tuple(self.img_size):
+            raise ConfigError(f"images are {x.shape[-2]}x{x.shape[-1]} but the ViT was built for "
+                              f"{self.img_size[0]}x{self.img_size[1]} (INPUT.SIZE_TRAIN)")
+        return self.norm(patch_embedding(x, self.proj.weight, self.proj.bias, self.proj.stride))
+
 
 def _has_dropout(module):
     return any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
@@ -94,7 +103,7 @@ def block_first_tokens(block, x, num_queries=None):
     kv = F.linear(h, weight[dim:], None if bias is None else bias[dim:])
     q = q.view(batch, num_queries, heads, head_dim).transpose(1, 2)  # (B, H, n, d)
     k, v = (part.transpose(1, 2) for part in kv.view(batch, length, 2, heads, head_dim).unbind(2))  # (B, H, L, d)
-    out = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v)  # (B, H, n, d)
+    out = attention(attn.q_norm(q), attn.k_norm(k), v)  # (B, H, n, d)
     out = attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(batch, num_queries, dim))))
     x = x[:, :num_queries] + block.drop_path1(block.ls1(out))
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
@@ -120,7 +129,7 @@ class ReIDVisionTransformer(VisionTransformer):
                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                          qkv_bias=qkv_bias, reg_tokens=int(view_token), pos_drop_rate=drop_out,
                          proj_drop_rate=drop_out, attn_drop_rate=attn_drop, drop_path_rate=drop_path,
-                         embed_layer=partial(OverlapPatchEmbed, stride=tuple(stride)),
+                         embed_layer=partial(OverlapPatchEmbed, stride=tuple(stride)), attn_layer=Attention,
                          norm_layer=partial(nn.LayerNorm, eps=LAYER_NORM_EPS))
         if self.reg_token is not None:
             nn.init.zeros_(self.reg_token)  # the authors' view token starts at zero and is never loaded

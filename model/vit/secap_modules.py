@@ -1,8 +1,10 @@
 """SeCap's prompt modules (Wang et al., CVPR 2025): PRM (prompt re-calibration) and LFRM (a SAM-style
 two-way transformer refining the prompts against the local tokens). LayerNorms use eps 1e-5, as the authors'."""
-import torch.nn.functional as F
-from timm.layers import Attention, Mlp
+from timm.layers import Mlp
 from torch import nn
+
+from model.kernels import attention
+from model.vit.attention import Attention
 
 
 class CrossAttention(nn.Module):
@@ -24,7 +26,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, q, k, v):
         batch, length = q.shape[:2]
-        out = F.scaled_dot_product_attention(self._heads(self.q(q)), self._heads(self.k(k)), self._heads(self.v(v)))
+        out = attention(self._heads(self.q(q)), self._heads(self.k(k)), self._heads(self.v(v)))  # (B, H, Nq, d)
         return self.proj(out.transpose(1, 2).reshape(batch, length, -1))  # (B, Nq, C)
 
 

@@ -1,0 +1,77 @@
+"""Operations whose fastest formulation depends on the precision they run in.
+
+In fp32 each runs the formulation of the authors' code, so that test features match theirs. Under bf16 (or
+fp16) autocast on a CPU, where a different formulation of the same function is several times faster, that
+one runs instead; it differs from the fp32 one only by rounding (tests/test_precision.py):
+
+* ``attention``: PyTorch's fused attention, except when training in bf16/fp16 on a CPU, where its backward
+  kernel is 3-10x slower than the written-out attention (two bf16 matrix products around an fp32 softmax);
+* ``quick_gelu``: CLIP's ``x * sigmoid(1.702 x)``, or when training in bf16/fp16 ``silu(1.702 x) / 1.702``
+  (a fused backward instead of three operations' backwards);
+* ``patch_embedding``: the patch convolution, or under bf16/fp16 autocast on a CPU the same product as one
+  matrix multiplication of the image patches (the CPU's bf16 convolution backward is 3-4x slower than fp32's).
+"""
+import torch
+import torch.nn.functional as F
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+QUICK_GELU_SCALE = 1.702
+
+
+def _low_precision_cpu(tensor):
+    return tensor.dtype in LOW_PRECISION and tensor.device.type == "cpu"
+
+
+def autocast_dtype(tensor):
+    """The dtype autocast casts matrix-product inputs to on ``tensor``'s device, or ``tensor.dtype`` outside
+    autocast: a tensor cast to it once before it is broadcast (e.g. to several experts) is not cast again
+    per copy."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
+
+
+def attention(q, k, v, is_causal=False, dropout_p=0.0):
+    """Softmax attention of ``q`` (B, H, Lq, D) over ``k``/``v`` (B, H, Lk, D) -> (B, H, Lq, D), as
+    ``F.scaled_dot_product_attention`` (scale 1/sqrt(D); ``is_causal`` masks later keys; ``dropout_p`` drops
+    attention weights)."""
+    if not (_low_precision_cpu(q) and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                                    or v.requires_grad)):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout_p)
+    # The products in bf16 on the matrix units; the softmax in fp32, as the fused kernel accumulates it.
+    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (B, H, Lq, Lk)
+    if is_causal:
+        later = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(later, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    return probs.to(v.dtype) @ v
+
+
+def quick_gelu(x, inplace=False):
+    """``x * sigmoid(1.702 x)`` (CLIP's activation); ``inplace`` overwrites ``x`` when no gradient is recorded."""
+    if x.dtype in LOW_PRECISION and torch.is_grad_enabled():
+        # silu's backward is one fused kernel; the three operations below would each record their own.
+        return F.silu(x * QUICK_GELU_SCALE) * (1 / QUICK_GELU_SCALE)
+    gate = (QUICK_GELU_SCALE * x).sigmoid_()  # in place on a temporary: one large allocation fewer
+    return x.mul_(gate) if inplace and not torch.is_grad_enabled() else x * gate
+
+
+def patch_embedding(images, weight, bias=None, stride=None):
+    """Patch tokens (B, N, C), row-major over the patch grid, of ``images`` (B, 3, H, W): the convolution
+    ``F.conv2d(images, weight, bias, stride)`` flattened, with ``weight`` (C, 3, p, p) and ``stride`` (sh, sw)
+    (default: the patch size)."""
+    patch = tuple(weight.shape[-2:])
+    stride = tuple(stride) if stride is not None else patch
+    if not (images.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") in LOW_PRECISION):
+        return F.conv2d(images, weight, bias, stride=stride).flatten(2).transpose(1, 2)
+    batch, channels, height, width = images.shape
+    rows, cols = (height - patch[0]) // stride[0] + 1, (width - patch[1]) // stride[1] + 1
+    if stride == patch:  # non-overlapping: the patches are a reshape of the (cropped) image
+        crop = images[:, :, :rows * patch[0], :cols * patch[1]]
+        columns = crop.reshape(batch, channels, rows, patch[0], cols, patch[1]).permute(0, 2, 4, 1, 3, 5)
+        columns = columns.reshape(batch, rows * cols, -1)  # (B, N, 3 p p)
+    else:
+        columns = F.unfold(images, patch, stride=stride).transpose(1, 2)  # (B, N, 3 p p)
+    return F.linear(columns, weight.reshape(weight.shape[0], -1), bias)  # (B, N, C)
