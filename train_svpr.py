@@ -1,4 +1,4 @@
-"""Train a ReID model (SVPR-ReID, CLIP-ReID or the CLIP baseline) from a YAML config.
+"""Train a ReID model from a YAML config: SVPR-ReID or any baseline of its tables (configs/<benchmark>/<model>.yml).
 
     python train_svpr.py                                   # SVPR-ReID on the synthetic benchmark
     python train_svpr.py --config_file configs/CP2108/svpr_reid.yml MODEL.PRETRAIN_PATH ViT-B-16.pt

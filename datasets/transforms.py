@@ -97,21 +97,58 @@ def _to_normalised_float(cfg):
             transforms_v1.Normalize(mean=list(cfg.INPUT.PIXEL_MEAN), std=list(cfg.INPUT.PIXEL_STD), inplace=True)]
 
 
-def build_train_transform(cfg):
+class TrainTransform:
     """Resize (bicubic), flip, pad, random crop, /255, normalise, random erasing (per-pixel normal values).
 
     Takes a PIL image (transformed by Pillow up to the crop, as the reference) or a uint8 tensor
-    (transformed by torchvision).
+    (transformed by torchvision). A uint8 tensor already at the training size, which the resize leaves as it
+    is, takes a fused path: the same random draws in the same order and a bit-identical result, from a few
+    tensor operations instead of six transforms (per image 3-4x faster; SynthAG's images are all such).
     """
-    size = list(cfg.INPUT.SIZE_TRAIN)
-    return v2.Compose([
-        v2.Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(p=cfg.INPUT.PROB),
-        v2.Pad(cfg.INPUT.PADDING, fill=0),
-        v2.RandomCrop(size),
-        *_to_normalised_float(cfg),
-        RandomErasing(probability=cfg.INPUT.RE_PROB, mode="pixel", max_count=1, device="cpu"),
-    ])
+
+    def __init__(self, cfg):
+        self.size = tuple(cfg.INPUT.SIZE_TRAIN)
+        self.flip_prob = cfg.INPUT.PROB
+        self.padding = cfg.INPUT.PADDING
+        normalize = _to_normalised_float(cfg)
+        self.erasing = RandomErasing(probability=cfg.INPUT.RE_PROB, mode="pixel", max_count=1, device="cpu")
+        self.general = v2.Compose([
+            v2.Resize(list(self.size), interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.RandomHorizontalFlip(p=self.flip_prob),
+            v2.Pad(self.padding, fill=0),
+            v2.RandomCrop(list(self.size)),
+            *normalize,
+            self.erasing,
+        ])
+        self.mean = torch.tensor(cfg.INPUT.PIXEL_MEAN, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(cfg.INPUT.PIXEL_STD, dtype=torch.float32).view(-1, 1, 1)
+        # What a zero (padding) pixel becomes, by the same operations as every other pixel.
+        self.pad_value = (torch.zeros(3, 1, 1) / 255.0).sub_(self.mean).div_(self.std)
+
+    def __call__(self, image):
+        if not (torch.is_tensor(image) and image.dtype == torch.uint8 and image.dim() == 3
+                and image.shape[0] == 3 and tuple(image.shape[-2:]) == self.size):
+            return self.general(image)
+        height, width = self.size
+        pad = self.padding
+        # The draws of v2.RandomHorizontalFlip, then v2.RandomCrop on the padded (H + 2p, W + 2p) image.
+        if torch.rand(1) < self.flip_prob:
+            image = image.flip(-1)
+        top = int(torch.randint(0, 2 * pad + 1, size=())) if pad > 0 else 0
+        left = int(torch.randint(0, 2 * pad + 1, size=())) if pad > 0 else 0
+        out = self.pad_value.expand(3, height, width).clone()  # (3, H, W)
+        # Rows/columns of the crop window (padded coordinates) that fall on the image, which sits at pad..pad+H.
+        row0, row1 = max(top, pad), min(top + height, pad + height)
+        col0, col1 = max(left, pad), min(left + width, pad + width)
+        if row0 < row1 and col0 < col1:
+            pixels = image[:, row0 - pad:row1 - pad, col0 - pad:col1 - pad].to(torch.float32) / 255.0
+            out[:, row0 - top:row1 - top, col0 - left:col1 - left] = pixels.sub_(self.mean).div_(self.std)
+        return self.erasing(out)
+
+
+def build_train_transform(cfg):
+    """The training transform (:class:`TrainTransform`)."""
+    return TrainTransform(cfg)
 
 
 def build_test_transform(cfg):

@@ -293,3 +293,36 @@ def test_default_tokenizer_is_clips(synth_root):
     train = bundle.train_loader.dataset
     long_text = train.samples[0].text
     assert torch.equal(train.text_tokens[train.text_index[0]], reference([long_text], 40)[0])
+
+
+@pytest.mark.parametrize("padding, flip, erase", [(5, 0.5, 0.0), (10, 0.5, 0.5), (0, 1.0, 0.0), (3, 0.0, 0.3)])
+def test_fused_train_transform_equals_the_six_transforms(padding, flip, erase):
+    """Images already at the training size take TrainTransform's fused path: the same random draws (torch's and
+    Python's generators end in the same state) and bit-identical tensors as resize, flip, pad, crop, /255,
+    normalise and erasing applied one after the other."""
+    import random
+
+    from datasets.transforms import TrainTransform
+
+    cfg = get_cfg_defaults()
+    cfg.INPUT.SIZE_TRAIN = [32, 16]
+    cfg.INPUT.PADDING, cfg.INPUT.PROB, cfg.INPUT.RE_PROB = padding, flip, erase
+    cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    transform = TrainTransform(cfg)
+    images = [torch.randint(0, 256, (3, 32, 16), dtype=torch.uint8) for _ in range(60)]
+    outputs = []
+    for run in (transform, transform.general):
+        torch.manual_seed(1)
+        random.seed(1)
+        outputs.append(([run(image) for image in images], torch.rand(1), random.random()))
+    (fused, fused_torch, fused_python), (general, general_torch, general_python) = outputs
+    assert all(torch.equal(a, b) for a, b in zip(fused, general))
+    assert torch.equal(fused_torch, general_torch) and fused_python == general_python
+    # Another size, or a PIL image, goes through the six transforms.
+    other = torch.randint(0, 256, (3, 40, 20), dtype=torch.uint8)
+    torch.manual_seed(2)
+    random.seed(2)
+    resized = transform(other)
+    torch.manual_seed(2)
+    random.seed(2)
+    assert torch.equal(resized, transform.general(other)) and resized.shape == (3, 32, 16)
