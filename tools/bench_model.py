@@ -14,11 +14,14 @@ and one attribute vector per identity, alternating views), as the trainer runs i
 forward in eval mode without gradients. The models' timed steps alternate, so a change in machine load
 affects them alike. FLOPs are those ``torch.utils.flop_counter`` counts in one step (matrix products,
 convolutions, attention); the peak they are compared with is ``--peak-tflops`` or, by default, a dense
-matrix product of the same precision measured on the device. CUDA runs use each precision's autocast
-(fp16 with the gradient scaler); ``--amp`` defaults to fp16 and bf16 on CUDA, fp32 elsewhere. A printed
-table, then one JSON object as the last line.
+matrix product of the same precision measured on the device. Each precision runs as training and evaluation
+run it (``utils.amp``): fp16 autocast with the gradient scaler, bf16 autocast, or fp32; inference steps run
+inside one autocast region, as an evaluation's batches do. ``--amp`` defaults to fp16 and bf16 on CUDA, and to
+fp32 plus bf16 where the CPU has native bf16 matrix units. A printed table, then one JSON object as the last
+line.
 """
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -33,6 +36,7 @@ from processor.inference import test_autocast
 from processor.trainer import Trainer
 from text import tokenize
 from utils.allocator import retain_freed_cpu_memory
+from utils.amp import native_bf16_units
 from utils.entrypoint import run_main
 from utils.errors import ConfigError
 
@@ -73,12 +77,13 @@ def _sync(device):
 
 
 def precision_config(cfg, precision):
-    """``cfg`` with training and test autocast set for ``precision`` ("fp32", "fp16" or "bf16")."""
+    """``cfg`` with training and test autocast set for ``precision`` ("fp32", "fp16" or "bf16") on any device
+    (on the CPU fp16 runs with the gradient scaler, as on CUDA)."""
     cfg = cfg.clone()
     cfg.defrost()
     cfg.SOLVER.AMP = cfg.TEST.AMP = precision != "fp32"
     if precision != "fp32":
-        cfg.SOLVER.AMP_DTYPE = "float16" if precision == "fp16" else "bfloat16"
+        cfg.SOLVER.AMP_DTYPE = cfg.SOLVER.CPU_AMP = "float16" if precision == "fp16" else "bfloat16"
     cfg.freeze()
     return cfg
 
@@ -86,7 +91,8 @@ def precision_config(cfg, precision):
 def make_steps(cfg, batch, num_classes, num_views, device):
     """(model, train step, inference step) of ``cfg.MODEL.ARCH_NAME`` on ``batch``: the trainer's
     ``run_step`` (optimiser, autocast, gradient scaler and SOLVER.COMPILE as configured) and the test forward
-    of evaluation (TEST.AMP; eager, as evaluation runs)."""
+    of evaluation (eager, as evaluation runs; inside ``test_autocast``, which the caller enters once around
+    many steps, as evaluation does around its batches)."""
     attributes = BENCH_ATTRIBUTES if cfg.MODEL.USE_ATTR else ()
     model = build_model(cfg, num_classes, num_cameras=2, num_views=num_views, attributes=attributes).to(device)
     model.stand_in_for_phases(torch.Generator().manual_seed(0))  # e.g. CLIP-ReID's stage-1 text features
@@ -99,8 +105,7 @@ def make_steps(cfg, batch, num_classes, num_views, device):
 
     @torch.no_grad()
     def infer_step():
-        with test_autocast(cfg, device):
-            model(batch["images"], **inputs)
+        model(batch["images"], **inputs)
 
     return model, train_step, infer_step
 
@@ -148,32 +153,40 @@ def matmul_peak_tflops(device, dtype):
     return 2 * size ** 3 / best / 1e12
 
 
-def measure(candidates, batch_size, device, warmup, iters):
+def measure(candidates, batch_size, device, warmup, iters, infer_context=contextlib.nullcontext):
     """Images/s and peak memory (bytes, CUDA only) of each candidate's train and inference step:
     ``{name: ([train, infer] images/s, [train, infer] peak bytes or None)}``.
 
-    The candidates' timed steps alternate, so a change in machine load affects them alike.
+    The candidates' timed steps alternate, so a change in machine load affects them alike. The inference
+    steps run inside one ``infer_context()`` (the test precision's autocast: weights are cast once, as in an
+    evaluation).
     """
     seconds = {name: [0.0, 0.0] for name in candidates}
     peaks = {name: [None, None] for name in candidates}
     for phase, train in ((0, True), (1, False)):
-        for model, *steps in candidates.values():
-            model.train(train)
-            for _ in range(warmup):
-                steps[phase]()
-        for _ in range(iters):
-            for name, (model, *steps) in candidates.items():
-                model.train(train)
-                _sync(device)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                start = time.perf_counter()
-                steps[phase]()
-                _sync(device)
-                seconds[name][phase] += time.perf_counter() - start
-                if device.type == "cuda":
-                    peaks[name][phase] = max(peaks[name][phase] or 0, torch.cuda.max_memory_allocated(device))
+        with (infer_context() if phase else contextlib.nullcontext()):
+            _measure_phase(candidates, phase, train, device, warmup, iters, seconds, peaks)
     return {name: ([iters * batch_size / s for s in spent], peaks[name]) for name, spent in seconds.items()}
+
+
+def _measure_phase(candidates, phase, train, device, warmup, iters, seconds, peaks):
+    """Warm up, then time ``iters`` alternating steps of ``phase`` (0 train, 1 inference) into ``seconds``/``peaks``."""
+    for model, *steps in candidates.values():
+        model.train(train)
+        for _ in range(warmup):
+            steps[phase]()
+    for _ in range(iters):
+        for name, (model, *steps) in candidates.items():
+            model.train(train)
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            steps[phase]()
+            _sync(device)
+            seconds[name][phase] += time.perf_counter() - start
+            if device.type == "cuda":
+                peaks[name][phase] = max(peaks[name][phase] or 0, torch.cuda.max_memory_allocated(device))
 
 
 def config_files(args):
@@ -208,7 +221,8 @@ def parse_args():
     parser.add_argument("--num-views", type=int, default=2, help="views of the synthetic batch")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when available)")
     parser.add_argument("--amp", nargs="+", choices=sorted(AMP_DTYPES), default=None,
-                        help="precisions to time (default: fp16 bf16 on CUDA, fp32 elsewhere)")
+                        help="precisions to time (default: fp16 bf16 on CUDA; fp32, and bf16 where the CPU has native "
+                             "bf16 matrix units, on a CPU)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak TFLOP/s to compare with (default: a measured dense matmul)")
     parser.add_argument("--threads", type=int, default=None,
@@ -228,7 +242,8 @@ def main():
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: CUDA is not available on this machine")
-    precisions = args.amp or (["fp16", "bf16"] if device.type == "cuda" else ["fp32"])
+    precisions = args.amp or (["fp16", "bf16"] if device.type == "cuda" else
+                              ["fp32", "bf16"] if native_bf16_units() else ["fp32"])
     opts = list(args.opts) + (["MODEL.RANDOM_INIT", "True"] if args.random_weights else [])
     paths = config_files(args)
     configs = {name: load_config(path, opts) for name, path in paths.items()}
@@ -253,7 +268,9 @@ def main():
         candidates = {name: make_steps(precision_config(cfg, precision), batch, args.num_classes, args.num_views,
                                        device) for name, cfg in configs.items()}
         flops = {name: count_flops(model, steps) for name, (model, *steps) in candidates.items()}
-        rates = measure(candidates, args.batch, device, args.warmup, args.iters)
+        test_cfg = precision_config(first, precision)
+        rates = measure(candidates, args.batch, device, args.warmup, args.iters,
+                        infer_context=lambda: test_autocast(test_cfg, device))
         for name, ((train, infer), (train_mem, infer_mem)) in rates.items():
             tflops = [flops[name][0] * train / args.batch / 1e12, flops[name][1] * infer / args.batch / 1e12]
             row = {"config": paths.get(name, args.baseline_config or args.config_file),
