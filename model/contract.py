@@ -114,6 +114,12 @@ class ReIDModel(nn.Module):
         """The model's loss terms (list of :class:`LossSpec`)."""
         raise NotImplementedError
 
+    def test_feature_inputs(self):
+        """The batch entries (of ``batch_inputs``) the eval-mode feature depends on; evaluation embeds once the
+        images that two test protocols batch alike with equal such entries (all of ``batch_inputs`` unless the
+        model knows that some of them are not read, e.g. camera ids without a camera embedding)."""
+        return tuple(self.batch_inputs)
+
     def forward_inputs(self, batch):
         """Keyword arguments of ``forward`` taken from a batch dict."""
         unknown = [key for key in self.batch_inputs if key not in BATCH_KEYS]

@@ -38,6 +38,7 @@ def evaluate_protocols(cfg, model, device, protocols=None, known=None):
     training).
     """
     known, results, protocols = known or {}, {}, protocols or {}
+    embedded = []  # (embedding_key, features): protocols over the same images and batches embed them once
     for name in cfg.DATASETS.TESTS:
         protocol = protocols.get(name) or build_evaluation_protocol(cfg, name)
         # Known metrics come without features: protocols whose features are saved or drawn are embedded again.
@@ -48,7 +49,8 @@ def evaluate_protocols(cfg, model, device, protocols=None, known=None):
             for trial, (loader, num_query) in enumerate(protocol.trials(cfg)):
                 suffix = f" trial {trial + 1}/{protocol.num_trials}" if protocol.num_trials > 1 else ""
                 trials.append(evaluate(cfg, model, loader, num_query, device, protocol.view_mode,
-                                       desc=f"test {name}{suffix}", name=name if not trial else None))
+                                       desc=f"test {name}{suffix}", name=name if not trial else None,
+                                       embedded=embedded))
         # One per-query table per trial, its attribute columns named after the dataset's attributes.
         tables = [name_attributes(trial["per_query"], protocol.dataset.attributes) for trial in trials]
         results[name] = dict(average_trials(trials), per_query=tables, benchmark=protocol.benchmark)

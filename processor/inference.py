@@ -35,27 +35,62 @@ def test_autocast(cfg, device):
     return precision_context(test_precision(cfg, device), device)
 
 
+# The field of a datasets.bases.Sample that each model batch input comes from.
+SAMPLE_FIELD = {"camids": "camid", "viewids": "viewid", "timeids": "timeid", "text_tokens": "text", "attrs": "attrs"}
+
+
+def embedding_key(loader, model):
+    """What decides the features ``model`` (fixed weights, eval mode) gives a loader's batches: its image
+    files in order with the sample fields behind the model's ``test_feature_inputs``, and its batch size (a
+    feature may depend on its batch). None for loaders without a sample list."""
+    samples = getattr(getattr(loader, "dataset", None), "samples", None)
+    if samples is None:
+        return None
+    fields = [SAMPLE_FIELD[name] for name in unwrap(model).test_feature_inputs()]
+    return loader.batch_size, tuple((sample.path, *(getattr(sample, field) for field in fields)) for sample in samples)
+
+
+def _embed(cfg, model, val_loader, device, desc):
+    """Per batch of ``val_loader``: ``(features (B, E) fp32, evaluator labels)`` of the model in eval mode."""
+    batches, embedded = tqdm(val_loader, desc=desc, leave=False, disable=not show_progress(get_rank())), []
+    with test_autocast(cfg, device):
+        for batch in batches:
+            batch = to_device(batch, device)
+            features = model(batch["images"], **unwrap(model).forward_inputs(batch))
+            embedded.append((features.float(), dict(
+                pids=batch["pids"], camids=batch["camids"], viewids=batch["viewids"], timeids=batch["timeids"],
+                index=batch["index"], paths=batch.get("paths"), attrs=batch.get("attrs"))))
+    return embedded
+
+
 @torch.no_grad()
-def evaluate(cfg, model, val_loader, num_query, device, view_mode="mix", desc="eval", name=None):
+def evaluate(cfg, model, val_loader, num_query, device, view_mode="mix", desc="eval", name=None, embedded=None):
     """Embed every query and gallery image and return the protocol's metrics (fractions in [0, 1]).
 
     Features from all ranks are gathered by the evaluator; every rank returns the same dictionary. With
     ``name`` the embedding picture is written to OUTPUT_DIR/embedding_<name>.png, with TEST.SAVE_FEATURES the
     features to OUTPUT_DIR/features_<name>.npz, and with TEST.VISUALIZE_TOPK the ranked lists (with the
-    relevance map of each drawn query) to OUTPUT_DIR/rank_lists/.
+    relevance map of each drawn query) to OUTPUT_DIR/rank_lists/. ``embedded``: a list shared by the
+    protocols of one evaluation of the same weights, of ``(embedding_key, features)``; a loader whose images
+    and batches were embedded before reuses those features (e.g. CP2108_ALL and CP2108_AGAG, which rank the
+    same images with different filters).
     """
     was_training = model.training
     model.eval()
     evaluator = ReIDEvaluator(num_query, cfg)
-    start, num_images = time.time(), 0
-    batches = tqdm(val_loader, desc=desc, leave=False, disable=not show_progress(get_rank()))
-    with test_autocast(cfg, device):
-        for batch in batches:
-            batch = to_device(batch, device)
-            features = model(batch["images"], **unwrap(model).forward_inputs(batch))
-            evaluator.update(features.float(), batch["pids"], batch["camids"], batch["viewids"], batch["timeids"],
-                             index=batch["index"], paths=batch.get("paths"), attrs=batch.get("attrs"))
-            num_images += batch["pids"].numel()
+    start, key = time.time(), embedding_key(val_loader, model) if embedded is not None else None
+    batches = next((features for seen, features in embedded or () if key is not None and seen == key), None)
+    if batches is not None:
+        logger.info("%s: the features of the same images and batches embedded before are reused", desc)
+    else:
+        batches = _embed(cfg, model, val_loader, device, desc)
+        if key is not None:
+            embedded.append((key, batches))
+    num_images = 0
+    for features, labels in batches:
+        evaluator.update(features, labels["pids"], labels["camids"], labels["viewids"], labels["timeids"],
+                         index=labels["index"], paths=labels["paths"], attrs=labels["attrs"])
+        num_images += labels["pids"].numel()
     extract_seconds = time.time() - start
     metrics = evaluator.compute(view_mode=view_mode, time_mode=cfg.TEST.TIME_MODE)
     if cfg.TEST.SAVE_FEATURES and name and is_main_process():

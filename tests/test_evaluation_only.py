@@ -103,3 +103,29 @@ def test_test_script_reads_the_checkpoint_once(trained, tmp_path, monkeypatch):
     test_svpr.main()
     assert loads[os.path.abspath(weights)] == 1
     assert os.path.isfile(tmp_path / "test" / "results.json")
+
+
+def test_protocols_over_the_same_images_and_batches_embed_them_once(synth_root, tmp_path):
+    """SynthAG_ALL and SynthAG_AGAG rank the same images in the same batches with different filters: one
+    evaluation embeds them once (SVPR-ReID, whose features depend on the batch, included) and every metric
+    equals a separate evaluation of each protocol."""
+    from evaluation.protocols import build_evaluation_protocol
+    from processor import evaluate_protocols
+    from processor.inference import evaluate
+    from datasets import make_dataloaders
+    from processor.model_io import build_from_args, model_args_from_dataset
+    from tests.fixtures import SVPR
+
+    cfg = load_config(SVPR, tiny(synth_root, str(tmp_path), extra=[
+        "DATASETS.TESTS", "('SynthAG_ALL', 'SynthAG_AG', 'SynthAG_AGAG')", "TEST.IMS_PER_BATCH", "24"]))
+    protocols = {name: build_evaluation_protocol(cfg, name) for name in cfg.DATASETS.TESTS}
+    torch.manual_seed(0)
+    model = build_from_args(cfg, model_args_from_dataset(make_dataloaders(cfg).dataset), torch.device("cpu")).eval()
+    calls = []
+    model.register_forward_pre_hook(lambda module, inputs: calls.append(len(inputs[0])))
+    shared = evaluate_protocols(cfg, model, torch.device("cpu"), protocols)
+    assert sum(calls) == sum(protocols[name].num_query + protocols[name].num_gallery
+                             for name in ("SynthAG_ALL", "SynthAG_AG"))
+    for name, protocol in protocols.items():
+        alone = evaluate(cfg, model, protocol.loader, protocol.num_query, torch.device("cpu"), protocol.view_mode)
+        assert shared[name]["mAP"] == alone["mAP"] and (shared[name]["cmc"] == alone["cmc"]).all(), name

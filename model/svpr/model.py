@@ -195,6 +195,11 @@ class CLIPSVPRReID(ReIDModel):
         """Constructor sizes of the authors' model behind ``state_dict`` (reference layout)."""
         return reference_layout.model_args(state_dict, cfg)
 
+    def test_feature_inputs(self):
+        """Camera ids are read only by the side-information embedding of cameras (MODEL.SIE_CAMERA)."""
+        reads_cameras = self.sie is not None and self.sie.num_cameras > 0
+        return tuple(key for key in self.batch_inputs if key != "camids" or reads_cameras)
+
     def loss_specs(self, cfg):
         """Main branch + mean of the other branches for ID and triplet (as the paper's code weighs them),
         the view loss with VDFE (smoothed as the authors do unless MODEL.FIXES.VIEW_LOSS_SMOOTHING), the
