@@ -1,6 +1,7 @@
 """tools/download_weights.py against an HTTP server started here on 127.0.0.1 (it honours Range requests):
 a good file, a wrong checksum, an interrupted transfer resumed, a 404 and a refused connection. Nothing leaves
 the machine: the real addresses are only checked as constants."""
+import dataclasses
 import hashlib
 import http.server
 import os
@@ -83,8 +84,9 @@ def server():
 @pytest.fixture
 def entry(monkeypatch):
     """A catalogue entry for PAYLOAD, in place of the real ones, so that main() runs unchanged."""
-    weights = WeightFile("tiny", "tiny-weights.pt", "http://127.0.0.1:9/never-used", hashlib.sha256(PAYLOAD).hexdigest(),
-                         "tests", "this test", hashlib.sha256(PAYLOAD).hexdigest())
+    digest = hashlib.sha256(PAYLOAD).hexdigest()
+    weights = WeightFile("tiny", "tiny-weights.pt", "http://127.0.0.1:9/never-used", digest, "tests", "this test",
+                         digest)
     monkeypatch.setattr(download_weights, "CATALOGUE", {"tiny": weights})
     return weights
 
@@ -130,6 +132,22 @@ def test_a_wrong_checksum_is_one_error_line_and_leaves_nothing(server, entry, tm
     assert (tmp_path / "tiny-weights.pt").read_bytes() == b"damaged"
 
 
+def test_a_mismatch_that_keeps_the_publishers_prefix_says_where_the_full_hash_comes_from(tmp_path):
+    """Only the first digits of the jx file's SHA-256 are the publisher's; a file that has them but not the
+    recorded rest is reported as a doubt about the record, not as a damaged download."""
+    path = tmp_path / "w.pth"
+    path.write_bytes(PAYLOAD)
+    actual = hashlib.sha256(PAYLOAD).hexdigest()
+    recorded = WeightFile("w", "w.pth", "http://127.0.0.1:9/w.pth", actual[:8] + "0" * 56, "tests", "a record",
+                          actual[:8])
+    with pytest.raises(download_weights.DownloadError, match="are those the publisher gives; the full SHA-256 "
+                                                             "expected here comes from a record: please report"):
+        download_weights.check_file(recorded, str(path))
+    with pytest.raises(download_weights.DownloadError) as caught:
+        download_weights.check_file(dataclasses.replace(recorded, published=recorded.sha256), str(path))
+    assert "publisher" not in str(caught.value)
+
+
 def test_an_interrupted_transfer_resumes_with_a_range_request(server, entry, tmp_path, capsys):
     server.files["/w.pt"] = PAYLOAD
     server.cut_after["/w.pt"] = 300_000
@@ -158,10 +176,11 @@ def test_a_missing_file_and_a_refused_connection_say_what_to_do(server, entry, t
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    code, _, err = run(["tiny", "--to", str(tmp_path), "--url", f"http://127.0.0.1:{port}/w.pt"], capsys)
+    folder = tmp_path / "new"
+    code, _, err = run(["tiny", "--to", str(folder), "--url", f"http://127.0.0.1:{port}/w.pt"], capsys)
     assert code == 2 and len(err) == 1 and "cannot reach" in err[0] and "offline?" in err[0], err
     assert "Connection refused" in err[0] and "--sha256" in err[0]
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == []  # neither a partial file nor the folder made for it
 
 
 def test_the_catalogue_holds_the_public_files():

@@ -16,6 +16,7 @@ import http.client
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
@@ -106,6 +107,13 @@ def check_file(entry, path):
     return actual
 
 
+def check_url(url):
+    """``url`` unless it is not an http(s):// or file:// address (``ConfigError``)."""
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https", "file") or "://" not in url:
+        raise ConfigError(f"--url {url!r}: expected an http://, https:// or file:// address")
+    return url
+
+
 def _offline_advice(entry, url, target):
     return (f"download {url} on a machine with internet access, copy it to {target} and check it with "
             f"python tools/download_weights.py {entry.name} --sha256 {target} (or give a mirror with --url)")
@@ -147,16 +155,29 @@ def transfer(url, part_path, report=None):
 def download(entry, folder, url=None, report=None):
     """Download ``entry`` into ``folder`` (from ``url`` when given, e.g. a mirror), resuming a ``.part`` file,
     check its SHA-256 and rename it into place. Returns the path; a file already there is only checked."""
-    url = url or entry.url
+    url = check_url(url or entry.url)
     target = os.path.join(folder, entry.filename)
     if os.path.exists(target):
         check_file(entry, target)
         return target
     part_path = target + PART_SUFFIX
+    created = not os.path.isdir(folder)
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"--to '{folder}': cannot create the folder ({exc.strerror or exc})") from None
+    try:
+        _transfer_and_check(entry, url, target, part_path, report)
+    except DownloadError:
+        if created and not os.listdir(folder):
+            os.rmdir(folder)  # leave no empty folder behind a download that wrote nothing
+        raise
+    return target
+
+
+def _transfer_and_check(entry, url, target, part_path, report):
+    """``transfer`` into ``part_path``, then the SHA-256 check and the rename to ``target``; failures become
+    one-line ``DownloadError``s that say what to do."""
     try:
         transfer(url, part_path, report)
     except urllib.error.HTTPError as exc:
@@ -168,6 +189,8 @@ def download(entry, folder, url=None, report=None):
         if kept:
             raise DownloadError(f"the transfer from {url} stopped after {kept} bytes ({reason}); run the same "
                                 f"command again to resume it") from None
+        if os.path.exists(part_path):
+            os.remove(part_path)  # empty: nothing to resume
         raise DownloadError(f"cannot reach {url} ({reason}); offline? {_offline_advice(entry, url, target)}") from None
     except http.client.HTTPException as exc:
         kept = os.path.getsize(part_path) if os.path.exists(part_path) else 0
@@ -179,7 +202,6 @@ def download(entry, folder, url=None, report=None):
         raise DownloadError(mismatch(entry, url, actual) + ": the transfer was damaged or the address serves "
                             "another file; the download was deleted: run the command again, or check --url")
     os.replace(part_path, target)
-    return target
 
 
 def progress_printer(stream):
@@ -216,7 +238,7 @@ def main(argv=None):
         return
     existed = os.path.exists(target)
     if not existed:
-        print(f"downloading {entry.filename} from {args.url or entry.url}", flush=True)
+        print(f"downloading {entry.filename} from {check_url(args.url or entry.url)}", flush=True)
     report = progress_printer(sys.stderr)
     path = download(entry, args.to, args.url, report)
     if report and not existed:
