@@ -21,7 +21,9 @@ _RESNET_NAMES = {(3, 4, 6, 3): "RN50", (3, 4, 23, 3): "RN101", (4, 6, 10, 6): "R
 def read_state_dict(path):
     """Tensors of a CLIP weights file: a TorchScript archive (OpenAI's release) or a ``torch.save``d dict."""
     if not path or not os.path.isfile(path):
-        raise CheckpointError(f"CLIP weights file not found: {path or '(empty MODEL.PRETRAIN_PATH)'}")
+        raise CheckpointError(f"CLIP weights file not found: {path or '(empty MODEL.PRETRAIN_PATH)'}; get OpenAI's "
+                              "ViT-B/16 with: python tools/download_weights.py ViT-B-16 (writes "
+                              "pretrained/ViT-B-16.pt), or set MODEL.PRETRAIN_PATH to your copy")
     state_dict = read_torchscript_state_dict(path) if is_torchscript_archive(path) else load_checkpoint(path)
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{path} is not a CLIP checkpoint: expected a TorchScript archive or a state dict "

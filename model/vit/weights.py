@@ -31,7 +31,9 @@ def read_vit_weights(path):
     """``{name: tensor}`` of the ViT weight file ``path`` (MODEL.PRETRAIN_PATH); one-line CheckpointError if
     it is missing, unreadable or not a ViT of the jx/timm layout."""
     if not path or not os.path.isfile(path):
-        raise CheckpointError(f"ViT weights file not found: {path or '(empty)'} (MODEL.PRETRAIN_PATH)")
+        raise CheckpointError(f"ViT weights file not found: {path or '(empty)'} (MODEL.PRETRAIN_PATH); get the "
+                              "ImageNet ViT-B/16 with: python tools/download_weights.py jx_vit_base_p16_224 (writes "
+                              "pretrained/jx_vit_base_p16_224-80ecf9dd.pth), or set MODEL.PRETRAIN_PATH to your copy")
     if path.endswith(".safetensors"):
         try:
             state = load_file(path, device="cpu")
