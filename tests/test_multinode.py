@@ -1,0 +1,128 @@
+"""Training over several machines, as two torchrun launchers on this machine (``--nnodes 2``, one process each,
+gloo over 127.0.0.1, static rendezvous at rank 0's launcher): the same weights as one launcher with two
+processes, and a launcher killed mid-training stops the other node with one error line, within
+DIST.TIMEOUT_MINUTES, instead of leaving it waiting."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.fixtures import BASELINE, REPO_ROOT, check_ok, free_port, run_script, tiny
+from utils.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_MINUTES = 0.5
+# Evaluation only at the end, of one protocol: the runs are about training.
+QUICK = ["DATASETS.TESTS", "('SynthAG_ALL',)", "SOLVER.EVAL_PERIOD", "1000", "SOLVER.TENSORBOARD", "False",
+         "DIST.TIMEOUT_MINUTES", str(TIMEOUT_MINUTES)]
+ENV = {"PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def node_command(node_rank, port, root, output_dir, epochs):
+    """torchrun for node ``node_rank`` of 2 (one process), meeting at 127.0.0.1:``port``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank),
+            "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), "train_svpr.py",
+            "--config_file", BASELINE, *tiny(root, output_dir, epochs=epochs, extra=QUICK)]
+
+
+def start_nodes(root, tmp_path, epochs):
+    """Both launchers, each in a session of its own (as on two machines), their output in node<rank>.log; each
+    node has its own OUTPUT_DIR (only rank 0 writes there)."""
+    port = free_port()
+    nodes = []
+    for rank in (0, 1):
+        log = open(tmp_path / f"node{rank}.log", "w", encoding="utf-8")
+        nodes.append(subprocess.Popen(node_command(rank, port, root, str(tmp_path / f"node{rank}"), epochs),
+                                      cwd=REPO_ROOT, env={**os.environ, **ENV}, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+        log.close()
+    return nodes
+
+
+def children(pid):
+    """Process ids of the children of ``pid`` (empty once it has ended)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as handle:
+            return [int(child) for child in handle.read().split()]
+    except OSError:
+        return []
+
+
+def running(pid):
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def stop(processes, pids=()):
+    """SIGKILL whatever of ``processes`` (Popen) and ``pids`` still runs (cleanup after a failed test)."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    for pid in pids:
+        if running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_two_nodes_train_to_the_weights_of_one_launcher_with_two_processes(synth_root, tmp_path):
+    one = str(tmp_path / "one_launcher")
+    check_ok(run_script(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                         "train_svpr.py", "--config_file", BASELINE, *tiny(synth_root, one, epochs=2, extra=QUICK)],
+                        env=ENV, timeout=300))
+    nodes = start_nodes(synth_root, tmp_path, epochs=2)
+    try:
+        codes = [node.wait(timeout=300) for node in nodes]
+    finally:
+        stop(nodes)
+    assert codes == [0, 0], (tmp_path / "node0.log").read_text()[-3000:] + (tmp_path / "node1.log").read_text()[-3000:]
+    expected = load_checkpoint(os.path.join(one, "model_final.pth"))
+    got = load_checkpoint(str(tmp_path / "node0" / "model_final.pth"))
+    assert got["epoch"] == expected["epoch"] == 2
+    assert got["model"].keys() == expected["model"].keys()
+    assert all(torch.equal(got["model"][name], value) for name, value in expected["model"].items())
+    assert not os.path.exists(tmp_path / "node1" / "model_final.pth")  # only rank 0 writes
+
+
+def test_a_killed_launcher_stops_the_other_node_within_the_timeout(synth_root, tmp_path):
+    """SIGKILL of node 1's launcher mid-training: its worker (in a session of its own, so untouched by the
+    kill) notices and stops; rank 0's next collective then fails, and node 0 exits with one error line
+    instead of training on and waiting for node 1 at exit. Rank 0's last checkpoint is intact."""
+    nodes = start_nodes(synth_root, tmp_path, epochs=1000)
+    workers = []
+    try:
+        log = tmp_path / "node0" / "train.log"
+        deadline = time.monotonic() + 300  # hang guard: the start of a run on a loaded machine
+        while not (log.exists() and "epoch 2 iter" in log.read_text(encoding="utf-8")):
+            assert time.monotonic() < deadline and all(node.poll() is None for node in nodes), \
+                (tmp_path / "node0.log").read_text()[-3000:]
+            time.sleep(0.2)
+        workers = children(nodes[1].pid)
+        assert len(workers) == 1
+        nodes[1].send_signal(signal.SIGKILL)
+        nodes[1].wait()
+        # Hang guard: DIST.TIMEOUT_MINUTES and a minute for a loaded machine.
+        code = nodes[0].wait(timeout=TIMEOUT_MINUTES * 60 + 60)
+        deadline = time.monotonic() + 60
+        while running(workers[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not running(workers[0]), "node 1's worker outlived its launcher"
+    finally:
+        stop(nodes, workers)
+    output = (tmp_path / "node0.log").read_text(encoding="utf-8")
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert code != 0 and len(errors) == 1, output[-3000:]
+    assert errors[0].startswith("error: rank 0: a collective operation with the other processes failed")
+    assert f"DIST.TIMEOUT_MINUTES = {TIMEOUT_MINUTES:g}" in errors[0]
+    state = load_checkpoint(str(tmp_path / "node0" / "checkpoint_last.pth"))
+    assert state["epoch"] >= 1 and all(torch.isfinite(value).all() for value in state["model"].values())
+    node1 = (tmp_path / "node1.log").read_text(encoding="utf-8")
+    assert "rank 1: the torchrun launcher that started this process" in node1
