@@ -1,9 +1,10 @@
 """Hostile and awkward inputs, provoked for real: a dataset on a read-only file system, decompression-bomb
-images (a PNG of 100 KB that claims 30000 x 30000 pixels) on every path that decodes images, and truncated or
-foreign weights files given to every tool that reads weights.
+images (a PNG of 100 KB that claims 30000 x 30000 pixels) on every path that decodes images, truncated or
+foreign weights files given to every tool that reads weights, and paths with spaces and accents.
 
 Entry points run in this process (the ``cli`` fixture) where no worker process is involved; the bomb, whose
-harm is memory, is read by a real subprocess whose peak memory is measured."""
+harm is memory, is read by a real subprocess whose peak memory is measured; the paths go through real
+subprocesses, as a user's shell passes them."""
 import contextlib
 import json
 import os
@@ -14,19 +15,21 @@ import sys
 import threading
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
 from configs import load_config
-from datasets.synthag import SynthAGAll
 from datasets import transforms
+from datasets.synthag import SynthAGAll
 from datasets.transforms import read_image, read_pil_image
 from model import build_model
+from processor import faults
 from processor.hooks import weights_file
-from tests.fixtures import BASELINE, REPO_ROOT, assert_one_error_line, jpeg, tiny
-from utils.checkpoint import save_checkpoint
+from tests.fixtures import BASELINE, REPO_ROOT, assert_one_error_line, check_ok, jpeg, run_script, tiny
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import DataError
 
 
@@ -239,3 +242,49 @@ def test_a_foreign_weights_file_is_one_error_line_in_every_tool(cli, tmp_path, t
         assert what != "integer_keys" or "expected tensors by parameter name" in lines[0]
         assert what != "config_not_yaml" or "not valid YAML" in lines[0]
     assert not os.path.exists(f"{out}/m.onnx")
+
+
+# ------------------------------------------------------------------------------------ paths of any spelling
+@pytest.mark.slow
+def test_paths_with_spaces_and_accents_train_resume_test_and_export(synth_root, tmp_path):
+    """Data, output folder, config file (with its _BASE_ chain) and export file all under names with spaces
+    and non-ASCII letters, in the POSIX locale of a bare server; real subprocesses: a training killed
+    (SIGKILL) in epoch 2, its --resume, test_svpr.py --weights, tools/export.py."""
+    base = tmp_path / "wéird påth"
+    data, out, configs = base / "dåtä sæt", base / "out put ü", base / "cönfig ü"
+    shutil.copytree(synth_root, data)
+    configs.mkdir()
+    for name in ("Base-Synthetic.yml", "Base-Synthetic-CLIP.yml"):
+        shutil.copy(os.path.join(REPO_ROOT, "configs", "Synthetic", name), configs / name)
+    config = str(configs / "my cönfig.yml")
+    shutil.copy(os.path.join(REPO_ROOT, BASELINE), config)
+    env = {"PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1", "LC_ALL": "C", "LANG": "C"}
+    opts = tiny(str(data), str(out), epochs=2, extra=["DATASETS.TESTS", "('SynthAG_ALL',)", "SOLVER.TENSORBOARD",
+                                                      "False"])
+    killed = run_script(["train_svpr.py", "--config_file", config, *opts],
+                        env={**env, faults.ENV_VAR: "stage2:epoch=2:iter=1:signal=SIGKILL"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert load_checkpoint(str(out / "checkpoint_last.pth"))["epoch"] == 1
+    check_ok(run_script(["train_svpr.py", "--config_file", config, "--resume", *opts], env=env))
+    assert "resumed from" in (out / "train.log").read_text(encoding="utf-8")
+    trained = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert trained["epoch"] == 2 and trained["config"] == config
+    final, exported = str(out / "model_final.pth"), str(base / "ëxport ü" / "model ü.safetensors")
+    with ThreadPoolExecutor(2) as pool:  # both only read the checkpoint
+        tests = pool.submit(run_script, ["test_svpr.py", "--weights", final], env=env)
+        export = pool.submit(run_script, ["tools/export.py", "--weights", final, "--format", "safetensors",
+                                          "--out", exported], env=env)
+        check_ok(tests.result())
+        check_ok(export.result())
+    tested = json.loads((out / "test" / "results.json").read_text(encoding="utf-8"))
+    assert tested["checkpoint"] == final
+    assert tested["protocols"]["SynthAG_ALL"]["mAP"] == trained["protocols"]["SynthAG_ALL"]["mAP"]
+    weights = load_checkpoint(exported)
+    assert weights["epoch"] == 2 and weights["model"].keys() == load_checkpoint(final)["model"].keys()
+    assert os.stat(exported).st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

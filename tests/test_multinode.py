@@ -1,7 +1,7 @@
 """Training over several machines, as two torchrun launchers on this machine (``--nnodes 2``, one process each,
-gloo over 127.0.0.1, static rendezvous at rank 0's launcher): the same weights as one launcher with two
-processes, and a launcher killed mid-training stops the other node with one error line, within
-DIST.TIMEOUT_MINUTES, instead of leaving it waiting."""
+gloo over 127.0.0.1, static rendezvous at rank 0's launcher, each node its own OUTPUT_DIR as on two
+machines): the same weights as one launcher with two processes, and a launcher killed mid-training stops the
+other node with one error line, within DIST.TIMEOUT_MINUTES, instead of leaving it waiting."""
 import os
 import signal
 import subprocess
@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from tests.fixtures import BASELINE, REPO_ROOT, check_ok, free_port, run_script, tiny
+from tests.fixtures import BASELINE, REPO_ROOT, free_port, tiny
 from utils.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 TIMEOUT_MINUTES = 0.5
 # Evaluation only at the end, of one protocol: the runs are about training.
 QUICK = ["DATASETS.TESTS", "('SynthAG_ALL',)", "SOLVER.EVAL_PERIOD", "1000", "SOLVER.TENSORBOARD", "False",
-         "DIST.TIMEOUT_MINUTES", str(TIMEOUT_MINUTES)]
+         "SOLVER.CHECKPOINT_PERIOD", "2", "DIST.TIMEOUT_MINUTES", str(TIMEOUT_MINUTES)]
 ENV = {"PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -73,35 +73,26 @@ def stop(processes, pids=()):
             os.kill(pid, signal.SIGKILL)
 
 
-def test_two_nodes_train_to_the_weights_of_one_launcher_with_two_processes(synth_root, tmp_path):
-    one = str(tmp_path / "one_launcher")
-    check_ok(run_script(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                         "train_svpr.py", "--config_file", BASELINE, *tiny(synth_root, one, epochs=2, extra=QUICK)],
-                        env=ENV, timeout=300))
-    nodes = start_nodes(synth_root, tmp_path, epochs=2)
-    try:
-        codes = [node.wait(timeout=300) for node in nodes]
-    finally:
-        stop(nodes)
-    assert codes == [0, 0], (tmp_path / "node0.log").read_text()[-3000:] + (tmp_path / "node1.log").read_text()[-3000:]
-    expected = load_checkpoint(os.path.join(one, "model_final.pth"))
-    got = load_checkpoint(str(tmp_path / "node0" / "model_final.pth"))
-    assert got["epoch"] == expected["epoch"] == 2
-    assert got["model"].keys() == expected["model"].keys()
-    assert all(torch.equal(got["model"][name], value) for name, value in expected["model"].items())
-    assert not os.path.exists(tmp_path / "node1" / "model_final.pth")  # only rank 0 writes
-
-
-def test_a_killed_launcher_stops_the_other_node_within_the_timeout(synth_root, tmp_path):
-    """SIGKILL of node 1's launcher mid-training: its worker (in a session of its own, so untouched by the
-    kill) notices and stops; rank 0's next collective then fails, and node 0 exits with one error line
+def test_two_nodes_train_as_one_launcher_and_a_killed_launcher_stops_the_other(synth_root, tmp_path):
+    """Two nodes reach, after epoch 2, the weights of one launcher with two processes (both write
+    ``<MODEL.NAME>_2.pth``; the number of epochs left does not change the first two). Then node 1's launcher is
+    killed (SIGKILL) mid-training: its worker (in a session of its own, so untouched by the kill) notices and
+    stops; rank 0's next collective fails, and node 0 exits with one error line within DIST.TIMEOUT_MINUTES
     instead of training on and waiting for node 1 at exit. Rank 0's last checkpoint is intact."""
+    one = tmp_path / "one_launcher"
+    # The single launcher runs alongside the two nodes (processes mostly starting up: the cores are shared).
+    with open(tmp_path / "one_launcher.log", "w", encoding="utf-8") as log:
+        single = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                   "--master_port", str(free_port()), "train_svpr.py", "--config_file", BASELINE,
+                                   *tiny(synth_root, str(one), epochs=2, extra=QUICK)],
+                                  cwd=REPO_ROOT, env={**os.environ, **ENV}, stdout=log, stderr=subprocess.STDOUT)
     nodes = start_nodes(synth_root, tmp_path, epochs=1000)
     workers = []
     try:
+        assert single.wait(timeout=300) == 0, (tmp_path / "one_launcher.log").read_text()[-3000:]
         log = tmp_path / "node0" / "train.log"
         deadline = time.monotonic() + 300  # hang guard: the start of a run on a loaded machine
-        while not (log.exists() and "epoch 2 iter" in log.read_text(encoding="utf-8")):
+        while not (log.exists() and "epoch 3 iter" in log.read_text(encoding="utf-8")):
             assert time.monotonic() < deadline and all(node.poll() is None for node in nodes), \
                 (tmp_path / "node0.log").read_text()[-3000:]
             time.sleep(0.2)
@@ -116,13 +107,20 @@ def test_a_killed_launcher_stops_the_other_node_within_the_timeout(synth_root, t
             time.sleep(0.2)
         assert not running(workers[0]), "node 1's worker outlived its launcher"
     finally:
-        stop(nodes, workers)
+        stop([single, *nodes], workers)
+    (expected_path,) = one.glob("*_2.pth")
+    expected = load_checkpoint(str(expected_path))
+    got = load_checkpoint(str(tmp_path / "node0" / expected_path.name))
+    assert got["epoch"] == expected["epoch"] == 2 and got["model"].keys() == expected["model"].keys()
+    assert all(torch.equal(got["model"][name], value) for name, value in expected["model"].items())
+    assert not list((tmp_path / "node1").glob("*.pth"))  # only rank 0 writes
+
     output = (tmp_path / "node0.log").read_text(encoding="utf-8")
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert code != 0 and len(errors) == 1, output[-3000:]
     assert errors[0].startswith("error: rank 0: a collective operation with the other processes failed")
     assert f"DIST.TIMEOUT_MINUTES = {TIMEOUT_MINUTES:g}" in errors[0]
     state = load_checkpoint(str(tmp_path / "node0" / "checkpoint_last.pth"))
-    assert state["epoch"] >= 1 and all(torch.isfinite(value).all() for value in state["model"].values())
+    assert state["epoch"] >= 2 and all(torch.isfinite(value).all() for value in state["model"].values())
     node1 = (tmp_path / "node1.log").read_text(encoding="utf-8")
     assert "rank 1: the torchrun launcher that started this process" in node1
