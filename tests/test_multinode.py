@@ -2,6 +2,7 @@
 gloo over 127.0.0.1, static rendezvous at rank 0's launcher, each node its own OUTPUT_DIR as on two
 machines): the same weights as one launcher with two processes, and a launcher killed mid-training stops the
 other node with one error line, within DIST.TIMEOUT_MINUTES, instead of leaving it waiting."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -62,15 +63,19 @@ def running(pid):
         return False
 
 
-def stop(processes, pids=()):
-    """SIGKILL whatever of ``processes`` (Popen) and ``pids`` still runs (cleanup after a failed test)."""
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+def stop(launchers, pids=()):
+    """SIGKILL whatever still runs of ``launchers`` (Popen), their workers and ``pids`` (cleanup after a failed
+    test: workers live in sessions of their own and would outlive their launcher)."""
+    pids = list(pids)
+    for launcher in launchers:
+        if launcher.poll() is None:
+            pids += children(launcher.pid)
+            launcher.kill()
+            launcher.wait()
     for pid in pids:
         if running(pid):
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_two_nodes_train_as_one_launcher_and_a_killed_launcher_stops_the_other(synth_root, tmp_path):
