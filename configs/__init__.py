@@ -199,6 +199,8 @@ def stored_config(path, state=None):
     if not isinstance(stored, str):
         raise ConfigError(f"checkpoint {path} stores no config (a bare state dict?): pass --config_file with the "
                           f"config it was trained with")
+    # Merged once here, so that a damaged or foreign config is reported with the name of its file.
+    _merge_yaml_text(get_cfg_defaults(), stored, f"the config stored in checkpoint {path}", [])
     return stored
 
 
@@ -222,6 +224,16 @@ def _merge_mapping(cfg, data, where, ignored):
         raise ConfigError(f"{where}: {_short(exc)}") from None
 
 
+def _merge_yaml_text(cfg, text, where, ignored):
+    """Merge the YAML ``text`` of a config (e.g. one stored in a checkpoint) into ``cfg``; ``where`` names it in
+    the one-line errors."""
+    try:
+        data = _mapping(yaml.safe_load(text), where)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {_short(exc)}") from None
+    _merge_mapping(cfg, _protect_strings(data, cfg), where, ignored)
+
+
 def read_config(config_file=None, opts=(), freeze=True, base_yaml=None):
     """Merge ``config_file`` (or the YAML text ``base_yaml``, e.g. a checkpoint's stored config) and ``opts``
     (``[KEY, VALUE, ...]``) into the defaults and check them.
@@ -235,11 +247,7 @@ def read_config(config_file=None, opts=(), freeze=True, base_yaml=None):
         for path, data in _config_chain(config_file):
             _merge_mapping(cfg, data, f"config file {path}", ignored)
     elif base_yaml:
-        try:
-            data = _mapping(yaml.safe_load(base_yaml), "stored config")
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"stored config: not valid YAML: {_short(exc)}") from None
-        _merge_mapping(cfg, _protect_strings(data, cfg), "stored config", ignored)
+        _merge_yaml_text(cfg, base_yaml, "stored config", ignored)
     opts = list(opts or ())
     if len(opts) % 2:
         raise ConfigError(f"command-line overrides must be KEY VALUE pairs; got an odd number: {' '.join(opts)}")

@@ -5,10 +5,11 @@ import os
 
 from configs import CN, declare_config
 from utils import distributed
+from utils.errors import DataError
 
 from .cp2108 import PROTOCOLS, CP2108Format
 from .registry import register_dataset
-from .synthetic import generate_synthag, stored_settings, synth_config_from_cfg
+from .synthetic import SETTINGS_FILE, generate_synthag, stored_settings, synth_config_from_cfg
 
 
 @declare_config
@@ -59,8 +60,14 @@ class SynthAGBase(CP2108Format):
                                target, stored)
             else:
                 logger.info("generating the synthetic benchmark in %s", target)
-            generate_synthag(root, synth_config_from_cfg(cfg), num_workers=cfg.DATALOADER.NUM_WORKERS or None,
-                             overwrite=True, origin=ORIGIN)
+            try:
+                generate_synthag(root, synth_config_from_cfg(cfg), num_workers=cfg.DATALOADER.NUM_WORKERS or None,
+                                 overwrite=True, origin=ORIGIN)
+            except OSError as exc:  # e.g. a read-only data folder: nothing was written
+                why = "was generated with other DATASETS.SYNTH values" if os.path.isdir(target) else "is missing"
+                raise DataError(f"DATASETS.AUTO_GENERATE: {target} {why} and cannot be generated there "
+                                f"({exc.strerror or exc}); set DATASETS.ROOT_DIR to a writable folder (or, for an "
+                                f"existing one, DATASETS.SYNTH to its values in {SETTINGS_FILE})") from None
         distributed.barrier()
 
 

@@ -6,7 +6,13 @@ input is pixel-identical to the authors' at any image size); "tensor" decodes wi
 uint8 tensors (faster, but when an image is shrunk up to 1 grey level apart with bilinear and up to ~20 with
 bicubic interpolation). Flip, pad and crop are exact on either; then both divide by 255 as ``ToTensor``
 does, normalise and erase.
+
+Either decoder first reads the image's header with Pillow (no pixel is decoded) and refuses a file that claims
+more than :data:`MAX_IMAGE_PIXELS` pixels: a PNG or JPEG of a few kilobytes can claim 30000 x 30000 pixels,
+2.7 GB once decoded (a "decompression bomb").
 """
+import io
+import re
 import time
 import warnings
 
@@ -14,7 +20,7 @@ import torch
 import torchvision.transforms as transforms_v1
 from PIL import Image, ImageFile
 from timm.data.random_erasing import RandomErasing
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import InterpolationMode, v2
 
 from utils.errors import ConfigError, DataError
@@ -26,20 +32,57 @@ IMAGE_BACKENDS = ("pil", "tensor")
 # torchvision 0.29 flags its decoders as deprecated in favour of TorchCodec; they remain the fastest here.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
+#: The most pixels (width x height) an image may have: 8192 x 8192 (200 MB decoded), 8 times a 4K video frame
+#: and thousands of times a person crop (Market-1501's are 128 x 64). A file whose header claims more is
+#: refused, with one line naming it, before anything is decoded.
+MAX_IMAGE_PIXELS = 8192 * 8192
+# Pillow warns from 89 M pixels (its default limit) and raises from twice that; every image it would warn
+# about is larger than MAX_IMAGE_PIXELS and refused with the one-line error instead.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+_PIL_ERRORS = (OSError, ValueError, SyntaxError)
+
+
+def _refuse(path, claim):
+    raise DataError(f"image '{path}' refused before decoding: its header claims {claim}, more than the "
+                    f"{MAX_IMAGE_PIXELS} pixels an image may have (datasets.transforms.MAX_IMAGE_PIXELS); "
+                    "a decompression bomb, or not a person crop")
+
+
+def _open_checked(source, path):
+    """``Image.open(source)`` (``path``: its name for messages), which reads only the header; a ``DataError``
+    when the header claims more than :data:`MAX_IMAGE_PIXELS`."""
+    try:
+        image = Image.open(source)
+    except Image.DecompressionBombError as exc:  # Pillow's own refusal, beyond twice its limit
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        _refuse(path, f"{claimed.group(1)} pixels" if claimed else "more pixels than Pillow's limit")
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        image.close()
+        _refuse(path, f"{width} x {height} pixels")
+    return image
 
 
 def _pil_rgb(path):
-    with Image.open(path) as img:
+    with _open_checked(path, path) as img:
         return img.convert("RGB")
 
 
 def _torchvision_rgb(path):
-    return decode_image(path, mode=ImageReadMode.RGB)
+    data = read_file(path)  # the file's bytes (N,) uint8: the header checked is the one decoded
+    try:
+        _open_checked(io.BytesIO(data.numpy()), path).close()
+    except _PIL_ERRORS:
+        pass  # a header Pillow cannot read (e.g. a corrupt file): torchvision decides, and names a failure
+    return decode_image(data, mode=ImageReadMode.RGB)
 
 
 def _read(path, attempts, decoders):
     """The first of ``decoders`` that reads ``path``; transient I/O errors are retried ``attempts`` times,
-    then a one-line ``DataError`` names the file."""
+    then a one-line ``DataError`` names the file. An image refused for its size (a ``DataError``) is not
+    retried."""
     error = None
     for attempt in range(attempts):
         for decode, errors in decoders:
@@ -51,9 +94,6 @@ def _read(path, attempts, decoders):
             time.sleep(0.05 * (attempt + 1))
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     raise DataError(f"image '{path}' cannot be read ({reason}) after {attempts} attempts")
-
-
-_PIL_ERRORS = (OSError, ValueError, SyntaxError)
 
 
 def read_image(path, attempts=READ_ATTEMPTS):

@@ -2,6 +2,8 @@
 initial weights of a training run (MODEL.PRETRAIN_CHOICE)."""
 import logging
 
+import torch
+
 from datasets.loader import load_dataset
 from model import MODELS, build_model
 from model.architecture import config_for_weights
@@ -76,6 +78,11 @@ def read_model_checkpoint(cfg, weight, state=None):
     weights = state.get("model", state)
     if not isinstance(weights, dict):
         raise CheckpointError(f"checkpoint {weight}: expected a dict of weights under 'model'")
+    foreign = [key for key, value in weights.items() if not isinstance(key, str) or not torch.is_tensor(value)]
+    if foreign:
+        raise CheckpointError(f"checkpoint {weight}: expected tensors by parameter name, but {len(foreign)} of its "
+                              f"{len(weights)} weights are not (e.g. {foreign[0]!r:.60}: "
+                              f"{type(weights[foreign[0]]).__name__})")
     model_class = MODELS.get(cfg.MODEL.ARCH_NAME)
     weights, converted = to_our_layout(model_class, weights, cfg)
     if converted:

@@ -1,4 +1,9 @@
 """pytest fixtures shared by the test modules (their plain helpers are in ``tests/fixtures.py``)."""
+import importlib
+import logging
+import signal
+import sys
+
 import pytest
 import torch
 
@@ -21,3 +26,37 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys, single_thread):
+    """``cli(script, args, interrupt=None)`` runs ``python <script>.py args`` in this process (``script``: a module
+    name such as ``"train_svpr"`` or ``"tools.export"``); returns (exit code, non-empty stderr lines). For entry
+    points where no worker process or signal is involved: the exit code and stderr a user sees, without the
+    seconds of a new interpreter."""
+    from processor import faults
+    from utils.entrypoint import run_main
+
+    root = logging.getLogger()
+    handlers, sigterm = root.handlers[:], signal.getsignal(signal.SIGTERM)
+
+    def call(script, args, interrupt=None):
+        monkeypatch.setattr(sys, "argv", [f"{script}.py", *args])
+        monkeypatch.setenv(faults.ENV_VAR, interrupt or "")
+        faults._planned.cache_clear()
+        capsys.readouterr()
+        try:
+            run_main(importlib.import_module(script).main)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+    yield call
+    faults._planned.cache_clear()
+    for handler in root.handlers[:]:
+        root.removeHandler(handler)
+        handler.close()
+    for handler in handlers:
+        root.addHandler(handler)
+    signal.signal(signal.SIGTERM, sigterm)

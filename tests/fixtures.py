@@ -51,6 +51,16 @@ def check_ok(result):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
+def assert_one_error_line(code, lines, *needles):
+    """An entry point's exit ``code`` and non-empty stderr ``lines``: exit code 2 and one ``error:`` line that
+    contains every one of ``needles``."""
+    assert code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert "Traceback" not in lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
 def free_port():
     """A TCP port nothing listens on now (for ``torchrun --master_port``)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

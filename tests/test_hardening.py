@@ -5,15 +5,11 @@ Entry points run in this process through ``run_main`` (exit code and stderr as a
 no worker process or signal is involved, as real subprocesses otherwise.
 """
 import dataclasses
-import importlib
 import json
-import logging
 import os
 import pickle
 import shutil
-import signal
 import stat
-import sys
 import zipfile
 
 import numpy as np
@@ -27,9 +23,8 @@ from datasets.synthetic import SETTINGS_FILE, SynthConfig, generate_synthag
 from model.clip.loader import read_state_dict
 from processor import faults
 from processor.preflight import count_valid_queries
-from tests.fixtures import BASELINE, CLIPREID, REPO_ROOT, free_port, run_script, tiny
+from tests.fixtures import BASELINE, CLIPREID, REPO_ROOT, assert_one_error_line, free_port, run_script, tiny
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.entrypoint import run_main
 from utils.errors import CheckpointError, ConfigError
 from utils.io import atomic_write
 from evaluation.report import write_results
@@ -42,43 +37,6 @@ def synth_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("data"))
     generate_synthag(root, SMALL, num_workers=1)
     return root
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys, single_thread):
-    """``cli(script, args, interrupt=None)`` runs ``python <script>.py args`` in this process; returns
-    (exit code, non-empty stderr lines)."""
-    root = logging.getLogger()
-    handlers, sigterm = root.handlers[:], signal.getsignal(signal.SIGTERM)
-
-    def call(script, args, interrupt=None):
-        monkeypatch.setattr(sys, "argv", [f"{script}.py", *args])
-        monkeypatch.setenv(faults.ENV_VAR, interrupt or "")
-        faults._planned.cache_clear()
-        capsys.readouterr()
-        try:
-            run_main(importlib.import_module(script).main)
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-
-    yield call
-    faults._planned.cache_clear()
-    for handler in root.handlers[:]:
-        root.removeHandler(handler)
-        handler.close()
-    for handler in handlers:
-        root.addHandler(handler)
-    signal.signal(signal.SIGTERM, sigterm)
-
-
-def assert_one_error_line(code, lines, *needles):
-    assert code == 2, lines
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    assert "Traceback" not in lines[0]
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def fake_run(output_dir, config, overrides):

@@ -26,6 +26,7 @@ from text import prompts, tokenize
 from utils.checkpoint import load_checkpoint
 from utils.entrypoint import run_main
 from utils.errors import CheckpointError, ConfigError, UserError
+from utils.io import atomic_write
 from utils.logger import setup_logger
 
 logger = logging.getLogger(__name__)
@@ -126,18 +127,20 @@ def export_torchscript(wrapper, inputs, probe, out):
     if difference > 1e-4:
         raise ExportError(f"TorchScript trace of {name} differs from the model by {difference:.3g} on a batch "
                           f"with other ids (it depends on values the trace fixed); use --format onnx")
-    traced.save(out)
+    atomic_write(out, lambda handle: torch.jit.save(traced, handle))
 
 
 def export_safetensors(cfg, model, model_args, epoch, out):
     """The state dict (every tensor its own contiguous copy: safetensors refuses shared storage) with the
     config YAML, ``model_args`` JSON and epoch as metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {name: value.detach().cpu().contiguous().clone() for name, value in model.state_dict().items()}
     metadata = {"format": "pt", "config": cfg.dump(), "model_args": json.dumps(model_args),
                 "epoch": "" if epoch is None else str(int(epoch))}
-    save_file(tensors, out, metadata=metadata)
+    # Serialised in memory (the size of the weights), then written atomically with the umask's mode
+    # (safetensors' own save_file creates files readable by the owner only).
+    atomic_write(out, save(tensors, metadata=metadata))
 
 
 def main(argv=None):

@@ -4,7 +4,11 @@ All functions are no-ops (or return single-process answers) when not running und
 """
 import contextlib
 import datetime
+import logging
 import os
+import signal
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -12,6 +16,9 @@ import torch.distributed as dist
 from utils.errors import UserError
 
 _TIMEOUT = datetime.timedelta(minutes=10)  # set by init_distributed from DIST.TIMEOUT_MINUTES
+LAUNCHER_CHECK_SECONDS = 1.0
+
+logger = logging.getLogger(__name__)
 
 
 def launched_by_torchrun():
@@ -39,11 +46,31 @@ def init_distributed(device, timeout_minutes=10.0):
         # Without asynchronous error handling a timed-out NCCL collective blocks forever instead of raising.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch.cuda.set_device(device)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun's launcher, this process's parent
+        stop_when_launcher_dies(os.getppid())
     store, rank, world_size = next(dist.rendezvous("env://", timeout=_TIMEOUT))
     # After an elastic restart (torchrun --max-restarts) the store can still hold the previous attempt's
     # connection keys; a per-attempt prefix keeps the new process group from reading them.
     store = dist.PrefixStore(f"attempt{restart_count()}", store)
     dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=_TIMEOUT)
+
+
+def stop_when_launcher_dies(launcher_pid, interval_s=LAUNCHER_CHECK_SECONDS):
+    """Send this process SIGTERM (which ends a run as Ctrl-C does) once its parent ``launcher_pid`` is gone.
+
+    torchrun starts every worker in a session of its own, so a launcher killed with SIGKILL (by hand, by the
+    out-of-memory killer, with its node's job) leaves its workers training with nobody to report their end:
+    the other nodes would finish the run without it and their launchers then wait minutes for it at exit.
+    Ending with the launcher makes the other ranks' next collective fail at once, and them stop with one line.
+    """
+    def watch():
+        while os.getppid() == launcher_pid:
+            time.sleep(interval_s)
+        logger.warning("rank %d: the torchrun launcher that started this process (pid %d) is gone: stopping",
+                       get_rank(), launcher_pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 class DistributedError(UserError):
@@ -67,9 +94,11 @@ def collective_errors():
         if not is_initialized() or not (isinstance(exc, dist.DistError)
                                         or any(marker in text.lower() for marker in _COLLECTIVE_FAILURES)):
             raise
+        # The end of a long message names the cause; cut at a word.
+        reason = text if len(text) <= 160 else "..." + text[-160:].split(" ", 1)[-1]
         raise DistributedError(
             f"rank {get_rank()}: a collective operation with the other processes failed after at most "
-            f"DIST.TIMEOUT_MINUTES = {_TIMEOUT.total_seconds() / 60:g} min ({text[-160:]}); another rank stalled "
+            f"DIST.TIMEOUT_MINUTES = {_TIMEOUT.total_seconds() / 60:g} min ({reason}); another rank stalled "
             "or died (see its log); --resume continues from the last checkpoint") from None
 
 
