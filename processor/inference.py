@@ -63,6 +63,15 @@ def _embed(cfg, model, val_loader, device, desc):
     return embedded
 
 
+def _labels(dataset, index):
+    """The evaluator labels of the samples ``index`` of an ``ImageDataset``, as its loader's batches give them."""
+    index = index.cpu()
+    pids, camids, viewids, timeids = dataset.labels[index].unbind(1)
+    return dict(pids=pids, camids=camids, viewids=viewids, timeids=timeids, index=index,
+                paths=[dataset.samples[i].path for i in index.tolist()],
+                attrs=None if dataset.attrs is None else dataset.attrs[index])
+
+
 @torch.no_grad()
 def evaluate(cfg, model, val_loader, num_query, device, view_mode="mix", desc="eval", name=None, embedded=None):
     """Embed every query and gallery image and return the protocol's metrics (fractions in [0, 1]).
@@ -81,6 +90,9 @@ def evaluate(cfg, model, val_loader, num_query, device, view_mode="mix", desc="e
     start, key = time.time(), embedding_key(val_loader, model) if embedded is not None else None
     batches = next((features for seen, features in embedded or () if key is not None and seen == key), None)
     if batches is not None:
+        # The features of the same images and batches; the labels (e.g. camera ids, which AGAG-style protocols
+        # replace by views) are this protocol's own.
+        batches = [(features, _labels(val_loader.dataset, labels["index"])) for features, labels in batches]
         logger.info("%s: the features of the same images and batches embedded before are reused", desc)
     else:
         batches = _embed(cfg, model, val_loader, device, desc)

@@ -105,10 +105,12 @@ def test_test_script_reads_the_checkpoint_once(trained, tmp_path, monkeypatch):
     assert os.path.isfile(tmp_path / "test" / "results.json")
 
 
-def test_protocols_over_the_same_images_and_batches_embed_them_once(synth_root, tmp_path):
+def test_protocols_over_the_same_images_and_batches_embed_them_once(synth_root, tmp_path, monkeypatch):
     """SynthAG_ALL and SynthAG_AGAG rank the same images in the same batches with different filters: one
-    evaluation embeds them once (SVPR-ReID, whose features depend on the batch, included) and every metric
-    equals a separate evaluation of each protocol."""
+    evaluation embeds them once (SVPR-ReID, whose features depend on the batch, included); every metric, and
+    what the evaluator is given (features and each protocol's own labels: AGAG's camera ids are views), equal
+    a separate evaluation of each protocol."""
+    from evaluation import ReIDEvaluator
     from evaluation.protocols import build_evaluation_protocol
     from processor import evaluate_protocols
     from processor.inference import evaluate
@@ -121,11 +123,22 @@ def test_protocols_over_the_same_images_and_batches_embed_them_once(synth_root, 
     protocols = {name: build_evaluation_protocol(cfg, name) for name in cfg.DATASETS.TESTS}
     torch.manual_seed(0)
     model = build_from_args(cfg, model_args_from_dataset(make_dataloaders(cfg).dataset), torch.device("cpu")).eval()
-    calls = []
+    calls, given = [], []
     model.register_forward_pre_hook(lambda module, inputs: calls.append(len(inputs[0])))
+    update = ReIDEvaluator.update
+
+    def recording_update(self, features, pids, camids, *args, **kwargs):
+        given.append((features.clone(), torch.as_tensor(camids).clone()))
+        return update(self, features, pids, camids, *args, **kwargs)
+
+    monkeypatch.setattr(ReIDEvaluator, "update", recording_update)
     shared = evaluate_protocols(cfg, model, torch.device("cpu"), protocols)
     assert sum(calls) == sum(protocols[name].num_query + protocols[name].num_gallery
                              for name in ("SynthAG_ALL", "SynthAG_AG"))
+    shared_given, given[:] = list(given), []
     for name, protocol in protocols.items():
         alone = evaluate(cfg, model, protocol.loader, protocol.num_query, torch.device("cpu"), protocol.view_mode)
         assert shared[name]["mAP"] == alone["mAP"] and (shared[name]["cmc"] == alone["cmc"]).all(), name
+    assert len(given) == len(shared_given)
+    for (features, camids), (alone_features, alone_camids) in zip(shared_given, given):
+        assert torch.equal(features, alone_features) and torch.equal(camids, alone_camids)
