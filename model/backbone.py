@@ -9,6 +9,10 @@ def add_clip_backbone_config(cfg):
     freezing."""
     # Freeze the CLIP text tower (token embedding, transformer, positional embedding, final LN, projection).
     cfg.MODEL.FREEZE_TEXT = False
+    # Freeze only the token-embedding table (vocabulary x text width). Its gradient is a dense table of which a
+    # model reads a few hundred rows, so filling, accumulating and updating it costs about a sixth of a training
+    # step of a small CLIP; the rest of the text tower keeps learning.
+    cfg.MODEL.FREEZE_TOKEN_EMBEDDING = False
     # Interpolation of CLIP's 14x14 image position grid to the input's patch grid: "bilinear" (the
     # reference's, align_corners False, no antialiasing) or "bicubic".
     cfg.MODEL.POS_EMBED_INTERP = "bilinear"
@@ -48,7 +52,8 @@ def build_clip_from_config(cfg):
     (position tables resized with MODEL.POS_EMBED_INTERP).
 
     MODEL.RANDOM_INIT builds it from MODEL.CLIP.* with random weights; otherwise the weights (and thus the
-    architecture) come from MODEL.PRETRAIN_PATH. Applies MODEL.FREEZE_TEXT and MODEL.GRAD_CHECKPOINT.
+    architecture) come from MODEL.PRETRAIN_PATH. Applies MODEL.FREEZE_TEXT, MODEL.FREEZE_TOKEN_EMBEDDING and
+    MODEL.GRAD_CHECKPOINT.
     """
     input_size = tuple(cfg.INPUT.SIZE_TRAIN)
     stride = tuple(cfg.MODEL.STRIDE_SIZE)
@@ -64,5 +69,7 @@ def build_clip_from_config(cfg):
                          context_length=cfg.MODEL.TEXT_LEN, pos_embed_interp=cfg.MODEL.POS_EMBED_INTERP)
     if cfg.MODEL.FREEZE_TEXT:
         _freeze_text_tower(clip)
+    if cfg.MODEL.FREEZE_TOKEN_EMBEDDING:
+        clip.token_embedding.requires_grad_(False)
     clip.set_grad_checkpointing(cfg.MODEL.GRAD_CHECKPOINT)
     return clip

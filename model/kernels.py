@@ -1,25 +1,34 @@
 """Operations whose fastest formulation depends on the precision they run in.
 
-In fp32 each runs the formulation of the authors' code, so that test features match theirs. Under bf16 (or
-fp16) autocast on a CPU, where a different formulation of the same function is several times faster, that
-one runs instead; it differs from the fp32 one only by rounding (tests/test_precision.py):
+In fp32, and in fp16 (the authors' CUDA autocast), each runs the formulation of the authors' code, so that
+features match theirs. Under bf16, where a different formulation of the same function is several times
+faster, that one runs instead; it differs from the other only by rounding (tests/test_precision.py):
 
-* ``attention``: PyTorch's fused attention, except when training in bf16/fp16 on a CPU, where its backward
-  kernel is 3-10x slower than the written-out attention (two bf16 matrix products around an fp32 softmax);
-* ``quick_gelu``: CLIP's ``x * sigmoid(1.702 x)``, or when training in bf16/fp16 ``silu(1.702 x) / 1.702``
-  (a fused backward instead of three operations' backwards);
-* ``patch_embedding``: the patch convolution, or under bf16/fp16 autocast on a CPU the same product as one
-  matrix multiplication of the image patches (the CPU's bf16 convolution backward is 3-4x slower than fp32's).
+* ``attention``: PyTorch's fused attention, except when training in bf16 on a CPU, where its backward kernel
+  is 3-10x slower than the written-out attention (two bf16 matrix products around an fp32 softmax);
+* ``quick_gelu``: CLIP's ``x * sigmoid(1.702 x)``, or when training in bf16 ``silu(1.702 x) / 1.702`` (one
+  fused backward instead of three operations' backwards);
+* ``patch_embedding``: the patch convolution, or under bf16 autocast on a CPU the same product as one matrix
+  multiplication of the image patches (the CPU's bf16 convolution backward is 3-4x slower than fp32's);
+* ``fp32_under_bf16``: the context in which a model computes a discrete decision (which tokens, experts or
+  attributes a top-k keeps) in fp32 when it runs under bf16 autocast, whose rounding would flip near ties.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 QUICK_GELU_SCALE = 1.702
 
 
-def _low_precision_cpu(tensor):
-    return tensor.dtype in LOW_PRECISION and tensor.device.type == "cpu"
+def _bf16_autocast(device_type):
+    return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
+
+
+def fp32_under_bf16(device_type):
+    """A context that turns bf16 autocast off on ``device_type`` (inputs are then cast with ``.float()`` by
+    the caller); a null context otherwise, so that fp32 and the authors' fp16 run as they do."""
+    return torch.autocast(device_type, enabled=False) if _bf16_autocast(device_type) else contextlib.nullcontext()
 
 
 def autocast_dtype(tensor):
@@ -34,8 +43,8 @@ def attention(q, k, v, is_causal=False, dropout_p=0.0):
     """Softmax attention of ``q`` (B, H, Lq, D) over ``k``/``v`` (B, H, Lk, D) -> (B, H, Lq, D), as
     ``F.scaled_dot_product_attention`` (scale 1/sqrt(D); ``is_causal`` masks later keys; ``dropout_p`` drops
     attention weights)."""
-    if not (_low_precision_cpu(q) and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                                                    or v.requires_grad)):
+    if not (q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled()
+            and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout_p)
     # The products in bf16 on the matrix units; the softmax in fp32, as the fused kernel accumulates it.
     scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (B, H, Lq, Lk)
@@ -50,7 +59,7 @@ def attention(q, k, v, is_causal=False, dropout_p=0.0):
 
 def quick_gelu(x, inplace=False):
     """``x * sigmoid(1.702 x)`` (CLIP's activation); ``inplace`` overwrites ``x`` when no gradient is recorded."""
-    if x.dtype in LOW_PRECISION and torch.is_grad_enabled():
+    if x.dtype == torch.bfloat16 and torch.is_grad_enabled():
         # silu's backward is one fused kernel; the three operations below would each record their own.
         return F.silu(x * QUICK_GELU_SCALE) * (1 / QUICK_GELU_SCALE)
     gate = (QUICK_GELU_SCALE * x).sigmoid_()  # in place on a temporary: one large allocation fewer
@@ -63,8 +72,7 @@ def patch_embedding(images, weight, bias=None, stride=None):
     (default: the patch size)."""
     patch = tuple(weight.shape[-2:])
     stride = tuple(stride) if stride is not None else patch
-    if not (images.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") in LOW_PRECISION):
+    if not (images.device.type == "cpu" and _bf16_autocast("cpu")):
         return F.conv2d(images, weight, bias, stride=stride).flatten(2).transpose(1, 2)
     batch, channels, height, width = images.shape
     rows, cols = (height - patch[0]) // stride[0] + 1, (width - patch[1]) // stride[1] + 1

@@ -94,6 +94,17 @@ def test_the_kernels_are_the_reference_operations_in_fp32():
                            F.conv2d(images, weight, bias, stride=stride).flatten(2).transpose(1, 2))
 
 
+def test_fp16_keeps_the_authors_operations():
+    """fp16 autocast is the authors' CUDA setting: only bf16 takes the fast forms."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 33).half().requires_grad_()
+    assert torch.equal(quick_gelu(x), x * torch.sigmoid(1.702 * x))
+    images, weight = torch.randn(2, 3, 32, 16), torch.randn(5, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.float16):
+        tokens = patch_embedding(images, weight)
+        assert torch.equal(tokens, F.conv2d(images, weight, stride=16).flatten(2).transpose(1, 2))
+
+
 def _close(low, high, tolerance):
     """Relative L2 distance of ``low`` from ``high`` below ``tolerance``."""
     distance = (low.float() - high.float()).norm() / high.float().norm()

@@ -6,7 +6,7 @@ from torch import nn
 
 from model.clip.transformer import QuickGELU
 from model.heads import BNNeckHead
-from model.kernels import autocast_dtype
+from model.kernels import autocast_dtype, fp32_under_bf16
 from model.svpr.layers import CrossAttention, init_linear_trunc_normal, mlp
 
 
@@ -54,9 +54,8 @@ class MixtureOfExperts(nn.Module):
 
     def gate_weights(self, x):
         """Top-k softmax gate weights (N, E), zero outside the top k, not renormalised."""
-        # Computed in fp32 under autocast: which experts are kept is a discrete decision that bf16 rounding
-        # would flip for near-tied gates.
-        with torch.autocast(x.device.type, enabled=False):
+        # Which experts are kept is a discrete decision that bf16 rounding would flip for near ties.
+        with fp32_under_bf16(x.device.type):
             probs = self.gate(x.float()).softmax(dim=-1)
         top = probs.topk(self.top_k, dim=-1)
         return torch.zeros_like(probs).scatter(-1, top.indices, top.values)
@@ -104,7 +103,7 @@ class AttributeScatterMoE(nn.Module):
         num_attributes = inputs.shape[1]
         expert_out = self.moe(inputs.reshape(batch * num_attributes, dim)).view(batch, num_attributes, dim)
         attr_logits = [self.heads[name](expert_out[:, a])[0] for a, name in enumerate(self.attribute_names)]
-        with torch.autocast(inputs.device.type, enabled=False):  # the kept attributes: a discrete decision
+        with fp32_under_bf16(inputs.device.type):  # the kept attributes: a discrete decision
             scores = self.router(inputs.float()).mean(dim=-1)  # (B, A)
         top = scores.topk(self.num_kept, dim=-1)
         kept = expert_out.gather(1, top.indices[..., None].expand(-1, -1, dim))  # (B, k, C)

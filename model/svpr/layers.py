@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 from torch import nn
 
-from model.kernels import attention
+from model.kernels import attention, fp32_under_bf16
 
 
 def init_linear_trunc_normal(module):
@@ -129,9 +129,8 @@ class TopKScorer(nn.Module):
     @torch.no_grad()
     def forward(self, query, keys):
         head_dim = keys.shape[-1] // self.num_heads
-        # A ranking is a discrete decision: bf16 rounding would swap near-tied tokens and select others, so
-        # the scores are computed in fp32 under autocast (as the reference's fp32 ones).
-        with torch.autocast(keys.device.type, enabled=False):
+        # A ranking is a discrete decision: bf16 rounding would swap near-tied tokens (model.kernels).
+        with fp32_under_bf16(keys.device.type):
             q = _split_heads(self.q(query.float()), self.num_heads)  # (B, h, 1, d)
             k = _split_heads(self.k(keys.float()), self.num_heads)  # (B, h, N, d)
         scores = ((q @ k.transpose(-2, -1)) * head_dim ** -0.5).softmax(dim=-1).mean(dim=1)  # (B, 1, N)
