@@ -18,6 +18,7 @@ from utils.distributed import get_rank, init_distributed, is_main_process, resta
 from utils.errors import ConfigError
 from utils.io import atomic_write
 from utils.logger import setup_logger
+from utils.run_lock import claim_folder, lock_folder
 from utils.seed import set_seed
 from utils.threads import start_core_share
 
@@ -96,7 +97,9 @@ def prepare_run(args, log_file, run_files=(), base_config=None):
     run (e.g. ``TRAINING_RUN_FILES``). With them, ``args.resume`` / ``args.overwrite`` (when the parser has
     them) are checked before anything is written: no silent overwrite, no silent fresh start, no resume under
     another config. ``args.resume`` is set to the decision (also True after a torchrun elastic restart that
-    has a checkpoint to resume).
+    has a checkpoint to resume). With ``run_files`` the process (rank 0 under torchrun: one per run) holds
+    OUTPUT_DIR's lock (``utils.run_lock``): a run into a folder that a live run uses stops with one line naming
+    it, before any other check; a run refused by the checks leaves the folder as it was.
     """
     if args.config_file is None and base_config is None:
         args.config_file = DEFAULT_CONFIG
@@ -104,6 +107,10 @@ def prepare_run(args, log_file, run_files=(), base_config=None):
     check_registered_names(cfg)
     signal.signal(signal.SIGTERM, _terminate)
     resume, overwrite = bool(getattr(args, "resume", False)), bool(getattr(args, "overwrite", False))
+    # One run per folder: a run into a live run's folder stops here, before any check, having changed nothing.
+    lock = bool(run_files) and os.environ.get("RANK", "0") == "0"
+    if lock:
+        claim_folder(cfg.OUTPUT_DIR)
     if restart_count() > 0:
         # An elastic restart continues its own run, from the last checkpoint if one was written.
         resume = any(os.path.isfile(os.path.join(cfg.OUTPUT_DIR, name)) for name in run_files
@@ -111,10 +118,14 @@ def prepare_run(args, log_file, run_files=(), base_config=None):
         overwrite = True
     if resume and overwrite and restart_count() == 0:
         raise ConfigError("--resume and --overwrite contradict each other: pass one of them")
+    resume_notes = []
     if run_files:
         resume_path = check_output_dir(cfg.OUTPUT_DIR, run_files, resume, overwrite)
         if resume_path:
-            check_resume_config(cfg, resume_path)
+            resume_notes = check_resume_config(cfg, resume_path)
+    if lock and not lock_folder(cfg.OUTPUT_DIR):
+        logging.getLogger("svpr").warning("OUTPUT_DIR '%s' cannot be locked (no file locks on its file system): "
+                                          "nothing stops a second run from using it at the same time", cfg.OUTPUT_DIR)
     check_writable(cfg.OUTPUT_DIR)
     if hasattr(args, "resume"):
         args.resume = resume
@@ -130,6 +141,8 @@ def prepare_run(args, log_file, run_files=(), base_config=None):
     logger.info("config file: %s", args.config_file or "(stored in the checkpoint)")
     if ignored:
         logger.warning(ignored_keys_message(ignored))
+    for note in resume_notes:
+        logger.warning(note)
     if restart_count() > 0:
         logger.warning("torchrun elastic restart %d: %s", restart_count(),
                        "resuming from the last checkpoint" if resume else "no checkpoint yet, starting again")
