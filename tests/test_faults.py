@@ -33,16 +33,16 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.bases import Sample
-from processor.preflight import check_disk_space, check_resume_data, checkpoint_space
-from processor.run_state import describe_data_change, training_data_fingerprint
 from configs import get_cfg_defaults
+from datasets.bases import Sample
 from evaluation.embedding import plot_embedding
 from evaluation.html_report import write_html_report
 from model import build_model
 from processor import faults
 from processor.inference import FeatureExtractor
 from processor.metrics_log import COLUMNS, MetricsLogHook, plot_curves, read_metrics
+from processor.preflight import check_disk_space, check_resume_data, checkpoint_space
+from processor.run_state import describe_data_change, training_data_fingerprint
 from tests.fixtures import CLIPREID, REPO_ROOT, check_ok, run_script, tiny, tiny_cfg
 from utils.checkpoint import load_checkpoint, load_newest_intact, save_checkpoint
 from utils.entrypoint import run_main
@@ -56,9 +56,10 @@ EPOCHS, STAGE1_EPOCHS = 4, 3
 MIN_ITERATIONS = 5  # every epoch of the tiny run has at least this many batches
 HANG_GUARD = 300  # seconds; only against hangs, never a timing assertion
 EXIT_CODES = {signal.SIGKILL: -9, signal.SIGTERM: 143, signal.SIGINT: 130}
+WORKERS = 2  # loader workers of the reference run
 
 
-def overrides(root, output_dir, workers=0):
+def overrides(root, output_dir, workers):
     # One evaluation, at the end; no TensorBoard (its import is a tenth of a start's cost): what is tested
     # here are checkpoints, results, pictures and metrics.
     return tiny(root, output_dir, EPOCHS, workers, extra=[
@@ -66,16 +67,13 @@ def overrides(root, output_dir, workers=0):
         "SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TESTS", "('SynthAG_AG',)", "SOLVER.TENSORBOARD", "False"])
 
 
-WORKERS = 2
-
-
-def train_args(root, output_dir, workers=WORKERS, resume=False, extra=()):
+def train_args(root, output_dir, workers=WORKERS, resume=False):
     return ["train_svpr.py", "--config_file", CLIPREID, *(["--resume"] if resume else []),
-            *overrides(root, output_dir, workers), *extra]
+            *overrides(root, output_dir, workers)]
 
 
-def train(root, output_dir, workers=WORKERS, resume=False, extra=()):
-    return run_script(train_args(root, output_dir, workers, resume, extra), env={"OMP_NUM_THREADS": "1", FAULT_PLAN: ""})
+def train(root, output_dir, resume=False):
+    return run_script(train_args(root, output_dir, resume=resume), env={"OMP_NUM_THREADS": "1", FAULT_PLAN: ""})
 
 
 def run_in_process(script, args):
@@ -83,10 +81,9 @@ def run_in_process(script, args):
     train (no worker, no signal; a start saved is seconds of imports). Logging, the SIGTERM handler and
     ``sys.argv`` are restored afterwards; a run that got as far as locking its OUTPUT_DIR keeps it locked for
     as long as this process lives, as any run does."""
-    root, argv = logging.getLogger(), sys.argv
+    root, argv, plan = logging.getLogger(), sys.argv, os.environ.pop(FAULT_PLAN, None)
     handlers, sigterm = root.handlers[:], signal.getsignal(signal.SIGTERM)
     sys.argv = [f"{script}.py", *args]
-    os.environ[FAULT_PLAN] = ""
     faults._planned.cache_clear()
     stderr = io.StringIO()
     try:
@@ -97,6 +94,9 @@ def run_in_process(script, args):
         code = exc.code
     finally:
         sys.argv = argv
+        if plan is not None:
+            os.environ[FAULT_PLAN] = plan
+        faults._planned.cache_clear()
         for handler in root.handlers[:]:
             root.removeHandler(handler)
             handler.close()
@@ -241,7 +241,7 @@ def reference(synth_root, tmp_path_factory):
     live = LiveRun(train_args(synth_root, out), plan="stage2:epoch=2:iter=1:signal=SIGSTOP")
     assert live.wait_stopped(), live.finish().stderr[-3000:]
     before = snapshot(out)
-    intruders = [run_in_process("train_svpr", train_args(synth_root, out, resume=resume)[1:]) for resume in (0, 1)]
+    intruders = [run_in_process("train_svpr", train_args(synth_root, out, resume=resume)[1:]) for resume in (False, True)]
     after = snapshot(out)
     os.kill(live.process.pid, signal.SIGCONT)
     check_finished(live.finish())
@@ -267,14 +267,14 @@ def test_kill_soak_ends_bit_identical(reference, synth_root, tmp_path):
     round each checkpoint present must be intact.
 
     Rounds 1 to 3 stop themselves at a seeded-random batch (a SIGSTOP fault plan); the test sends the signal and
-    lets them continue: Ctrl-C (SIGINT to the process group) in stage 1 without loader workers, SIGTERM in stage
-    2 without workers (in the run's first epoch, so that it completes none: see the module docstring), SIGKILL in
-    stage 2 with 2 workers. Rounds 4 and 5, with 2 workers, get a seeded-random signal a seeded-random delay
+    lets them continue: Ctrl-C (SIGINT to the process group, loader workers included) in stage 1, SIGTERM in
+    stage 2 without workers (in the run's first epoch, so that it completes none: see the module docstring),
+    SIGKILL in stage 2 with 2 workers. Rounds 4 and 5, with 2 workers, get a seeded-random signal a seeded-random delay
     after the log line of a seeded-random batch: anywhere in training, checkpoint writing, curve drawing,
     evaluation or the final results (a run that ends first is tolerated)."""
     out = str(tmp_path / "soak")
     rng = random.Random(30)
-    at_batches = iter([(signal.SIGINT, 0), (signal.SIGTERM, 0), (signal.SIGKILL, WORKERS)])
+    at_batches = iter([(signal.SIGINT, WORKERS), (signal.SIGTERM, 0), (signal.SIGKILL, WORKERS)])
     for round_number in range(5):
         done = stage2_epochs_done(out)
         resume = round_number > 0
@@ -356,8 +356,8 @@ def test_resume_falls_back_from_a_damaged_checkpoint_and_ends_bit_identical(refe
     assert_bit_identical(reference["weights"], final_weights(out))
     # The damaged file is set aside, not kept as the next checkpoint's previous version.
     assert os.path.isfile(os.path.join(out, "checkpoint_last.pth.damaged"))
-    assert [load_checkpoint(os.path.join(out, name))["epoch"] for name in ("checkpoint_last.pth", "checkpoint_prev.pth")] \
-        == [EPOCHS, EPOCHS - 1]
+    kept = ("checkpoint_last.pth", "checkpoint_prev.pth")
+    assert [load_checkpoint(os.path.join(out, name))["epoch"] for name in kept] == [EPOCHS, EPOCHS - 1]
 
     with open(os.path.join(out, "checkpoint_last.pth"), "r+b") as handle:  # now both damaged
         handle.truncate(1000)
