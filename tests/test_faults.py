@@ -241,7 +241,8 @@ def reference(synth_root, tmp_path_factory):
     live = LiveRun(train_args(synth_root, out), plan="stage2:epoch=2:iter=1:signal=SIGSTOP")
     assert live.wait_stopped(), live.finish().stderr[-3000:]
     before = snapshot(out)
-    intruders = [run_in_process("train_svpr", train_args(synth_root, out, resume=resume)[1:]) for resume in (False, True)]
+    intruders = [run_in_process("train_svpr", train_args(synth_root, out, resume=resume)[1:])
+                 for resume in (False, True)]
     after = snapshot(out)
     os.kill(live.process.pid, signal.SIGCONT)
     check_finished(live.finish())
