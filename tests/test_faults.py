@@ -292,6 +292,8 @@ def test_kill_soak_ends_bit_identical(reference, synth_root, tmp_path):
             os.killpg(live.process.pid, signal.SIGCONT)
             live.finish()
             assert live.process.returncode == EXIT_CODES[sent], (where, sent, live.stderr[-3000:])
+            if workers != WORKERS:
+                assert f"--resume with DATALOADER.NUM_WORKERS 0 instead of {WORKERS}: each loader worker" in live.stdout
         elif done < EPOCHS:  # a random moment after a batch's log line, one epoch before the last where possible
             sent, workers = rng.choice([signal.SIGINT, signal.SIGTERM, signal.SIGKILL]), WORKERS
             epoch = rng.randint(max(done, 0) + 1, max(done + 1, EPOCHS - 1))
