@@ -1,6 +1,7 @@
 """Command-line plumbing shared by ``train_svpr.py``, ``test_svpr.py`` and the tools: parse, configure,
 check the names the config uses against the registries, set up logging, devices and processes."""
 import argparse
+import atexit
 import glob
 import logging
 import os
@@ -16,6 +17,7 @@ from utils.allocator import retain_freed_cpu_memory
 from utils.device import resolve_device
 from utils.distributed import get_rank, init_distributed, is_main_process, restart_count
 from utils.errors import ConfigError
+from utils.interrupts import INTERRUPTS
 from utils.io import atomic_write
 from utils.logger import setup_logger
 from utils.run_lock import claim_folder, lock_folder
@@ -89,6 +91,13 @@ def _terminate(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def _ignore_interrupts_at_exit():
+    # Registered after logging's own exit handler, so it runs before it: once the work is done and written, a
+    # Ctrl-C or SIGTERM would only break the interpreter's teardown with a traceback ("Exception ignored in").
+    for signum in INTERRUPTS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def prepare_run(args, log_file, run_files=(), base_config=None):
     """Config, device, process group, logger, seed and ``OUTPUT_DIR/config.yaml`` for one run.
 
@@ -106,6 +115,8 @@ def prepare_run(args, log_file, run_files=(), base_config=None):
     cfg, ignored = read_config(args.config_file, args.opts, base_yaml=None if args.config_file else base_config)
     check_registered_names(cfg)
     signal.signal(signal.SIGTERM, _terminate)
+    atexit.unregister(_ignore_interrupts_at_exit)  # (once per process, however many runs it prepares)
+    atexit.register(_ignore_interrupts_at_exit)
     resume, overwrite = bool(getattr(args, "resume", False)), bool(getattr(args, "overwrite", False))
     # One run per folder: a run into a live run's folder stops here, before any check, having changed nothing.
     lock = bool(run_files) and os.environ.get("RANK", "0") == "0"

@@ -10,6 +10,7 @@ before they complete an epoch: the epochs that survive are trained with 2, as in
 """
 import contextlib
 import errno
+import gc
 import hashlib
 import importlib
 import io
@@ -35,6 +36,7 @@ import torch
 
 from configs import get_cfg_defaults
 from datasets.bases import Sample
+from datasets.loader import ReIDDataLoader
 from evaluation.embedding import plot_embedding
 from evaluation.html_report import write_html_report
 from model import build_model
@@ -319,6 +321,28 @@ def test_kill_soak_ends_bit_identical(reference, synth_root, tmp_path):
     check_ok(train(synth_root, out, resume=True))
     assert_bit_identical(reference["weights"], final_weights(out))
     assert not temporaries(out)
+
+
+def test_an_interrupt_while_loader_workers_start_comes_after_and_leaves_no_half_built_loader(monkeypatch):
+    """Ctrl-C just as an epoch's loader starts its workers (found by the soak: PyTorch's half-built iterator
+    then printed "Exception ignored ... AttributeError: '_workers_status'" with a traceback)."""
+    class InterruptedBatches(torch.utils.data.Sampler):
+        def __iter__(self):  # runs while the loader's iterator is being built
+            signal.raise_signal(signal.SIGINT)
+            return iter([[0, 1], [2, 3]])
+
+        def __len__(self):
+            return 2
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    handler = signal.getsignal(signal.SIGINT)
+    loader = ReIDDataLoader(list(range(4)), batch_sampler=InterruptedBatches(), num_workers=2)
+    with pytest.raises(KeyboardInterrupt):
+        next(iter(loader))
+    gc.collect()
+    assert not unraisable, [str(item.exc_value) for item in unraisable]
+    assert signal.getsignal(signal.SIGINT) is handler
 
 
 # ---------------------------------------------------------------------------------- damaged checkpoints
