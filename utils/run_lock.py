@@ -60,10 +60,21 @@ def _lock(handle, folder, purpose):
     return True
 
 
+def _record(handle):
+    """Write this process's pid, host, start time and command into its lock file (for the next run's message)."""
+    record = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": datetime.datetime.now().isoformat(timespec="seconds"),
+              "command": " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])}
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps(record) + "\n")
+    handle.flush()
+
+
 def claim_folder(folder, purpose="OUTPUT_DIR"):
-    """Take the lock of ``folder`` if it has a lock file already, creating and writing nothing (a run checks its
-    folder first, and a run refused by those checks must leave the folder as it was); a ``FolderInUseError``
-    when another live process holds it. :func:`lock_folder` completes the claim."""
+    """Take the lock of ``folder`` if it has a lock file already, creating no file (a run checks its folder
+    first, and a run refused by those checks must leave it as it was; only the lock file's record of its holder
+    changes); a ``FolderInUseError`` when another live process holds it. :func:`lock_folder` completes it."""
     real = os.path.realpath(folder)
     if real in _held:
         return
@@ -72,31 +83,26 @@ def claim_folder(folder, purpose="OUTPUT_DIR"):
     except OSError:
         return  # no lock file (or no folder) yet: nothing to claim
     if _lock(handle, folder, purpose):
+        _record(handle)
         _held[real] = handle
 
 
 def lock_folder(folder, purpose="OUTPUT_DIR"):
     """Create ``folder`` and its lock file if needed, take the lock for the rest of this process's life (unless
-    :func:`claim_folder` took it) and record this process in the file. A ``FolderInUseError`` (one line: the
-    folder, the holder's pid, host, start time and command) when another live process holds it. On a file
-    system without locks (some network mounts) the folder is used unlocked; returns False then, True
+    :func:`claim_folder` took it already) and record this process in the file. A ``FolderInUseError`` (one
+    line: the folder, the holder's pid, host, start time and command) when another live process holds it. On
+    a file system without locks (some network mounts) the folder is used unlocked; returns False then, True
     otherwise."""
     real = os.path.realpath(folder)
-    handle = _held.get(real)
-    if handle is None:
-        try:
-            os.makedirs(folder, exist_ok=True)
-            handle = open(os.path.join(folder, LOCK_FILE), "a+", encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{purpose} '{folder}' is not writable: {exc.strerror or exc}") from None
-        if not _lock(handle, folder, purpose):
-            return False
-        _held[real] = handle
-    record = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])}
-    handle.seek(0)
-    handle.truncate()
-    handle.write(json.dumps(record) + "\n")
-    handle.flush()
+    if real in _held:
+        return True
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle = open(os.path.join(folder, LOCK_FILE), "a+", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{purpose} '{folder}' is not writable: {exc.strerror or exc}") from None
+    if not _lock(handle, folder, purpose):
+        return False
+    _record(handle)
+    _held[real] = handle
     return True
