@@ -5,14 +5,19 @@
     python test_svpr.py --config_file configs/CP2108/svpr_reid.yml TEST.WEIGHT W.pth   # explicit config wins
 
 Results go to <folder of the checkpoint>/test/ (or OUTPUT_DIR when given), never over a training run's files.
+Every file is written atomically; if the evaluation is killed, the same command run again replaces what it
+wrote (OUTPUT_DIR/.evaluation-in-progress marks an evaluation that has not finished).
 """
+import logging
 import os
 
 from configs import stored_config
 from processor.launch import build_parser, prepare_run
-from processor.preflight import RESULTS_FILE
+from processor.preflight import EVALUATION_IN_PROGRESS, RESULTS_FILE
 from utils.checkpoint import load_checkpoint
+from utils.distributed import is_main_process
 from utils.entrypoint import run_main
+from utils.io import atomic_write
 
 
 def main():
@@ -33,7 +38,15 @@ def main():
     cfg, device = prepare_run(args, "test.log", run_files=(RESULTS_FILE,), base_config=base)
     from processor import run_testing
 
+    marker = os.path.join(cfg.OUTPUT_DIR, EVALUATION_IN_PROGRESS)
+    if is_main_process():
+        if os.path.isfile(marker):
+            logging.getLogger("svpr").warning("an earlier evaluation into %s was interrupted: its files are "
+                                              "replaced", cfg.OUTPUT_DIR)
+        atomic_write(marker, f"pid {os.getpid()}\n")
     run_testing(cfg, device, config_file=args.config_file, state=loaded.get(cfg.TEST.WEIGHT))
+    if is_main_process():
+        os.remove(marker)
 
 
 if __name__ == "__main__":

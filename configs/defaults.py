@@ -160,6 +160,10 @@ _C.SOLVER.EVAL_PERIOD = 1
 # Also write TensorBoard event files of the training curves to OUTPUT_DIR/tensorboard/ (when the tensorboard
 # package is installed; metrics.csv and curves.png are written either way).
 _C.SOLVER.TENSORBOARD = True
+# --resume refuses training data that differ from those the checkpoint was trained on (images added, removed,
+# relabelled or of another size: docs/failures.md), since the result could not equal an uninterrupted run's.
+# True resumes on the new data anyway, with a warning (the number of identities must stay the same).
+_C.SOLVER.RESUME_ALLOW_DATA_CHANGE = False
 # Training batch size (P x K) over all processes.
 _C.SOLVER.IMS_PER_BATCH = 64
 # Mixed precision (utils/amp.py). False: fp32 on every device. True: autocast to AMP_DTYPE on CUDA; on the CPU

@@ -14,6 +14,7 @@ from text import tokenize
 from utils import distributed
 from utils.device import resolve_device
 from utils.errors import ConfigError, DataError
+from utils.interrupts import deferred_interrupts
 
 from .image_cache import cached_reader
 from .registry import DATASETS, build_dataset
@@ -123,7 +124,8 @@ class ReIDDataLoader(DataLoader):
     error the main process would raise, naming the file instead of the worker."""
 
     def __iter__(self):
-        iterator = super().__iter__()
+        with deferred_interrupts():  # starting the workers must not be cut in the middle
+            iterator = super().__iter__()
         while True:
             try:
                 batch = next(iterator)

@@ -10,6 +10,8 @@ import os
 
 import numpy as np
 
+from utils.io import atomic_write
+
 logger = logging.getLogger(__name__)
 
 #: At most this many points are drawn (a seeded random subset, queries and gallery in proportion).
@@ -66,7 +68,4 @@ def plot_embedding(path, features, viewids, num_query, title="", max_points=MAX_
     axis.set_ylabel("principal component 2")
     axis.legend(fontsize="small")
     figure.tight_layout()
-    temporary = path + ".tmp.png"
-    figure.savefig(temporary)
-    os.replace(temporary, path)
-    return path
+    return atomic_write(path, lambda handle: figure.savefig(handle, format="png"))

@@ -10,6 +10,7 @@ from evaluation.ranking import MODES, evaluate_rank
 from evaluation.reranking import re_ranking
 from utils import distributed
 from utils.errors import ConfigError, DataError
+from utils.io import atomic_write
 
 # Columns of the evaluator's (N, 6) label rows that name a sample (the last two flag given view/time ids).
 LABEL_COLUMNS = ((0, "pids"), (1, "camids"), (2, "viewids"), (3, "timeids"))
@@ -188,8 +189,7 @@ class ReIDEvaluator:
             arrays[f"{side}_features"] = feats[rows[side]].numpy()
             arrays.update({f"{side}_{name}": np.array(value, dtype=str) if name == "paths" else value
                            for name, value in values.items()})
-        np.savez(path, **arrays)
-        return path
+        return atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
     def ranking_inputs(self):
         """``(distmat (Q, G) numpy, query, gallery)`` of the last ``compute()``: label dicts with ``pids``,

@@ -10,6 +10,7 @@ import html
 import os
 
 from evaluation.embedding import embedding_file
+from utils.io import atomic_write
 
 REPORT_FILE = "report.html"
 # (document key, column header) of the results table; counts are integers, the rest percentages.
@@ -113,10 +114,4 @@ def write_html_report(output_dir, results_document, curves_png=None, grid_pngs=(
             parts += [f"<h3>{html.escape(name)}</h3>",
                       f'<img class="rank-grid" alt="{html.escape(name)}" src="{_data_uri(path)}">']
     parts.append("</body></html>")
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, REPORT_FILE)
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as stream:
-        stream.write("\n".join(parts) + "\n")
-    os.replace(temporary, path)
-    return path
+    return atomic_write(os.path.join(output_dir, REPORT_FILE), "\n".join(parts) + "\n")

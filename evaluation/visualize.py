@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from evaluation.ranking import query_metrics
+from utils.io import atomic_write
 
 TILE = (64, 128)  # (width, height) of every thumbnail
 BORDER = 4  # frame width in pixels
@@ -148,11 +149,11 @@ def write_rank_lists(out_dir, protocol, distmat, query, gallery, removed, topk=1
         overlay = query_overlay(q) if query_overlay is not None else None
         strip = draw_strip(query["paths"][q], items, title, f"query\n{_where(query, q)}", overlay)
         path = os.path.join(folder, f"{kind}_{counts[kind]}_q{q}.png")
-        strip.save(path)
+        atomic_write(path, lambda handle, picture=strip: picture.save(handle, format="PNG"))
         written.append(path)
         strips.append(strip)
     if strips:
         grid = os.path.join(out_dir, f"{protocol}_grid.png")
-        stack(strips).save(grid)
+        atomic_write(grid, lambda handle: stack(strips).save(handle, format="PNG"))
         written.append(grid)
     return written

@@ -14,9 +14,10 @@ from processor.inference import RANK_LIST_FOLDER, evaluate
 from processor.metrics_log import CURVES_FILE
 from processor.model_io import build_training_model, load_trained_model, model_args_from_dataset
 from processor.phase_runner import run_phases
-from processor.preflight import check_data
+from processor.preflight import check_data, check_disk_space, check_resume_data, resume_checkpoint
+from processor.run_state import training_data_fingerprint
 from processor.trainer import Trainer
-from utils.checkpoint import save_checkpoint
+from utils.checkpoint import previous_checkpoint, save_checkpoint
 from model.sync_batchnorm import convert_sync_batchnorm
 from utils.distributed import barrier, get_world_size, is_main_process
 from utils.errors import ConfigError
@@ -76,13 +77,17 @@ def run_training(cfg, device, resume=False, config_file=None):
     """Train ``cfg``'s model, then evaluate the final weights on every test protocol."""
     bundle = make_dataloaders(cfg)
     datasets = check_data(cfg, bundle.dataset)  # every dataset of the run, read once
+    training_data = training_data_fingerprint(bundle.dataset.train, cfg.DATASETS.ROOT_DIR)
+    if resume:
+        check_resume_data(cfg, resume_checkpoint(cfg.OUTPUT_DIR), training_data)
     model_args = model_args_from_dataset(bundle.dataset)
     model, initial_weights = build_training_model(cfg, model_args, device)
+    check_disk_space(cfg, model)
     precision = precision_settings(cfg, device)
     logger.info("precision: training %s; test features %s", training_precision(cfg, device).describe(),
                 test_precision(cfg, device).describe())
     last_path = os.path.join(cfg.OUTPUT_DIR, LAST_CHECKPOINT)
-    run_phases(cfg, model, bundle.dataset, device, resume)
+    run_phases(cfg, model, bundle.dataset, device, resume, training_data)
     criterion = build_criterion(cfg, model, model_args["num_classes"]).to(device)
     if cfg.SOLVER.SYNC_BN and get_world_size() > 1:
         model = convert_sync_batchnorm(model, device)
@@ -90,7 +95,9 @@ def run_training(cfg, device, resume=False, config_file=None):
                  build_evaluation_protocol(cfg, name, datasets[name]) for name in cfg.DATASETS.TESTS}
     first_test = protocols[cfg.DATASETS.TESTS[0]]
     trainer = Trainer(cfg, model, criterion, bundle.train_loader, first_test, device, model_args)
-    if resume and os.path.isfile(last_path):  # (resuming in stage 1 has no stage-2 checkpoint yet)
+    trainer.training_data = training_data
+    # (Resuming in stage 1 has no stage-2 checkpoint yet.)
+    if resume and any(os.path.isfile(path) for path in (last_path, previous_checkpoint(last_path))):
         trainer.resume(last_path)
     last_epoch = trainer.fit()
     final_path = os.path.join(cfg.OUTPUT_DIR, FINAL_CHECKPOINT)

@@ -1,6 +1,7 @@
 """Command-line plumbing shared by ``train_svpr.py``, ``test_svpr.py`` and the tools: parse, configure,
 check the names the config uses against the registries, set up logging, devices and processes."""
 import argparse
+import atexit
 import glob
 import logging
 import os
@@ -16,8 +17,10 @@ from utils.allocator import retain_freed_cpu_memory
 from utils.device import resolve_device
 from utils.distributed import get_rank, init_distributed, is_main_process, restart_count
 from utils.errors import ConfigError
+from utils.interrupts import INTERRUPTS
 from utils.io import atomic_write
 from utils.logger import setup_logger
+from utils.run_lock import claim_folder, lock_folder
 from utils.seed import set_seed
 from utils.threads import start_core_share
 
@@ -88,6 +91,13 @@ def _terminate(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def _ignore_interrupts_at_exit():
+    # Registered after logging's own exit handler, so it runs before it: once the work is done and written, a
+    # Ctrl-C or SIGTERM would only break the interpreter's teardown with a traceback ("Exception ignored in").
+    for signum in INTERRUPTS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def prepare_run(args, log_file, run_files=(), base_config=None):
     """Config, device, process group, logger, seed and ``OUTPUT_DIR/config.yaml`` for one run.
 
@@ -96,14 +106,22 @@ def prepare_run(args, log_file, run_files=(), base_config=None):
     run (e.g. ``TRAINING_RUN_FILES``). With them, ``args.resume`` / ``args.overwrite`` (when the parser has
     them) are checked before anything is written: no silent overwrite, no silent fresh start, no resume under
     another config. ``args.resume`` is set to the decision (also True after a torchrun elastic restart that
-    has a checkpoint to resume).
+    has a checkpoint to resume). With ``run_files`` the process (rank 0 under torchrun: one per run) holds
+    OUTPUT_DIR's lock (``utils.run_lock``): a run into a folder that a live run uses stops with one line naming
+    it, before any other check; a run refused by the checks leaves the folder as it was.
     """
     if args.config_file is None and base_config is None:
         args.config_file = DEFAULT_CONFIG
     cfg, ignored = read_config(args.config_file, args.opts, base_yaml=None if args.config_file else base_config)
     check_registered_names(cfg)
     signal.signal(signal.SIGTERM, _terminate)
+    atexit.unregister(_ignore_interrupts_at_exit)  # (once per process, however many runs it prepares)
+    atexit.register(_ignore_interrupts_at_exit)
     resume, overwrite = bool(getattr(args, "resume", False)), bool(getattr(args, "overwrite", False))
+    # One run per folder: a run into a live run's folder stops here, before any check, having changed nothing.
+    lock = bool(run_files) and os.environ.get("RANK", "0") == "0"
+    if lock:
+        claim_folder(cfg.OUTPUT_DIR)
     if restart_count() > 0:
         # An elastic restart continues its own run, from the last checkpoint if one was written.
         resume = any(os.path.isfile(os.path.join(cfg.OUTPUT_DIR, name)) for name in run_files
@@ -111,10 +129,14 @@ def prepare_run(args, log_file, run_files=(), base_config=None):
         overwrite = True
     if resume and overwrite and restart_count() == 0:
         raise ConfigError("--resume and --overwrite contradict each other: pass one of them")
+    resume_notes = []
     if run_files:
         resume_path = check_output_dir(cfg.OUTPUT_DIR, run_files, resume, overwrite)
         if resume_path:
-            check_resume_config(cfg, resume_path)
+            resume_notes = check_resume_config(cfg, resume_path)
+    if lock and not lock_folder(cfg.OUTPUT_DIR):
+        logging.getLogger("svpr").warning("OUTPUT_DIR '%s' cannot be locked (no file locks on its file system): "
+                                          "nothing stops a second run from using it at the same time", cfg.OUTPUT_DIR)
     check_writable(cfg.OUTPUT_DIR)
     if hasattr(args, "resume"):
         args.resume = resume
@@ -130,6 +152,8 @@ def prepare_run(args, log_file, run_files=(), base_config=None):
     logger.info("config file: %s", args.config_file or "(stored in the checkpoint)")
     if ignored:
         logger.warning(ignored_keys_message(ignored))
+    for note in resume_notes:
+        logger.warning(note)
     if restart_count() > 0:
         logger.warning("torchrun elastic restart %d: %s", restart_count(),
                        "resuming from the last checkpoint" if resume else "no checkpoint yet, starting again")

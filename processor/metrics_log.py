@@ -18,12 +18,14 @@ about 0.3 s, which after every one of short epochs (the quickstart's take about 
 run. ``metrics.csv`` and TensorBoard get every row as it comes.
 """
 import csv
+import io
 import logging
 import os
 import time
 
 from processor.hooks import HookBase
 from utils.distributed import is_main_process
+from utils.io import atomic_write, write_error
 
 logger = logging.getLogger(__name__)
 
@@ -38,19 +40,34 @@ EVAL_NAMES = (("mAP", lambda m: m["mAP"]), ("R1", lambda m: m["cmc"][0]), ("R5",
 
 
 def read_metrics(path):
-    """Rows of a ``metrics.csv`` as dicts with ``epoch``/``iteration``/``step`` int and ``value`` float."""
+    """Rows of a ``metrics.csv`` as dicts with ``epoch``/``iteration``/``step`` int and ``value`` float. A
+    last row cut short (the run was killed while appending it) is left out."""
+    rows = []
     with open(path, newline="") as stream:
-        return [{"kind": row["kind"], "epoch": int(row["epoch"]), "iteration": int(row["iteration"]),
-                 "step": int(row["step"]), "name": row["name"], "value": float(row["value"])}
-                for row in csv.DictReader(stream)]
+        for row in csv.DictReader(stream):
+            try:
+                rows.append({"kind": row["kind"], "epoch": int(row["epoch"]), "iteration": int(row["iteration"]),
+                             "step": int(row["step"]), "name": row["name"], "value": float(row["value"])})
+            except (TypeError, ValueError):
+                continue
+    return rows
 
 
-def _write_csv(path, rows, mode):
-    with open(path, mode, newline="") as stream:
-        writer = csv.DictWriter(stream, COLUMNS, lineterminator="\n")
-        if mode == "w":
-            writer.writeheader()
-        writer.writerows({**row, "value": repr(float(row["value"]))} for row in rows)
+def _csv_text(rows, header):
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, COLUMNS, lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerows({**row, "value": repr(float(row["value"]))} for row in rows)
+    return buffer.getvalue()
+
+
+def _append_csv(path, rows):
+    try:
+        with open(path, "a", newline="") as stream:
+            stream.write(_csv_text(rows, header=False))
+    except OSError as exc:
+        raise write_error(path, exc) from None
 
 
 def plot_curves(rows, path):
@@ -87,9 +104,7 @@ def plot_curves(rows, path):
     if evals:
         axes[3].legend(fontsize="small")
     figure.tight_layout()
-    temporary = path + ".tmp.png"
-    figure.savefig(temporary)
-    os.replace(temporary, path)
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png"))
     return True
 
 
@@ -122,9 +137,8 @@ class MetricsLogHook(HookBase):
         self.rows = [r for r in read_metrics(path) if r["epoch"] < start] if os.path.isfile(path) else []
         # Every epoch logs its last iteration, so the kept rows end at the step where the resumed run begins.
         self._offset = max((r["step"] for r in self.rows), default=0)
-        # Rewrite through a temporary file: an interruption leaves the old file, never a truncated one.
-        _write_csv(path + ".tmp", self.rows, "w")
-        os.replace(path + ".tmp", path)
+        # Rewritten atomically: an interruption leaves the old file, never a truncated one.
+        atomic_write(path, _csv_text(self.rows, header=True))
         if self.trainer.cfg.SOLVER.TENSORBOARD:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -137,7 +151,7 @@ class MetricsLogHook(HookBase):
 
     def _add(self, rows):
         self.rows.extend(rows)
-        _write_csv(self._path(METRICS_FILE), rows, "a")
+        _append_csv(self._path(METRICS_FILE), rows)
         if self.writer is not None:
             for row in rows:
                 self.writer.add_scalar(f"{row['kind']}/{row['name']}", row["value"], row["step"])

@@ -10,39 +10,44 @@ import time
 from processor.faults import fault_point
 from processor.run_state import DivergedError, restore_rng, rng_states
 from utils.amp import make_grad_scaler
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import load_newest_intact, previous_checkpoint, save_checkpoint
 from utils.distributed import is_main_process
 from utils.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 
-def run_phases(cfg, model, dataset, device, resume=False):
-    """Run every phase ``model`` lists in ``training_phases`` on the training ``dataset``, in order."""
+def run_phases(cfg, model, dataset, device, resume=False, training_data=None):
+    """Run every phase ``model`` lists in ``training_phases`` on the training ``dataset``, in order
+    (``training_data``: its fingerprint, stored in the phases' checkpoints)."""
     for phase_class in model.training_phases:
-        run_phase(cfg, phase_class(cfg, model, dataset, device), resume)
+        run_phase(cfg, phase_class(cfg, model, dataset, device), resume, training_data)
 
 
-def run_phase(cfg, phase, resume=False):
+def run_phase(cfg, phase, resume=False, training_data=None):
     """Train ``phase`` (or, when this run does not train it, obtain its result), then ``phase.finish()``.
 
     With ``resume``, a finished phase's saved state is loaded instead of training again, and an interrupted
-    one continues after its last saved epoch with the same result as an uninterrupted run.
+    one continues after its last saved epoch with the same result as an uninterrupted run. Its checkpoint
+    keeps its previous version (``stage1_prev.pth``), the fallback when the newer one is damaged.
     """
     path = os.path.join(cfg.OUTPUT_DIR, phase.checkpoint_name)
-    state = load_checkpoint(path, map_location=phase.device) if resume and os.path.isfile(path) else None
+    candidates = [path, previous_checkpoint(path)]
+    state = None
+    if resume and any(os.path.isfile(candidate) for candidate in candidates):
+        state, path = load_newest_intact(candidates, map_location=phase.device, set_aside=True)
     if state is not None and state.get("complete"):
         phase.load_state_dict(state, path)
         restore_rng(state["rng"])
         logger.info("%s: loaded this run's result from %s", phase.title, path)
     elif phase.trains():
-        _train(cfg, phase, path, state)
+        _train(cfg, phase, candidates[0], state, training_data)
     else:
         phase.load_result()
     phase.finish()
 
 
-def _train(cfg, phase, path, state):
+def _train(cfg, phase, path, state, training_data):
     phase.setup()
     optimizer = phase.make_optimizer()
     scheduler = phase.make_scheduler(optimizer)
@@ -64,9 +69,9 @@ def _train(cfg, phase, path, state):
     def save(epoch):
         content = {**phase.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                    "scaler": scaler.state_dict(), "rng": rng_states(), "epoch": epoch,
-                   "complete": epoch == phase.max_epochs, "config": cfg.dump()}
+                   "complete": epoch == phase.max_epochs, "config": cfg.dump(), "training_data": training_data}
         if is_main_process():
-            save_checkpoint(content, path)
+            save_checkpoint(content, path, previous=previous_checkpoint(path))
 
     if state is None:
         save(0)  # an interruption during the first epoch can then be resumed too

@@ -23,7 +23,7 @@ from processor.metrics_log import MetricsLogHook
 from processor.run_state import restore_rng, rng_states
 from solver import make_optimizer, make_scheduler
 from utils.amp import fp32_loss, make_grad_scaler, precision_context, training_precision
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import load_newest_intact, previous_checkpoint, save_checkpoint
 from utils.device import to_device
 from utils.distributed import barrier, get_rank, is_initialized, is_main_process, unwrap
 from utils.errors import CheckpointError
@@ -35,10 +35,11 @@ logger = logging.getLogger(__name__)
 def default_hooks(cfg):
     """The hooks of a training run, in the order they must run: faults (tests only) and the divergence check
     before anything reads the step's losses, evaluation before the checkpoint (it draws from the RNGs that
-    the checkpoint saves), curves after the evaluation they plot."""
+    the checkpoint saves), curves after the evaluation they plot and before the checkpoint (a run killed between
+    the two trains the epoch again and rewrites its rows, instead of missing them)."""
     hooks = [FaultInjectionHook()] if fault_injection_planned() else []
-    return hooks + [CoreShareHook(), DivergenceHook(), TrainingLogHook(), EvalHook(), CheckpointHook(),
-                    MetricsLogHook()]
+    return hooks + [CoreShareHook(), DivergenceHook(), TrainingLogHook(), EvalHook(), MetricsLogHook(),
+                    CheckpointHook()]
 
 
 class Trainer:
@@ -68,6 +69,7 @@ class Trainer:
         self._rng_to_restore = None  # RNG states of a resumed checkpoint, restored when fit() starts
         self.best = {"mAP": -1.0, "epoch": 0}
         self.last_eval = (None, None)  # (epoch, metrics) of the latest evaluation on the first test protocol
+        self.training_data = None  # fingerprint of the training set (processor.run_state), stored in checkpoints
         self.output_dir = cfg.OUTPUT_DIR
         self.hooks = []
         for hook in (hooks if hooks is not None else default_hooks(cfg)):
@@ -106,11 +108,13 @@ class Trainer:
             "rng": rng_states(),
             "config": self.cfg.dump(),
             "model_args": self.model_args,
+            "training_data": self.training_data,
         }
 
     def resume(self, path):
-        """Restore the state saved in ``path`` (a checkpoint_last.pth); the next epoch is restarted from it."""
-        state = load_checkpoint(path, map_location=self.device)
+        """Restore the state saved in ``path`` (a checkpoint_last.pth), or in its previous version when ``path``
+        is missing or damaged; the next epoch is restarted from it."""
+        state, path = load_newest_intact([path, previous_checkpoint(path)], map_location=self.device, set_aside=True)
         try:
             unwrap(self.model).load_state_dict(state["model"])
             self.criterion.load_state_dict(state["criterion"])
@@ -133,9 +137,11 @@ class Trainer:
                     100 * max(self.best["mAP"], 0), self.best["epoch"])
 
     def save(self, name, content):
-        """Write ``content`` atomically to ``OUTPUT_DIR/name`` (rank 0 only)."""
+        """Write ``content`` atomically to ``OUTPUT_DIR/name`` (rank 0 only); the previous checkpoint_last.pth is
+        kept as checkpoint_prev.pth."""
         if is_main_process():
-            save_checkpoint(content, os.path.join(self.output_dir, name))
+            path = os.path.join(self.output_dir, name)
+            save_checkpoint(content, path, previous=previous_checkpoint(path) if name == LAST_CHECKPOINT else None)
 
     # ------------------------------------------------------------------ loop
     def _seed_epoch(self, epoch):

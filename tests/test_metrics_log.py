@@ -183,7 +183,7 @@ def test_with_the_real_trainer(tmp_path, single_thread):
     criterion = build_criterion(cfg, model, model_args["num_classes"])
     eval_data = protocol_of_bundle(bundle)
     trainer = Trainer(cfg, model, criterion, bundle.train_loader, eval_data, torch.device("cpu"), model_args)
-    assert [type(hook) for hook in trainer.hooks][-3:] == [EvalHook, CheckpointHook, MetricsLogHook]
+    assert [type(hook) for hook in trainer.hooks][-3:] == [EvalHook, MetricsLogHook, CheckpointHook]
     trainer.fit()
     rows = read_metrics(os.path.join(out, "metrics.csv"))
     train_losses = [r for r in rows if r["name"] == "loss"]
