@@ -1,7 +1,5 @@
 """pytest fixtures shared by the test modules (their plain helpers are in ``tests/fixtures.py``)."""
 import importlib
-import logging
-import signal
 import sys
 
 import pytest
@@ -35,10 +33,8 @@ def cli(monkeypatch, capsys, single_thread):
     points where no worker process or signal is involved: the exit code and stderr a user sees, without the
     seconds of a new interpreter."""
     from processor import faults
+    from tests.fixtures import process_state_restored
     from utils.entrypoint import run_main
-
-    root = logging.getLogger()
-    handlers, sigterm = root.handlers[:], signal.getsignal(signal.SIGTERM)
 
     def call(script, args, interrupt=None):
         monkeypatch.setattr(sys, "argv", [f"{script}.py", *args])
@@ -52,11 +48,5 @@ def cli(monkeypatch, capsys, single_thread):
             code = exc.code
         return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 
-    yield call
-    faults._planned.cache_clear()
-    for handler in root.handlers[:]:
-        root.removeHandler(handler)
-        handler.close()
-    for handler in handlers:
-        root.addHandler(handler)
-    signal.signal(signal.SIGTERM, sigterm)
+    with process_state_restored():
+        yield call

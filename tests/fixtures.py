@@ -2,17 +2,21 @@
 ports for torchrun, the Synthetic configs and the overrides that shrink them, and tiny random-weight model
 configs. (``conftest.py`` holds the pytest fixtures; helpers live here so that test modules never import each
 other.)"""
+import contextlib
 import importlib.util
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 
+import torch
 from PIL import Image
 
 from configs import get_cfg_defaults, read_config
+from utils.checkpoint import load_checkpoint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,6 +48,39 @@ def run_script(args, cwd=REPO_ROOT, env=None, timeout=600):
 
 def _default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def final_weights(output_dir):
+    """The model weights of ``OUTPUT_DIR/model_final.pth``."""
+    return load_checkpoint(os.path.join(output_dir, "model_final.pth"))["model"]
+
+
+def assert_bit_identical(a, b):
+    """Two state dicts hold the same tensors, bit for bit."""
+    assert a.keys() == b.keys()
+    different = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
+
+
+@contextlib.contextmanager
+def process_state_restored():
+    """Run an entry point in this process: afterwards the logging handlers, the SIGTERM handler and the cached
+    fault plan are as before (``run_main`` installs its own)."""
+    from processor import faults
+
+    root = logging.getLogger()
+    handlers, sigterm = root.handlers[:], signal.getsignal(signal.SIGTERM)
+    faults._planned.cache_clear()
+    try:
+        yield
+    finally:
+        faults._planned.cache_clear()
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+            handler.close()
+        for handler in handlers:
+            root.addHandler(handler)
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 def check_ok(result):

@@ -7,7 +7,6 @@ takes a training step on Custom data; each bad manifest stops with one error lin
 """
 import csv
 import os
-import random
 
 import numpy as np
 import pytest

@@ -17,7 +17,8 @@ from loss import build_criterion
 from model import build_model
 from model.clip_reid import PromptLearning
 from solver import make_optimizer
-from tests.fixtures import BASELINE, CLIPREID, REPO_ROOT, SVPR, check_ok, free_port, run_script, tiny
+from tests.fixtures import (BASELINE, CLIPREID, REPO_ROOT, SVPR, assert_bit_identical, check_ok, final_weights,
+                            free_port, run_script, tiny)
 from utils.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -137,16 +138,6 @@ def test_ablation_tool_trains_every_row(synth_root, tmp_path):
     assert "SynthAG_ALL ΔmAP [95% CI]" in table[0] and all(row.count("[") == 2 for row in table[1:])
 
 
-def _final_weights(output_dir):
-    return load_checkpoint(os.path.join(output_dir, "model_final.pth"))["model"]
-
-
-def _assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-
-
 def test_resume_at_epoch_boundary_reproduces_uninterrupted_run(synth_root, tmp_path):
     """With real loader workers (tests/test_resume.py covers interruptions inside an epoch)."""
     workers = 2
@@ -154,7 +145,7 @@ def test_resume_at_epoch_boundary_reproduces_uninterrupted_run(synth_root, tmp_p
     check_ok(run_script(["train_svpr.py", "--config_file", SVPR, *tiny(synth_root, straight, 3, workers)]))
     check_ok(run_script(["train_svpr.py", "--config_file", SVPR, *tiny(synth_root, split, 2, workers)]))
     check_ok(run_script(["train_svpr.py", "--config_file", SVPR, "--resume", *tiny(synth_root, split, 3, workers)]))
-    _assert_same_weights(_final_weights(straight), _final_weights(split))
+    assert_bit_identical(final_weights(straight), final_weights(split))
     assert "resumed from" in open(os.path.join(split, "train.log"), encoding="utf-8").read()
 
 

@@ -14,7 +14,6 @@ import gc
 import hashlib
 import importlib
 import io
-import logging
 import os
 import random
 import re
@@ -40,12 +39,12 @@ from datasets.loader import ReIDDataLoader
 from evaluation.embedding import plot_embedding
 from evaluation.html_report import write_html_report
 from model import build_model
-from processor import faults
 from processor.inference import FeatureExtractor
 from processor.metrics_log import COLUMNS, MetricsLogHook, plot_curves, read_metrics
 from processor.preflight import check_disk_space, check_resume_data, checkpoint_space
 from processor.run_state import describe_data_change, training_data_fingerprint
-from tests.fixtures import CLIPREID, REPO_ROOT, check_ok, run_script, tiny, tiny_cfg
+from tests.fixtures import (CLIPREID, REPO_ROOT, assert_bit_identical, check_ok, final_weights,
+                            process_state_restored, run_script, tiny, tiny_cfg)
 from utils.checkpoint import load_checkpoint, load_newest_intact, save_checkpoint
 from utils.entrypoint import run_main
 from utils.errors import CheckpointError, DataError
@@ -83,13 +82,11 @@ def run_in_process(script, args):
     train (no worker, no signal; a start saved is seconds of imports). Logging, the SIGTERM handler and
     ``sys.argv`` are restored afterwards; a run that got as far as locking its OUTPUT_DIR keeps it locked for
     as long as this process lives, as any run does."""
-    root, argv, plan = logging.getLogger(), sys.argv, os.environ.pop(FAULT_PLAN, None)
-    handlers, sigterm = root.handlers[:], signal.getsignal(signal.SIGTERM)
+    argv, plan = sys.argv, os.environ.pop(FAULT_PLAN, None)
     sys.argv = [f"{script}.py", *args]
-    faults._planned.cache_clear()
     stderr = io.StringIO()
     try:
-        with contextlib.redirect_stderr(stderr):
+        with process_state_restored(), contextlib.redirect_stderr(stderr):
             run_main(importlib.import_module(script).main)
         code = 0
     except SystemExit as exc:
@@ -98,13 +95,6 @@ def run_in_process(script, args):
         sys.argv = argv
         if plan is not None:
             os.environ[FAULT_PLAN] = plan
-        faults._planned.cache_clear()
-        for handler in root.handlers[:]:
-            root.removeHandler(handler)
-            handler.close()
-        for handler in handlers:
-            root.addHandler(handler)
-        signal.signal(signal.SIGTERM, sigterm)
     return code, stderr.getvalue()
 
 
@@ -172,16 +162,6 @@ class LiveRun:
             reader.join(HANG_GUARD)
         self.stdout, self.stderr = "".join(self.lines), "".join(self.errors)
         return self
-
-
-def final_weights(output_dir):
-    return load_checkpoint(os.path.join(output_dir, "model_final.pth"))["model"]
-
-
-def assert_bit_identical(a, b):
-    assert a.keys() == b.keys()
-    different = [key for key in a if not torch.equal(a[key], b[key])]
-    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
 
 
 def temporaries(folder):

@@ -5,10 +5,9 @@ import glob
 import os
 
 import pytest
-import torch
 
 from datasets.synthetic import SynthConfig, generate_synthag
-from tests.fixtures import SVPR, check_ok, run_script, tiny
+from tests.fixtures import SVPR, assert_bit_identical, check_ok, final_weights, run_script, tiny
 from utils.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -27,16 +26,6 @@ def train(config, overrides, resume=False, interrupt=None):
     env = {"OMP_NUM_THREADS": "1", ENV: interrupt or ""}
     return run_script(["train_svpr.py", "--config_file", config, *(["--resume"] if resume else []), *overrides],
                       env=env)
-
-
-def final_weights(output_dir):
-    return load_checkpoint(os.path.join(output_dir, "model_final.pth"))["model"]
-
-
-def assert_bit_identical(a, b):
-    assert a.keys() == b.keys()
-    different = [key for key in a if not torch.equal(a[key], b[key])]
-    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
 
 
 def assert_no_temporaries(*folders):

@@ -1,6 +1,5 @@
 """Attention building blocks shared by the SVPR components."""
 import torch
-import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 from torch import nn
 
