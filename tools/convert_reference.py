@@ -79,7 +79,8 @@ def main():
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_config(args.config_file, args.opts)
     result = from_reference(args, cfg) if args.reference else to_reference(args, cfg)
-    save_checkpoint(result, args.out)
+    # A state dict for the authors' code holds their tensors only (no checksum entry their loader would read).
+    save_checkpoint(result, args.out, checksum=bool(args.reference))
     state = result.get("model", result)
     print(f"wrote {args.out}: {len(state)} tensors ({'ours' if args.reference else 'reference'} layout)")
 

@@ -69,12 +69,13 @@ def content_digest(state):
     return digest.hexdigest()
 
 
-def save_checkpoint(obj, path, previous=None):
+def save_checkpoint(obj, path, previous=None, checksum=True):
     """Write ``obj`` with ``torch.save`` so that ``path`` is either the old file or the complete new one
     (``utils.io.atomic_write``: uniquely named same-folder temporary file, fsync, rename, the user's umask). A
-    dict gets its checksum (:data:`CHECKSUM_KEY`). With ``previous``, the file ``path`` held is kept under that
-    name (:func:`previous_checkpoint`)."""
-    if isinstance(obj, dict):
+    dict gets its checksum (:data:`CHECKSUM_KEY`) unless ``checksum`` is False (a file for other code, which
+    would take the entry for a weight). With ``previous``, the file ``path`` held is kept under that name
+    (:func:`previous_checkpoint`)."""
+    if isinstance(obj, dict) and checksum:
         record = {"scheme": _CHECKSUM_SCHEME, "sha256": content_digest(obj)}
         copy = obj.copy()  # an OrderedDict stays one; a state dict keeps its version _metadata
         if hasattr(obj, "_metadata"):
