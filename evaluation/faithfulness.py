@@ -19,9 +19,12 @@ column by column (a token grid read transposed), ``untransposed``: the inverse; 
 row-major sequence moved one cell forward/back (a token off by one, wrapping around); ``flipped``: upside down.
 A code bug that transposes or shifts the grid turns the inverse null into the correct map, which then wins.
 
+Scores are shown as a fraction of the way from the mean image's score (0) to the clean image's (1), both
+averaged over the images: the cosine similarities of ReID features move little (a blank image's feature is
+often within 0.002 of an image's), and this puts every model on one scale without reweighting the images.
 For every null the per-image gains are ``area_deletion(null) - area_deletion(map)`` and ``area_insertion(map)
-- area_insertion(null)`` (areas over the fraction of cells, in cosine similarity; random nulls: the mean over
-``draws`` draws), with a 95% paired bootstrap interval over images (``evaluation.comparison.paired_difference``,
+- area_insertion(null)`` (areas over the fraction of cells; random nulls: the mean over ``draws`` draws), with
+a 95% paired bootstrap interval over images (``evaluation.comparison.paired_difference``,
 ``scipy.stats.bootstrap``). The map beats a null when both intervals lie above zero.
 
 Pointing game (energy-based, Wang et al., Score-CAM 2020): given a person mask per image (SynthAG draws it:
@@ -49,7 +52,7 @@ NULLS = ("random", "permuted", "transposed", "untransposed", "shifted", "shifted
 REQUIRED_NULLS = NULLS[:-1]
 #: Nulls drawn at random, averaged over several draws per image.
 RANDOM_NULLS = ("random", "permuted")
-#: Cell size of models without a known patch grid (``integrated_gradients`` on an outside model).
+#: Cell size of models without a known patch grid (a model registered from outside the repository).
 DEFAULT_CELL = (16, 16)
 #: Steps of the curves (at most one step per cell).
 STEPS = 8

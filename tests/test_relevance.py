@@ -9,6 +9,7 @@ with bootstrap intervals above zero, and put more of their mass on the person th
 image (SynthAG's masks); a model with random weights must get other maps (Adebayo et al. 2018).
 """
 import contextlib
+import json
 import os
 
 import numpy as np
@@ -23,15 +24,16 @@ from configs import load_config
 from datasets import collate, make_dataloaders
 from datasets.synthetic import person_mask
 import evaluation.relevance as relevance
-from evaluation.faithfulness import REQUIRED_NULLS, FaithfulnessBenchmark
+from evaluation.faithfulness import NULLS, REQUIRED_NULLS, FaithfulnessBenchmark
 from evaluation.relevance import METHODS, ConservativePropagation, Explainer, patches_to_pixels, unfaithful_reason
 from model import build_model
 from model.clip.transformer import SelfAttention
 from processor import run_training
 from processor.inference import FeatureExtractor
 from processor.model_io import build_from_args
-from tests.fixtures import run_script, tiny, tiny_cfg
+from tests.fixtures import REPO_ROOT, run_script, tiny, tiny_cfg
 from tools import explain as explain_tool
+from tools import faithfulness as faithfulness_tool
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
 from utils.seed import set_seed
@@ -377,3 +379,33 @@ def test_explain_tool_error_is_one_line_and_exit_code_2(trained, synth_root, tmp
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "nowhere.jpg" in lines[0], result.stderr
+
+
+# ------------------------------------------------------------------------------------ the benchmark tool
+@pytest.mark.slow
+def test_faithfulness_tool_prints_the_verdicts_and_writes_every_figure(trained, tmp_path, capsys, single_thread):
+    out = tmp_path / "faithfulness.json"
+    faithfulness_tool.main(["--weights", trained["vit"], "--method", "relevance", "gradcam", "--images", "12",
+                            "--steps", "4", "--draws", "1", "--resamples", "1000", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "| ViT | `relevance` |" in printed and "| ViT | `gradcam` |" in printed
+    assert "pointing game:" in printed and "not faithful although tools/explain.py offers them" not in printed
+    document = json.loads(out.read_text())
+    methods = document[trained["vit"]]["methods"]
+    assert document[trained["vit"]]["arch"] == "ViT" and set(methods) == {"relevance", "gradcam"}
+    assert methods["relevance"]["images"] == 12 and len(methods["relevance"]["deletion_curve"]) == 5
+    assert set(methods["relevance"]["deletion_gain"]) == set(NULLS)
+    assert methods["relevance"]["pointing"]["mask_share"] > 0
+
+
+@pytest.mark.slow
+def test_faithfulness_tool_bad_input_is_one_line(trained, tmp_path):
+    config = tmp_path / "untrained.yml"
+    config.write_text(f"_BASE_: {os.path.join(REPO_ROOT, 'configs/Synthetic/vit.yml')}\n"
+                      f"OUTPUT_DIR: '{tmp_path / 'nothing_here'}'\n")
+    result = run_script(["tools/faithfulness.py", "--config_file", str(config)])
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no trained model" in lines[0] and "nothing_here" in lines[0], result.stderr
+    with pytest.raises(UserError, match="--images 1"):
+        faithfulness_tool.main(["--weights", trained["vit"], "--images", "1"])

@@ -59,8 +59,6 @@ def evaluation_images(cfg, count):
     protocol, and that ImageDataset (the evaluation's pre-processing and captions)."""
     dataset = load_dataset(cfg, cfg.DATASETS.TESTS[0], load_train=False)
     samples = dataset.query + dataset.gallery
-    if count < 2:
-        raise UserError(f"--images {count}: expected at least 2")
     chosen = sorted({round(i * (len(samples) - 1) / (count - 1)) for i in range(count)}) if count < len(samples) \
         else list(range(len(samples)))
     data = ImageDataset(samples, build_test_transform(cfg), text_len=cfg.MODEL.TEXT_LEN, reader=image_reader(cfg))
@@ -105,6 +103,8 @@ def report(result):
     low, high = result.score_range
     lines = [f"{result.images} images, {result.cells[0]}x{result.cells[1]} cells, {result.steps} steps; cosine "
              f"similarity mean image {low:.4f} -> clean {high:.4f} (areas and gains: fractions of that range)",
+             *([] if high > low else ["warning: the clean images score no higher than the mean image, so removing "
+                                      "cells cannot lower the score: the curves below measure nothing"]),
              "| null | deletion area map / null | deletion gain [95% CI] | insertion area map / null | "
              "insertion gain [95% CI] | beaten |", "|---|---|---|---|---|---|"]
     for null in result.deletion_gain:
@@ -162,8 +162,9 @@ def main(argv=None):
                         help="exit code 1 when a method tools/explain.py offers for a model is not faithful")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides as KEY VALUE pairs")
     args = parser.parse_args(argv)
-    if args.steps < 2 or args.draws < 1:
-        raise UserError(f"--steps {args.steps} / --draws {args.draws}: expected at least 2 / 1")
+    if args.images < 2 or args.steps < 2 or args.draws < 1 or args.resamples < 1:
+        raise UserError(f"--images {args.images} / --steps {args.steps} / --draws {args.draws} / --resamples "
+                        f"{args.resamples}: expected at least 2 / 2 / 1 / 1")
 
     document, rows, failures = {}, [], []
     for label, weights in checkpoints(args):
