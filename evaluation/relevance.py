@@ -27,7 +27,6 @@ Every image is explained alone (batch of one), in float32 with autocast off: in 
 (``UNFAITHFUL``) is refused for that model.
 """
 import contextlib
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Tuple
