@@ -132,8 +132,7 @@ def attention_with_constant_probabilities(query, key, value, attn_mask=None, dro
 
 def layer_norm_with_constant_scale(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     """``F.layer_norm`` whose division by the standard deviation passes no gradient (the centring does)."""
-    dims = tuple(range(-len(torch.Size([normalized_shape]) if isinstance(normalized_shape, int)
-                            else normalized_shape), 0))
+    dims = tuple(range(-(1 if isinstance(normalized_shape, int) else len(normalized_shape)), 0))
     centred = x - x.mean(dim=dims, keepdim=True)
     scale = (centred.pow(2).mean(dim=dims, keepdim=True) + eps).rsqrt()
     out = centred * scale.detach()
