@@ -10,6 +10,7 @@ attribute JSON and its index map, captions) is read by the CP2108 loader. Same s
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import dataclasses
 from dataclasses import dataclass
@@ -309,15 +310,17 @@ def _background(rng, camera, aerial, width, height):
     return img
 
 
-def _occlude(rng, img):
-    d = ImageDraw.Draw(img)
+def _occlude(rng, img, mask):
+    """Draw an occluder over ``img``; the person ``mask`` (same size) loses what it covers."""
     w, h = img.size
     color = tuple(int(v) for v in rng.integers(20, 230, 3))
     if rng.random() < 0.5:  # an object in front of the legs
-        d.rectangle([0, h * rng.uniform(0.6, 0.8), w, h], fill=color)
+        box = [0, h * rng.uniform(0.6, 0.8), w, h]
     else:  # a pole or another pedestrian at the side
         x = w * rng.uniform(0.0, 0.7)
-        d.rectangle([x, 0, x + w * rng.uniform(0.2, 0.35), h], fill=color)
+        box = [x, 0, x + w * rng.uniform(0.2, 0.35), h]
+    ImageDraw.Draw(img).rectangle(box, fill=color)
+    ImageDraw.Draw(mask).rectangle(box, fill=0)
 
 
 def _illuminate(rng, img, timeid):
@@ -332,8 +335,10 @@ def _illuminate(rng, img, timeid):
     return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
 
 
-def render_image(attrs, look, aerial, camera, timeid, occluded, rng, width, height):
-    """One camera image (RGB, width x height) of the identity."""
+def render_image(attrs, look, aerial, camera, timeid, occluded, rng, width, height, with_mask=False):
+    """One camera image (RGB, width x height) of the identity; with ``with_mask`` also its person mask, a
+    bool array (height, width): the pixels the person covers at least half of, occluders removed. The mask
+    costs no draws from ``rng``: the image is the same either way."""
     cw, ch = width * SUPERSAMPLE, height * SUPERSAMPLE
     canvas = _background(rng, camera, aerial, cw, ch)
     if aerial:
@@ -353,15 +358,21 @@ def render_image(attrs, look, aerial, camera, timeid, occluded, rng, width, heig
         x = int((cw - person.width) / 2 + rng.uniform(-0.08, 0.08) * cw)
         y = int(ch - person.height - rng.uniform(0.0, 0.04) * ch)
     canvas.paste(person, (x, y), person)
+    mask = Image.new("L", canvas.size, 0)  # the person's opacity on the canvas
+    mask.paste(person.getchannel("A"), (x, y))
     if occluded:
-        _occlude(rng, canvas)
+        _occlude(rng, canvas, mask)
     if aerial:  # distant, low-resolution footage
         factor = rng.uniform(0.3, 0.5)
-        small = canvas.resize((max(4, int(width * factor)), max(8, int(height * factor))), Image.BILINEAR)
+        small_size = (max(4, int(width * factor)), max(8, int(height * factor)))
+        small = canvas.resize(small_size, Image.BILINEAR)
         img = small.resize((width, height), Image.BILINEAR).filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
+        mask = mask.resize(small_size, Image.BILINEAR).resize((width, height), Image.BILINEAR)
     else:
         img = canvas.resize((width, height), Image.LANCZOS)
-    return _illuminate(rng, img, timeid)
+        mask = mask.resize((width, height), Image.BILINEAR)
+    img = _illuminate(rng, img, timeid)
+    return (img, np.asarray(mask) >= 128) if with_mask else img
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -376,26 +387,51 @@ def camera_ids(config):
             tuple(range(FIRST_AERIAL_CAMERA, FIRST_AERIAL_CAMERA + config.aerial_cameras)))
 
 
-def _render_identity(job):
-    """Render and write every image of one identity; return its image records."""
-    config, pid, image_dir = job
-    attrs, look = draw_identity(config.seed, pid)
+@dataclass(frozen=True)
+class ImagePlan:
+    """What image ``k`` of an identity shows: file ``name``, view (``aerial`` 0/1), ``camera``, ``timeid``,
+    ``occluded``."""
+
+    k: int
+    name: str
+    aerial: int
+    camera: int
+    timeid: int
+    occluded: bool
+
+
+def _image_plans(config, pid):
+    """The :class:`ImagePlan` of every image of identity ``pid``, in order."""
     rng = np.random.default_rng([config.seed, pid, 1])
     cameras = camera_ids(config)
     orders = [rng.permutation(len(c)) for c in cameras]
-    records = []
+    plans = []
     for k in range(config.images_per_id):
         aerial = k % 2
         view_cams = cameras[aerial]
         camera = view_cams[orders[aerial][(k // 2) % len(view_cams)]]
         timeid = NIGHT if rng.random() < config.night_fraction else DAY
         occluded = rng.random() < config.occlusion_fraction
-        image_rng = np.random.default_rng([config.seed, pid, 2, k])
-        img = render_image(attrs, look, aerial, camera, timeid, occluded, image_rng, config.width, config.height)
         scene = camera % 3
-        name = f"{pid:04d}_{camera:02d}_{timeid}_{scene}_{k:03d}.jpg"
-        img.save(os.path.join(image_dir, name), quality=90)
-        records.append((name, aerial, camera, timeid))
+        plans.append(ImagePlan(k, f"{pid:04d}_{camera:02d}_{timeid}_{scene}_{k:03d}.jpg", aerial, camera, timeid,
+                               occluded))
+    return plans
+
+
+def _render(config, pid, plan, attrs, look, with_mask=False):
+    image_rng = np.random.default_rng([config.seed, pid, 2, plan.k])
+    return render_image(attrs, look, plan.aerial, plan.camera, plan.timeid, plan.occluded, image_rng, config.width,
+                        config.height, with_mask)
+
+
+def _render_identity(job):
+    """Render and write every image of one identity; return its image records."""
+    config, pid, image_dir = job
+    attrs, look = draw_identity(config.seed, pid)
+    records = []
+    for plan in _image_plans(config, pid):
+        _render(config, pid, plan, attrs, look).save(os.path.join(image_dir, plan.name), quality=90)
+        records.append((plan.name, plan.aerial, plan.camera, plan.timeid))
     return pid, attrs, records
 
 
@@ -433,6 +469,52 @@ def stored_settings(target):
             return json.load(handle)
     except (OSError, ValueError):
         return None
+
+
+#: A re-drawn image matches its file when their mean absolute difference (0-255 levels) after a box blur of
+#: radius 2 is below this: JPEG at quality 90 removes much of the drawn noise (up to 8 levels unblurred), which
+#: the blur averages out (at most 1.8 levels on the quickstart's images); another image of the same identity
+#: differs by 9 or more.
+MATCH_LEVELS = 4.0
+
+
+def _blurred(image):
+    return np.asarray(image.filter(ImageFilter.BoxBlur(2)), dtype=np.float32)
+
+
+def person_mask(folder, name):
+    """The person mask (bool (height, width), True where the person is visible) of image ``name`` of the
+    benchmark in ``folder`` (a folder :func:`generate_synthag` wrote).
+
+    Computed, never stored: the image is drawn again from the settings in the folder's ``synth_config.json``,
+    following the same random draws, and checked against the file; nothing is written. A ``DataError`` names
+    the file when the folder has no settings, or the image is not this generator's drawing of it."""
+    settings = stored_settings(folder)
+    if settings is None:
+        raise DataError(f"'{os.path.join(folder, SETTINGS_FILE)}' is missing or unreadable: the person masks of a "
+                        f"SynthAG folder are drawn again from its generator settings")
+    fields = {field.name for field in dataclasses.fields(SynthConfig)}
+    config = SynthConfig(**{key: value for key, value in settings.items() if key in fields})
+    path = os.path.join(folder, "images", name)
+    match = re.fullmatch(r"(\d{4})_\d{2}_\d_\d_(\d{3})\.jpg", name)
+    pid, k = (int(match.group(1)), int(match.group(2))) if match else (0, -1)
+    if not 1 <= pid <= config.num_ids or not 0 <= k < config.images_per_id:
+        raise DataError(f"'{path}' is not a SynthAG image name of this folder (PPPP_CC_T_S_KKK.jpg, identity 1-"
+                        f"{config.num_ids}, image 0-{config.images_per_id - 1})")
+    plan = _image_plans(config, pid)[k]
+    attrs, look = draw_identity(config.seed, pid)
+    image, mask = _render(config, pid, plan, attrs, look, with_mask=True)
+    try:
+        with Image.open(path) as stored:
+            stored = _blurred(stored.convert("RGB"))
+    except OSError as error:
+        raise DataError(f"'{path}' cannot be read ({error})") from None
+    drawn = _blurred(image)
+    difference = np.abs(stored - drawn).mean() if stored.shape == drawn.shape and plan.name == name else np.inf
+    if difference > MATCH_LEVELS:
+        raise DataError(f"'{path}' is not what this generator draws for it (mean difference {difference:.1f} levels): "
+                        f"its person mask is unknown; generate the benchmark again")
+    return mask
 
 
 def _remove_stale_staging(target):

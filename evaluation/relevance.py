@@ -8,34 +8,35 @@ gradient being orthogonal to f).
 
 Methods (``METHODS``):
 
-* ``relevance`` (default): gradient-weighted attention relevance (Chefer, Gur and Wolf, "Generic
-  Attention-model Explainability for Interpreting Bi-Modal and Encoder-Decoder Transformers", ICCV 2021).
-  Through every self-attention layer of the backbone the relevance matrix grows as
-  ``R <- R + mean_heads((dy/dA * A)^+) R`` (A: the layer's attention probabilities); view tokens subtracted
-  from the class token after each block (VDT, SeCap) pass their relevance to it, and tokens appended on
-  the way (SVPR-ReID's view token) start with their own. The heads of these models read more than the class
-  token (TransReID's jigsaw branches, SVPR-ReID's CVPR/local branches and SeCap's LFRM read the patch
-  tokens), so the relevance starts at the tokens the head reads, weighted by their gradient x activation
-  (positive part), rather than at the class token alone; for a class-token head this is exactly Chefer's
-  class-token row. A patch's relevance covers the pixels of its patch (averaged where patches overlap).
+* ``relevance`` (default): conservative propagation (Ali, Schnake, Eberle, Montavon, Müller and Wolf,
+  "XAI for Transformers: Better Explanations through Conservative Propagation", ICML 2022): gradient x input
+  at the pixels, with the attention probabilities and the normalisation of every LayerNorm held constant in
+  the backward pass (their LRP rules for attention heads and LayerNorm). Without these rules the softmax and
+  the normalisation break conservation, and gradient x input misattributes; with them the relevance a layer
+  passes down sums to what it received. It needs no knowledge of the model's heads, view tokens or token
+  shuffles (autograd follows them), and its pixels are the model's own pixels (overlapping patches need no
+  mapping). Positive part, summed over the colour channels; one forward and backward pass.
 * ``gradcam``: Grad-CAM (pytorch-grad-cam) on the patch tokens entering the last attention layer the
-  whole feature depends on.
+  whole feature depends on, at the resolution of the patch grid, each patch's value covering its pixels.
 * ``integrated_gradients``: Integrated Gradients (captum) from the mean image (zero after
   normalisation), positive part summed over the colour channels; needs no knowledge of the model.
 
-Every image is explained alone (batch of one): in the reference SVPR-ReID (MODEL.FIXES off) a feature
-depends on the other images of its batch, and a map should explain one image.
+Every image is explained alone (batch of one), in float32 with autocast off: in the reference SVPR-ReID
+(MODEL.FIXES off) a feature depends on the other images of its batch, and a map should explain one image.
+``evaluation/faithfulness.py`` measures how faithful the maps are; a method whose maps of a model failed it
+(``UNFAITHFUL``) is refused for that model.
 """
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from datasets import collate
 from model.clip_baseline import ClipImageModel
@@ -53,37 +54,29 @@ _OPTIONAL = {"gradcam": ("pytorch_grad_cam", "grad-cam"), "integrated_gradients"
 
 @dataclass
 class TokenLayout:
-    """Where a transformer ReID model keeps what the token-based methods need.
+    """The patch grid of a transformer ReID model, for Grad-CAM and for the faithfulness benchmark's cells.
 
-    ``attentions``: its backbone's self-attention modules in the order they run (each with a ``fused_attn``
-    switch); ``readout``: the module whose output (B, T, C) are the tokens the model's head reads;
-    ``cam_layer``: a module whose output tokens the whole feature depends on (Grad-CAM's layer);
-    ``num_prefix``: tokens before the patches ([cls] or [cls, view]); ``grid``: (rows, cols) of patches;
-    ``patch_size``/``stride``: (h, w) of the patch convolution; ``subtract_view``: the view token is
-    subtracted from the class token after every block.
+    ``cam_layer``: a module whose output tokens (B, T, C) the whole feature depends on (Grad-CAM's layer);
+    ``num_prefix``: tokens before the patches ([cls] or [cls, view]); ``grid``: (rows, cols) of patches,
+    row-major after the prefix; ``patch_size``/``stride``: (h, w) of the patch convolution.
     """
 
-    attentions: Sequence[nn.Module]
-    readout: nn.Module
     cam_layer: nn.Module
     num_prefix: int
     grid: Tuple[int, int]
     patch_size: Tuple[int, int]
     stride: Tuple[int, int]
-    subtract_view: bool = False
 
 
 def _clip_layout(visual):
-    blocks = visual.transformer.resblocks
     patch = (visual.patch_size, visual.patch_size)
-    return TokenLayout([block.attn for block in blocks], visual.ln_post, blocks[-1].ln_1, 1, tuple(visual.grid_size),
-                       patch, tuple(visual.stride))
+    return TokenLayout(visual.transformer.resblocks[-1].ln_1, 1, tuple(visual.grid_size), patch, tuple(visual.stride))
 
 
-def _vit_layout(backbone, cam_layer, subtract_view):
+def _vit_layout(backbone, cam_layer):
     embed = backbone.patch_embed
-    return TokenLayout([block.attn for block in backbone.blocks], backbone, cam_layer, backbone.num_prefix_tokens,
-                       tuple(embed.grid_size), tuple(embed.patch_size), tuple(embed.proj.stride), subtract_view)
+    return TokenLayout(cam_layer, backbone.num_prefix_tokens, tuple(embed.grid_size), tuple(embed.patch_size),
+                       tuple(embed.proj.stride))
 
 
 def token_layout(model):
@@ -93,41 +86,93 @@ def token_layout(model):
     if isinstance(model, CLIPSVPRReID):
         return _clip_layout(model.backbone.visual)
     if isinstance(model, (ViT, VDT)):  # the head reads the final class token only
-        return _vit_layout(model.backbone, model.backbone.blocks[-1].norm1, isinstance(model, VDT))
+        return _vit_layout(model.backbone, model.backbone.blocks[-1].norm1)
     if isinstance(model, (TransReID, SeCap)):  # the backbone's tokens feed the last block copies and the heads
-        return _vit_layout(model.backbone, model.backbone, isinstance(model, SeCap))
+        return _vit_layout(model.backbone, model.backbone)
     return None
 
 
-def _probability_point(attention):
-    """The module whose output is the attention probabilities: CLIP's ``attn_probs``, timm's ``attn_drop``."""
-    point = getattr(attention, "attn_probs", None)
-    return point if point is not None else attention.attn_drop
+#: (model class, method) -> why the method's maps of that model are not faithful, as tools/faithfulness.py
+#: measured them on the quickstart-trained models (docs/explain.md); the Explainer refuses these. Grad-CAM
+#: weighs each channel of the patch tokens by its mean gradient: in these transformers the tokens share large
+#: common components, and the weighted sum follows those rather than what a patch adds to the feature.
+UNFAITHFUL = {
+    (model_class, "gradcam"): "on the quickstart-trained model its maps do not beat random, shifted or transposed "
+                              "patch-level maps"
+    for model_class in (ClipImageModel, CLIPSVPRReID, ViT, TransReID, VDT, SeCap)
+}
+
+
+def unfaithful_reason(model, method):
+    """Why ``method``'s maps of ``model`` are not faithful (``UNFAITHFUL``), or None."""
+    for (model_class, unfaithful_method), reason in UNFAITHFUL.items():
+        if unfaithful_method == method and isinstance(model, model_class):
+            return reason
+    return None
+
+
+def _faithful_alternative(model):
+    return " or ".join(f"--method {method}" for method in METHODS if unfaithful_reason(model, method) is None)
+
+
+def attention_with_constant_probabilities(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                          scale=None, enable_gqa=False):
+    """``F.scaled_dot_product_attention`` (same arguments, no dropout: models are explained in eval mode) whose
+    attention probabilities pass no gradient: (B, H, Lq, Lk) probabilities times the values."""
+    if enable_gqa:
+        raise NotImplementedError("relevance maps of grouped-query attention")
+    scores = query @ key.transpose(-2, -1) * (query.shape[-1] ** -0.5 if scale is None else scale)
+    if is_causal:
+        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return scores.softmax(dim=-1).detach() @ value
+
+
+def layer_norm_with_constant_scale(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """``F.layer_norm`` whose division by the standard deviation passes no gradient (the centring does)."""
+    dims = tuple(range(-(1 if isinstance(normalized_shape, int) else len(normalized_shape)), 0))
+    centred = x - x.mean(dim=dims, keepdim=True)
+    scale = (centred.pow(2).mean(dim=dims, keepdim=True) + eps).rsqrt()
+    out = centred * scale.detach()
+    if weight is not None:
+        out = out * weight
+    return out if bias is None else out + bias
+
+
+class ConservativePropagation(TorchFunctionMode):
+    """While active, every ``scaled_dot_product_attention`` and ``layer_norm`` holds its attention
+    probabilities / normalisation constant in the backward pass (Ali et al. 2022's rules); the forward values
+    are those of the fused functions up to float rounding."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return attention_with_constant_probabilities(*args, **kwargs)
+        if func is F.layer_norm:
+            return layer_norm_with_constant_scale(*args, **kwargs)
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
-def _explicit_attention(model, layout):
-    """Record (in lists) every attention probability tensor of ``layout`` and its readout tokens while the
-    attention runs written out; gradient checkpointing (which would run the hooks twice) is off meanwhile."""
-    probabilities, readouts = [], []
-    handles = [_probability_point(a).register_forward_hook(lambda _m, _i, out: probabilities.append(out))
-               for a in layout.attentions]
-    handles.append(layout.readout.register_forward_hook(lambda _m, _i, out: readouts.append(out)))
-    fused = [(attention, attention.fused_attn) for attention in layout.attentions]
-    with _no_checkpointing(model):
-        try:
-            for attention, _ in fused:
-                attention.fused_attn = False
-            yield probabilities, readouts
-        finally:
-            for handle in handles:
-                handle.remove()
-            for attention, value in fused:
-                attention.fused_attn = value
+def _fused_attention(model):
+    """Every attention module with a ``fused_attn`` switch (timm's, CLIP's) runs ``scaled_dot_product_attention``
+    meanwhile, where :class:`ConservativePropagation` sees it."""
+    switched = [(module, module.fused_attn) for module in model.modules() if hasattr(module, "fused_attn")]
+    try:
+        for module, _ in switched:
+            module.fused_attn = True
+        yield
+    finally:
+        for module, value in switched:
+            module.fused_attn = value
 
 
 @contextlib.contextmanager
 def _no_checkpointing(model):
+    """Gradient checkpointing off (its recomputation in the backward pass would run outside the explainer's
+    rules and hooks)."""
     switched = [module for module in model.modules() if getattr(module, "grad_checkpointing", False) is True]
     try:
         for module in switched:
@@ -136,24 +181,6 @@ def _no_checkpointing(model):
     finally:
         for module in switched:
             module.grad_checkpointing = True
-
-
-def rollout(probabilities, gradients, subtract_view=False):
-    """(B, T, T) relevance of each token on the tokens entering the first layer (Chefer et al.'s rule;
-    see the module docstring). ``probabilities``/``gradients``: per layer in order, (B, H, T, T) each; a
-    layer with more tokens than the one before it has them appended at the end."""
-    relevance = None
-    for probs, grads in zip(probabilities, gradients):
-        weighted = (grads * probs).clamp(min=0).mean(dim=1)  # (B, T, T)
-        batch, tokens = weighted.shape[0], weighted.shape[-1]
-        grown = torch.eye(tokens, dtype=weighted.dtype, device=weighted.device).repeat(batch, 1, 1)
-        if relevance is not None:
-            known = relevance.shape[-1]
-            grown[:, :known, :known] = relevance
-        relevance = grown + weighted @ grown
-        if subtract_view:  # cls <- cls - view: the class token now carries the view token's sources too
-            relevance = torch.cat([relevance[:, :1] + relevance[:, 1:2], relevance[:, 1:]], dim=1)
-    return relevance
 
 
 def patches_to_pixels(patch_map, image_size, patch_size, stride):
@@ -166,12 +193,6 @@ def patches_to_pixels(patch_map, image_size, patch_size, stride):
     height, width = image_size
     pixels = F.pad(pixels, (0, width - pixels.shape[-1], 0, height - pixels.shape[-2]))
     return pixels[:, 0]
-
-
-def _token_patches(tokens, layout):
-    """(B, rows, cols) of the patch tokens of (B, T) token values."""
-    rows, cols = layout.grid
-    return tokens[:, layout.num_prefix:layout.num_prefix + rows * cols].reshape(-1, rows, cols)
 
 
 class _Projection:
@@ -202,18 +223,25 @@ class Explainer:
     ``explainer(images (B, 3, H, W), inputs, directions=None)`` returns ``(maps (B, H, W), features (B, E))``
     on the CPU: non-negative maps at the input size (larger = more relevant) and the test features;
     ``inputs`` are the model's other forward inputs (``model.forward_inputs(batch)``), ``directions``
-    (B, E) the unit vectors to project on (default: each image's own feature direction).
+    (B, E) the unit vectors to project on (default: each image's own feature direction). A method found
+    unfaithful for the model (``UNFAITHFUL``) is a ``UserError`` unless ``refuse_unfaithful`` is False (the
+    faithfulness benchmark measures it anyway).
     """
 
-    def __init__(self, model, method="relevance"):
+    def __init__(self, model, method="relevance", refuse_unfaithful=True):
         if method not in METHODS:
             raise ConfigError(f"relevance method {method!r}: expected one of {', '.join(METHODS)}")
+        reason = unfaithful_reason(model, method)
+        if reason is not None and refuse_unfaithful:
+            raise UserError(f"relevance method {method!r} draws no faithful maps of {type(model).__name__}: {reason} "
+                            f"(docs/explain.md); use {_faithful_alternative(model)}")
         self.model = model
         self.method = method
         self.layout = token_layout(model)
-        if method != "integrated_gradients" and self.layout is None:
-            raise UserError(f"relevance method {method!r} needs a transformer backbone it knows (the seven built-in "
-                            f"models); {type(model).__name__} has none: use integrated_gradients")
+        self._independent = None  # whether a feature is the same in any batch (``features``)
+        if method == "gradcam" and self.layout is None:
+            raise UserError(f"relevance method 'gradcam' needs a transformer backbone it knows (the seven built-in "
+                            f"models); {type(model).__name__} has none: use relevance or integrated_gradients")
         if method in _OPTIONAL:
             module, package = _OPTIONAL[method]
             try:
@@ -227,14 +255,37 @@ class Explainer:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def features(self, images, inputs):
-        """Test features (B, E) of ``images``, one image at a time (as the maps explain them)."""
+    def features(self, images, inputs, chunk=1):
+        """Test features (B, E) of ``images`` in float32, each as if alone (as the maps explain them): ``chunk``
+        images per forward pass where the model's features do not depend on the rest of their batch (checked
+        once, on two unlike images), else one at a time."""
+        images = images.to(self.device).float()
+        if chunk > 1 and not self._batch_independent(images[0], _slice(inputs, 0)):
+            chunk = 1
         was_training = self.model.training
         self.model.eval()
         try:
-            return torch.cat([self.model(images[i:i + 1], **_slice(inputs, i)).float() for i in range(len(images))])
+            with _full_precision(self.device):
+                return torch.cat([self.model(images[i:i + chunk], **_slice(inputs, i, chunk)).float()
+                                  for i in range(0, len(images), chunk)])
         finally:
             self.model.train(was_training)
+
+    def _batch_independent(self, image, inputs):
+        if self._independent is None:
+            pair = torch.stack([image, torch.zeros_like(image)])  # an image and the mean image
+            inputs = _slice(inputs, 0, 1, repeat=2)
+            together = self.features(pair, inputs)  # one at a time
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                with _full_precision(self.device):
+                    batched = self.model(pair, **inputs).float()
+            finally:
+                self.model.train(was_training)
+            self._independent = bool(torch.allclose(batched, together, rtol=1e-4, atol=1e-5 * float(
+                together.abs().max())))
+        return self._independent
 
     def __call__(self, images, inputs, directions=None):
         images = images.to(self.device).float()
@@ -247,7 +298,7 @@ class Explainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), _full_precision(self.device):
                 maps = [explain(images[i:i + 1], _slice(inputs, i), directions[i:i + 1])
                         for i in range(len(images))]
         finally:
@@ -255,28 +306,13 @@ class Explainer:
         return torch.cat(maps).detach().float().cpu(), features.cpu()
 
     def _relevance(self, image, inputs, direction):
-        layout = self.layout
-        image = image.detach().requires_grad_(True)  # every attention tensor then has a gradient
-        with _explicit_attention(self.model, layout) as (probabilities, readouts):
+        image = image.detach().requires_grad_(True)
+        with _fused_attention(self.model), _no_checkpointing(self.model), ConservativePropagation():
             target = (self.model(image, **inputs) * direction).sum()
-            if not probabilities or not readouts:
-                raise RuntimeError(f"{type(self.model).__name__}: no attention probabilities or readout tokens "
-                                   f"were recorded; its token layout does not match its forward")
-            tokens = readouts[-1]
-            gradients = torch.autograd.grad(target, [*probabilities, tokens], allow_unused=True)
-        gradients = [torch.zeros_like(t) if g is None else g for t, g in zip([*probabilities, tokens], gradients)]
-        relevance = rollout(probabilities, gradients[:-1], layout.subtract_view)  # (1, T, T)
-        seeds = (gradients[-1] * tokens).sum(-1).clamp(min=0)  # (1, T): gradient x activation of each read token
-        if seeds.shape[-1] != relevance.shape[-1]:
-            raise RuntimeError(f"{type(self.model).__name__}: {seeds.shape[-1]} readout tokens but the attention "
-                               f"layers carry {relevance.shape[-1]}")
-        token_map = (seeds[:, None] @ relevance)[:, 0]  # (1, T)
-        return patches_to_pixels(_token_patches(token_map, layout), image.shape[-2:], layout.patch_size,
-                                 layout.stride)
+        (gradient,) = torch.autograd.grad(target, image)
+        return (gradient * image).sum(dim=1).clamp(min=0)  # (1, H, W)
 
     def _gradcam(self, image, inputs, direction):
-        from pytorch_grad_cam import GradCAM
-
         layout = self.layout
         rows, cols = layout.grid
 
@@ -284,27 +320,49 @@ class Explainer:
             patches = tokens[:, layout.num_prefix:layout.num_prefix + rows * cols]
             return patches.reshape(tokens.shape[0], rows, cols, -1).permute(0, 3, 1, 2)
 
-        with _no_checkpointing(self.model), GradCAM(_WithInputs(self.model, inputs), [layout.cam_layer],
-                                                    reshape_transform=to_grid) as cam:
-            maps = cam(input_tensor=image, targets=[_Projection(direction[0])])  # (1, H, W) in [0, 1]
+        with _no_checkpointing(self.model), _patch_grid_cam()(_WithInputs(self.model, inputs), [layout.cam_layer],
+                                                          reshape_transform=to_grid) as cam:
+            grid = cam(input_tensor=image, targets=[_Projection(direction[0])])  # (1, rows, cols) in [0, 1]
         self.model.zero_grad(set_to_none=True)  # Grad-CAM backpropagates into the parameters
-        return torch.from_numpy(np.ascontiguousarray(maps)).float()
+        grid = torch.from_numpy(np.ascontiguousarray(grid)).float()
+        return patches_to_pixels(grid, image.shape[-2:], layout.patch_size, layout.stride)
 
     def _integrated_gradients(self, image, inputs, direction):
         from captum.attr import IntegratedGradients
 
-        def projection(images):
-            return (self.model(images, **inputs) * direction).sum(dim=1)
+        def projection(images):  # the images of the path, each with the image's other inputs
+            return (self.model(images, **_slice(inputs, 0, 1, repeat=len(images))) * direction).sum(dim=1)
 
+        # The whole path in one batch, unless a feature depends on its batch.
+        steps_per_pass = IG_STEPS if self._batch_independent(image[0], inputs) else 1
         attributions = IntegratedGradients(projection).attribute(
-            image, baselines=torch.zeros_like(image), n_steps=IG_STEPS, internal_batch_size=1)
+            image, baselines=torch.zeros_like(image), n_steps=IG_STEPS, internal_batch_size=steps_per_pass)
         return attributions.sum(dim=1).clamp(min=0)  # (1, H, W)
 
 
-def _slice(inputs, index):
-    """The forward inputs of image ``index`` of a batch (tensors sliced, other values kept)."""
-    return {key: value[index:index + 1] if isinstance(value, torch.Tensor) else value
-            for key, value in inputs.items()}
+def _patch_grid_cam():
+    """pytorch-grad-cam's GradCAM returning the map on the patch grid (its own resizing to the image would
+    place patches by interpolation; ``patches_to_pixels`` places them exactly, overlapping patches included)."""
+    from pytorch_grad_cam import GradCAM
+
+    class PatchGridCAM(GradCAM):
+        def get_target_width_height(self, input_tensor):
+            rows, cols = self.activations_and_grads.activations[0].shape[-2:]
+            return cols, rows
+
+    return PatchGridCAM
+
+
+def _slice(inputs, index, count=1, repeat=1):
+    """The forward inputs of images ``index`` .. ``index + count - 1`` of a batch (tensors sliced, other values
+    kept), each repeated ``repeat`` times."""
+    return {key: value[index:index + count].repeat_interleave(repeat, dim=0) if isinstance(value, torch.Tensor)
+            else value for key, value in inputs.items()}
+
+
+def _full_precision(device):
+    """Autocast off: maps and features are computed in float32 whatever precision the model trained in."""
+    return torch.autocast(device_type=torch.device(device).type, enabled=False)
 
 
 def resize_map(relevance, size):
@@ -329,15 +387,16 @@ def overlay(image, relevance, alpha=0.5):
 def overlay_drawer(model, dataset):
     """A function of an item index of ``dataset`` (a ``datasets.ImageDataset``) giving its relevance overlay
     (:func:`sample_overlay`, default method), for ranked-list pictures; None, with one log line, when the
-    model is not one the method knows or matplotlib is missing."""
+    method is not faithful for the model or matplotlib is missing."""
     try:
         import matplotlib  # noqa: F401  (the overlay's colours)
     except ImportError:
         logger.info("no relevance maps in the ranked lists: drawing them needs matplotlib (pip install matplotlib)")
         return None
-    if token_layout(model) is None:
-        logger.info("no relevance maps in the ranked lists: %s has no transformer backbone the relevance method "
-                    "knows", type(model).__name__)
+    reason = unfaithful_reason(model, "relevance")
+    if reason is not None:
+        logger.info("no relevance maps in the ranked lists: the relevance method draws no faithful maps of %s: %s",
+                    type(model).__name__, reason)
         return None
     explainer = Explainer(model)
     return lambda index: sample_overlay(explainer, dataset, index)

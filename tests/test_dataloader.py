@@ -283,7 +283,6 @@ def test_gzip_is_not_an_image(tmp_path):
 
 
 def test_default_tokenizer_is_clips(synth_root):
-    pytest.importorskip("model.clip")
     cfg = small_cfg(synth_root, workers=0)
     bundle = make_dataloaders(cfg)
     batch = next(iter(bundle.val_loader))

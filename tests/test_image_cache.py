@@ -1,6 +1,7 @@
 """DATALOADER.CACHE_IMAGES on real JPEG files and real loaders (with and without worker processes): the same
-batches as decoding every time, one decoding per image shared by the loaders of a run, replaced files read
-afresh, and a clear refusal when the images would not fit in memory."""
+batches as decoding every time, one decoding per image shared by the loaders of a run and never another on
+reads (counted in every process), replaced files read afresh, and a clear refusal when the images would not fit
+in memory."""
 import logging
 import os
 
@@ -17,6 +18,7 @@ from datasets.transforms import read_image, read_pil_image
 from tests.fixtures import BASELINE, jpeg, tiny
 from utils.errors import ConfigError
 import datasets.image_cache as image_cache
+import datasets.loader as loader_module
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +45,44 @@ def epochs_of_batches(cfg, epochs=2):
         seen += [(batch["images"], batch["pids"], batch["index"]) for batch in bundle.train_loader]
     seen += [(batch["images"], batch["pids"], batch["index"]) for batch in bundle.val_loader]
     return seen
+
+
+class DecodeLog:
+    """``read_image`` that appends every path it decodes to a file: counts the decodes of any process (loader
+    workers included, however they are started)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __call__(self, image_path):
+        with open(self.path, "a", encoding="utf-8") as log:
+            log.write(image_path + "\n")
+        return read_image(image_path)
+
+    def decoded(self):
+        """The paths decoded so far, one entry per decode."""
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, encoding="utf-8") as log:
+            return log.read().splitlines()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_reads_from_the_filled_cache_decode_nothing(synth_root, tmp_path, monkeypatch, single_thread, workers):
+    """Two epochs and the test set read every image several times: without the cache each read decodes (the
+    log sees the workers' decodes too), with it each image is decoded once, when the loaders are built."""
+    log = DecodeLog(tmp_path / "decodes.txt")
+    monkeypatch.setattr(loader_module, "image_reader", lambda cfg: log)
+    opts = tiny(synth_root, str(tmp_path / "out"), workers=workers)
+    epochs_of_batches(load_config(BASELINE, opts + ["DATALOADER.CACHE_IMAGES", "False"]))
+    uncached = len(log.decoded())
+    os.remove(log.path)
+    bundle = make_dataloaders(load_config(BASELINE, opts + ["DATALOADER.CACHE_IMAGES", "True"]))
+    paths = sorted(s.path for s in bundle.dataset.train + bundle.dataset.query + bundle.dataset.gallery)
+    assert sorted(log.decoded()) == paths  # filled: each image once
+    epochs_of_batches(load_config(BASELINE, opts + ["DATALOADER.CACHE_IMAGES", "True"]))
+    assert sorted(log.decoded()) == paths  # read: nothing decoded again
+    assert uncached > len(paths)  # without the cache, images read twice are decoded twice
 
 
 @pytest.mark.parametrize("backend,workers", [("tensor", 0), ("pil", 0), ("tensor", 2)])
@@ -98,6 +138,7 @@ def test_images_spread_over_several_chunks_read_back_exactly(tmp_path, monkeypat
     assert cache.ensure(paths) == 8 and len(cache.chunks) == 3
     assert sorted(decoded) == sorted(paths)  # each once, the first too (read for the memory estimate)
     assert all(torch.equal(cache(path), read_image(path)) for path in paths)
+    assert sorted(decoded) == sorted(paths)  # reads come from the chunks, not the decoder
     assert cache.nbytes == sum(read_image(path).numel() for path in paths)
 
 

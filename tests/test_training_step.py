@@ -33,6 +33,11 @@ CLIP_SOLVER = {"SOLVER.OPTIMIZER_NAME": "Adam", "SOLVER.BASE_LR": 5e-6, "SOLVER.
                "SOLVER.WEIGHT_DECAY": 1e-4, "SOLVER.WEIGHT_DECAY_BIAS": 5e-4, "SOLVER.LARGE_FC_LR": False}
 VIT_SOLVER = {"SOLVER.OPTIMIZER_NAME": "SGD", "SOLVER.BASE_LR": 0.008, "SOLVER.WARMUP_FACTOR": 0.01,
               "SOLVER.WEIGHT_DECAY": 1e-4, "SOLVER.WEIGHT_DECAY_BIAS": 5e-4, "SOLVER.LARGE_FC_LR": True}
+# Weight decays for the one-step comparison, large enough for the decay term to show in one step. With the
+# shipped ones SGD's decay moves a weight by lr * 1e-4 * w, about 1e-10, a thousand times below the comparison's
+# tolerance, and Adam's direction sign(g + decay * w) almost never flips: zeroing the decay would go unseen.
+# Here SGD's decay moves a weight by about 1e-6 and Adam's direction flips wherever decay * |w| outweighs |g|.
+VISIBLE_DECAY = {"SOLVER.WEIGHT_DECAY": 0.5, "SOLVER.WEIGHT_DECAY_BIAS": 2.0}
 COMMON = {"SOLVER.MAX_EPOCHS": 1, "SOLVER.WARMUP_ITERS": 10, "SOLVER.WARMUP_METHOD": "linear", "SOLVER.STEPS": (40,),
           "SOLVER.BIAS_LR_FACTOR": 2, "SOLVER.AMP": False, "MODEL.DROP_PATH": 0.0, "MODEL.SIE_CAMERA": True,
           "MODEL.NO_MARGIN": True, "MODEL.IF_LABELSMOOTH": "on"}
@@ -153,7 +158,7 @@ def tiny_model(arch, **keys):
 
 @pytest.mark.parametrize("arch", list(SETTINGS))
 def test_one_training_step_equals_the_authors(arch):
-    cfg, model, attributes = tiny_model(arch)
+    cfg, model, attributes = tiny_model(arch, **VISIBLE_DECAY)
     if arch == "CLIP_ReID":  # stage 2: prompts and text frozen, every identity's text feature fixed
         model.unfreeze_for_stage2()
         model.set_class_text_features(torch.randn(NUM_CLASSES, model.clip.embed_dim))
@@ -175,7 +180,7 @@ def test_one_training_step_equals_the_authors(arch):
 
     step_at_start = arch == "CLIP_ReID"  # the authors' CLIP-ReID stage 2 steps its schedule before the epoch
     trained = dict(model.named_parameters())
-    moved = 0
+    moved = decayed = nonzero = 0  # optimised parameters; those the decay visibly moves; those not all zero
     for name, param in reference.named_parameters():
         if param.grad is None:
             assert torch.equal(trained[name], param), name  # not optimised: unchanged
@@ -190,7 +195,13 @@ def test_one_training_step_equals_the_authors(arch):
         torch.testing.assert_close(got[clear], expected[clear], rtol=1e-5, atol=lr * 1e-4, msg=name)
         assert ((got - param)[~clear].abs() <= lr * 1.0001).all(), name
         moved += 1
+        # The same comparison tells the step without weight decay apart: the decay term is visible (except on
+        # tensors that start at zero, such as biases, which no decay moves in a first step).
+        undecayed = first_step(cfg, param.detach(), param.grad, lr, 0.0)
+        decayed += not torch.allclose(undecayed[clear], expected[clear], rtol=1e-5, atol=lr * 1e-4)
+        nonzero += bool(param.detach().abs().max() > 0)
     assert moved > 10
+    assert decayed > nonzero // 2  # on most non-zero parameters, not only on a few
 
 
 def their_supcon(queries, keys, query_labels, key_labels):

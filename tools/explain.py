@@ -2,16 +2,18 @@
 
     python tools/explain.py --weights outputs/x/model_final.pth --images a.jpg b.jpg --viewids 1 0 --out maps/
     python tools/explain.py --weights W --pair query.jpg gallery.jpg --viewids 1 0 --out maps/
-    python tools/explain.py --weights W --images a.jpg --method gradcam --out maps/ MODEL.DEVICE cpu
+    python tools/explain.py --weights W --images a.jpg --method integrated_gradients --out maps/ MODEL.DEVICE cpu
 
 Writes per image ``<out>/<stem>.npy`` (float32 (h, w) map at the image's own size, larger = more relevant)
 and ``<out>/<stem>.png`` (the map over the image). ``--pair QUERY GALLERY`` explains their similarity: each
 map shows what in that image makes it resemble the other, and ``<out>/pair_<query>_<gallery>.png`` shows
-both images and their maps with their cosine similarity. Methods (``--method``, evaluation/relevance.py): ``relevance`` (default,
-gradient-weighted attention relevance after Chefer et al. 2021), ``gradcam`` (pytorch-grad-cam),
-``integrated_gradients`` (captum). The config stored in the checkpoint is used unless ``--config_file`` is
-given; ``KEY VALUE`` overrides apply either way. ``--viewids``: one per image or one for all (0 ground,
-1 aerial; AG-ReID.v2: 0 CCTV, 1 wearable, 2 UAV); models told the platform (SVPR-ReID, SIE) need it.
+both images and their maps with their cosine similarity. Methods (``--method``, evaluation/relevance.py):
+``relevance`` (default, conservative propagation after Ali et al. 2022), ``gradcam`` (pytorch-grad-cam),
+``integrated_gradients`` (captum). A method whose maps of the checkpoint's model failed the faithfulness
+benchmark (tools/faithfulness.py, docs/explain.md) is refused with one line naming the faithful ones, and no
+map is written. The config stored in the checkpoint is used unless ``--config_file`` is given; ``KEY VALUE``
+overrides apply either way. ``--viewids``: one per image or one for all (0 ground, 1 aerial; AG-ReID.v2:
+0 CCTV, 1 wearable, 2 UAV); models told the platform (SVPR-ReID, SIE) need it.
 """
 import argparse
 import os
