@@ -30,16 +30,18 @@ from utils.amp import precision_settings, test_precision, training_precision
 logger = logging.getLogger(__name__)
 
 
-def evaluate_protocols(cfg, model, device, protocols=None, known=None):
+def evaluate_protocols(cfg, model, device, protocols=None, known=None, embedded=None):
     """Evaluate ``model`` on every protocol of ``DATASETS.TESTS``; return ``{name: metrics}``.
 
     ``protocols`` maps names to protocols already built (the others are built here, reading only their
-    query and gallery); ``known`` maps protocols already evaluated with these exact weights to their metrics.
+    query and gallery); ``known`` maps protocols already evaluated with these exact weights to their metrics,
+    and ``embedded`` holds features already computed with them (see ``processor.inference.evaluate``).
     Each result carries the ``benchmark`` it was measured on (cross-dataset tests name another one than
     training).
     """
     known, results, protocols = known or {}, {}, protocols or {}
-    embedded = []  # (embedding_key, features): protocols over the same images and batches embed them once
+    # (embedding_key, features): protocols over the same images and batches embed them once.
+    embedded = [] if embedded is None else embedded
     for name in cfg.DATASETS.TESTS:
         protocol = protocols.get(name) or build_evaluation_protocol(cfg, name)
         # Known metrics come without features: protocols whose features are saved or drawn are embedded again.
@@ -109,8 +111,9 @@ def run_training(cfg, device, resume=False, config_file=None):
                 "weights (%s)", first_test.name, 100 * trainer.best["mAP"], trainer.best["epoch"], BEST_CHECKPOINT,
                 FINAL_CHECKPOINT)
     eval_epoch, metrics = trainer.last_eval
-    known = {first_test.name: metrics} if eval_epoch == last_epoch else None
-    results = evaluate_protocols(cfg, model, device, protocols, known)
+    final = eval_epoch == last_epoch
+    results = evaluate_protocols(cfg, model, device, protocols, {first_test.name: metrics} if final else None,
+                                 trainer.last_embedded if final else None)
     _report(cfg, results, final_path, config_file, last_epoch, trained_on=cfg.DATASETS.NAMES,
             initial_weights=initial_weights, precision=precision)
     return results

@@ -161,9 +161,13 @@ class EvalHook(HookBase):
             return
         protocol = trainer.eval_data
         name = protocol.name
+        # After the last epoch the final evaluation follows with the same weights: its protocols over the same
+        # images (e.g. SynthAG_AGAG after SynthAG_ALL) reuse these features instead of embedding them again.
+        embedded = [] if epoch == cfg.SOLVER.MAX_EPOCHS else None
         metrics = evaluate(cfg, trainer.model, protocol.loader, protocol.num_query, trainer.device,
-                           protocol.view_mode, desc=f"eval {name}")
+                           protocol.view_mode, desc=f"eval {name}", embedded=embedded)
         trainer.last_eval = (epoch, metrics)
+        trainer.last_embedded = embedded
         improved = metrics["mAP"] > trainer.best["mAP"]
         if improved:
             trainer.best = {"mAP": metrics["mAP"], "epoch": epoch}

@@ -69,6 +69,7 @@ class Trainer:
         self._rng_to_restore = None  # RNG states of a resumed checkpoint, restored when fit() starts
         self.best = {"mAP": -1.0, "epoch": 0}
         self.last_eval = (None, None)  # (epoch, metrics) of the latest evaluation on the first test protocol
+        self.last_embedded = None  # its features after the last epoch (see EvalHook), for the final evaluation
         self.training_data = None  # fingerprint of the training set (processor.run_state), stored in checkpoints
         self.output_dir = cfg.OUTPUT_DIR
         self.hooks = []

@@ -142,3 +142,33 @@ def test_protocols_over_the_same_images_and_batches_embed_them_once(synth_root, 
     assert len(given) == len(shared_given)
     for (features, camids), (alone_features, alone_camids) in zip(shared_given, given):
         assert torch.equal(features, alone_features) and torch.equal(camids, alone_camids)
+
+
+def test_the_final_evaluation_reuses_the_last_epochs_features(synth_root, tmp_path, monkeypatch):
+    """Training evaluates its first protocol (SynthAG_ALL) after the last epoch; the final evaluation that
+    follows with the same weights reuses those features for SynthAG_AGAG (the same images and batches) and
+    embeds only SynthAG_AG's, and its results equal an evaluation of the final checkpoint from scratch."""
+    import processor.inference
+    from processor import evaluate_protocols
+    from processor.model_io import load_trained_model
+
+    embedded = []
+    original = processor.inference._embed
+
+    def counting_embed(cfg, model, val_loader, device, desc):
+        embedded.append(desc)
+        return original(cfg, model, val_loader, device, desc)
+
+    monkeypatch.setattr(processor.inference, "_embed", counting_embed)
+    from tests.fixtures import SVPR
+
+    cfg = load_config(SVPR, tiny(synth_root, str(tmp_path), epochs=2, extra=[
+        "DATASETS.TESTS", "('SynthAG_ALL', 'SynthAG_AG', 'SynthAG_AGAG')", "SOLVER.EVAL_PERIOD", "1"]))
+    results = run_training(cfg, resolve_device(cfg))
+    assert embedded == ["eval SynthAG_ALL", "eval SynthAG_ALL", "test SynthAG_AG"], embedded
+    embedded[:] = []
+    model, _ = load_trained_model(cfg, os.path.join(cfg.OUTPUT_DIR, "model_final.pth"), resolve_device(cfg))
+    again = evaluate_protocols(cfg, model, resolve_device(cfg))
+    assert embedded == ["test SynthAG_ALL", "test SynthAG_AG"], embedded
+    for name in cfg.DATASETS.TESTS:
+        assert again[name]["mAP"] == results[name]["mAP"] and (again[name]["cmc"] == results[name]["cmc"]).all()
