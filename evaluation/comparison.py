@@ -1,7 +1,9 @@
 """Comparing runs: is model B better than model A on the same queries, and by how much?
 
 Per protocol, the runs' per-query results (``per_query_<protocol>.csv``) are paired by query image (and
-trial, for protocols with random galleries); several runs per side (seeds) are first averaged per query.
+trial, for protocols with random galleries) and identity; several runs per side (seeds) are first averaged
+per query. An image is named by its path below the folder that holds all of a run's queries, so that runs of
+the same benchmark stored at different places (another checkout, another machine's data root) pair.
 The difference B - A of mAP and Rank-1 (points) is the mean over queries of the per-query differences of
 AP and of the Rank-1 hit (0 or 100). Its 95% confidence interval is a paired bootstrap over queries
 (``scipy.stats.bootstrap``, percentile method) and its p-value a paired sign-flip permutation test
@@ -32,7 +34,8 @@ BATCH_ELEMENTS = 1 << 22
 @dataclass
 class RunQueries:
     """One run's per-query results: ``protocols`` maps a protocol to ``(keys, ap, rank1)``, the query keys
-    (image path, or ``trial:path``) in sorted order with their AP and Rank-1 hit (both in percent)."""
+    (``path#pid`` or ``trial:path#pid``, see :func:`query_keys`) in sorted order with their AP and Rank-1 hit
+    (both in percent)."""
 
     name: str
     protocols: Dict[str, Tuple[List[str], np.ndarray, np.ndarray]]
@@ -75,6 +78,13 @@ def _trial_files(folder, protocol):
     return sorted(trials)
 
 
+def query_keys(paths, pids):
+    """``path#pid`` of each query, its path relative to the deepest folder that holds all of ``paths``."""
+    paths = [str(path) for path in paths]
+    root = os.path.commonpath([os.path.dirname(path) for path in paths]) if paths else ""
+    return [f"{os.path.relpath(path, root) if root else path}#{pid}" for path, pid in zip(paths, pids)]
+
+
 def load_run(path):
     """The per-query results of a run: ``path`` is its folder or its ``results.json``."""
     folder = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else path
@@ -92,9 +102,13 @@ def load_run(path):
                             f"before per-query results existed have none: evaluate the checkpoint again with "
                             f"test_svpr.py)")
         keys, ap, rank1 = [], [], []
-        for trial, file in files:
-            table = read_csv(file)
-            keys += [path if trial is None else f"{trial}:{path}" for path in table["path"]]
+        tables = [(trial, read_csv(file)) for trial, file in files]
+        # One folder for all trials' queries: a trial's key is then its number and the same name as in the others.
+        names = query_keys([path for _, table in tables for path in table["path"]],
+                           [pid for _, table in tables for pid in table["pid"]])
+        for trial, table in tables:
+            own, names = names[:len(table["path"])], names[len(table["path"]):]
+            keys += own if trial is None else [f"{trial}:{name}" for name in own]
             ap.append(table["ap"])
             rank1.append(100.0 * (table["first_match_rank"] == 1))
         if len(set(keys)) != len(keys):

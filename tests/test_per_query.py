@@ -162,6 +162,39 @@ def test_compare_refuses_runs_on_other_queries(runs, tmp_path):
     assert len(lines) == 1 and "different SynthAG_AG queries" in lines[0], result.stderr
 
 
+def _moved_copy(run, folder, new_root, relabel=None):
+    """A copy of ``run`` whose per-query files name their images under ``new_root`` (the same benchmark stored
+    elsewhere); ``relabel``: the identity of the first query of every file changed to it."""
+    shutil.copytree(run, folder)
+    for path in folder.glob("per_query_*.csv"):
+        with open(path, encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        root = os.path.commonpath([os.path.dirname(row["path"]) for row in rows])
+        for row in rows:
+            row["path"] = os.path.join(new_root, os.path.relpath(row["path"], root))
+        if relabel is not None:
+            rows[0]["pid"] = str(relabel)
+        with open(path, "w", encoding="utf-8", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def test_compare_pairs_runs_whose_data_lived_elsewhere_by_image_and_identity(runs, tmp_path):
+    """Two checkouts with their own data folder evaluate the same queries under other absolute paths: they pair
+    by the path below the queries' folder, with the same result as in place; a changed identity does not pair."""
+    moved = tmp_path / "moved"
+    _moved_copy(runs["svpr"], moved, "/elsewhere/data/SynthAG/images")
+    in_place = compare_runs([load_run(runs["baseline"])], [load_run(runs["svpr"])])
+    elsewhere = compare_runs([load_run(runs["baseline"])], [load_run(str(moved))])
+    assert [(c.protocol, c.num_query, c.mAP.delta, c.mAP.ci95, c.rank1.delta) for c in elsewhere] == \
+        [(c.protocol, c.num_query, c.mAP.delta, c.mAP.ci95, c.rank1.delta) for c in in_place]
+    relabelled = tmp_path / "relabelled"
+    _moved_copy(runs["svpr"], relabelled, "/elsewhere/data/SynthAG/images", relabel=99999)
+    result = run_script(["tools/compare.py", runs["baseline"], "--vs", str(relabelled)])
+    assert result.returncode == 2 and "different SynthAG_ALL queries" in result.stderr, result.stderr
+
+
 def test_ablation_reports_each_rows_difference_to_the_first(runs, tmp_path):
     rows = tmp_path / "rows"
     for row, names in (("clip_baseline", ("baseline", "baseline_rerank")), ("svpr_reid", ("svpr", "svpr"))):

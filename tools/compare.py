@@ -8,8 +8,9 @@ Each run is an evaluation's folder (or its results.json) holding the per-query r
 results.json (per_query_<protocol>.csv). For every protocol present in all runs it prints, as a Markdown
 table, B - A in points for mAP and Rank-1 with a 95% paired bootstrap confidence interval over queries
 and a paired sign-flip permutation p-value (evaluation/comparison.py says how). Several runs per side
-(seeds) are averaged per query first. Queries are paired by image path; runs evaluated on different query
-sets are refused. ``--json`` also writes {protocol: {delta_mAP, ci95_mAP, p_mAP, delta_R1, ci95_R1, p_R1}}.
+(seeds) are averaged per query first. Queries are paired by image (its path below the folder
+holding all of the run's queries, so the data may live elsewhere in each run) and identity; runs evaluated on
+different query sets are refused. ``--json`` also writes {protocol: {delta_mAP, ci95_mAP, p_mAP, delta_R1, ci95_R1, p_R1}}.
 """
 import argparse
 import json
