@@ -316,13 +316,17 @@ def test_an_interrupt_while_loader_workers_start_comes_after_and_leaves_no_half_
 
     unraisable = []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
-    handler = signal.getsignal(signal.SIGINT)
-    loader = ReIDDataLoader(list(range(4)), batch_sampler=InterruptedBatches(), num_workers=2)
-    with pytest.raises(KeyboardInterrupt):
-        next(iter(loader))
-    gc.collect()
-    assert not unraisable, [str(item.exc_value) for item in unraisable]
-    assert signal.getsignal(signal.SIGINT) is handler
+    # Python's own Ctrl-C handler, also when the tests run in the background (which starts them with SIGINT ignored).
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        loader = ReIDDataLoader(list(range(4)), batch_sampler=InterruptedBatches(), num_workers=2)
+        with pytest.raises(KeyboardInterrupt):
+            next(iter(loader))
+        gc.collect()
+        assert not unraisable, [str(item.exc_value) for item in unraisable]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 # ---------------------------------------------------------------------------------- damaged checkpoints
