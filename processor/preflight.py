@@ -68,7 +68,7 @@ def check_output_dir(output_dir, run_files, resume, overwrite):
         if not any(name in present for name in checkpoints):
             raise ConfigError(f"--resume: OUTPUT_DIR '{output_dir}' holds no {' or '.join(checkpoints)} to resume "
                               "from; drop --resume to start a new run")
-        return load_newest_intact([os.path.join(output_dir, name) for name in checkpoints], log=False)[1]
+        return load_newest_intact([os.path.join(output_dir, name) for name in checkpoints], log=False, mmap=True)[1]
     if present and not overwrite:
         raise ConfigError(f"OUTPUT_DIR '{output_dir}' already holds a run ({', '.join(present)}): pass --resume to "
                           "continue it, --overwrite to replace it, or choose another OUTPUT_DIR")

@@ -167,18 +167,20 @@ def load_checkpoint(path, map_location="cpu", mmap=False, verify=None):
     return state
 
 
-def load_newest_intact(paths, map_location="cpu", log=True, set_aside=False):
+def load_newest_intact(paths, map_location="cpu", log=True, set_aside=False, mmap=False):
     """``(state, path)`` of the first of ``paths`` that exists and is intact (readable, checksum verified);
     with ``log``, each damaged one and the fallback (with the epoch it holds) are logged. With ``set_aside``
     (the resume itself, not a check before it), the damaged files passed over are renamed ``<name>.damaged``
-    (by rank 0): otherwise the next checkpoint written would keep a damaged file as its previous version. A
-    one-line ``CheckpointError`` naming every file and what is wrong with it when none is intact."""
+    (by rank 0): otherwise the next checkpoint written would keep a damaged file as its previous version.
+    ``mmap`` maps the tensors instead of reading them into memory (a check that only needs to know which file
+    is intact; verified files are remembered, so the resume's own read does not hash them again). A one-line
+    ``CheckpointError`` naming every file and what is wrong with it when none is intact."""
     damaged = []
     for path in paths:
         if not os.path.isfile(path):
             continue
         try:
-            state = load_checkpoint(path, map_location=map_location)
+            state = load_checkpoint(path, map_location=map_location, mmap=mmap, verify=True)
         except CheckpointError as exc:
             if log:
                 logger.warning("%s", exc)
