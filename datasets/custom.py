@@ -168,15 +168,24 @@ def _parse_header(names, path):
     return index, attributes
 
 
-def _integer(value, column, line, manifest_path, words=None):
-    """The non-negative integer of a cell (or the id of one of ``words``); ``DataError`` otherwise."""
-    text = value.strip()
+def label_number(text, words=None):
+    """The label ``text`` stands for: its non-negative integer (with ``words``, only one of their ids), or the
+    id of one of ``words`` (``{word: id}``, any case); None when it is neither. Shared with
+    tools/make_manifest.py, which reads the same labels from file names."""
     if words and text.lower() in words:
         return words[text.lower()]
     if _INTEGER.fullmatch(text):
         number = int(text)
         if words is None or number in words.values():
             return number
+    return None
+
+
+def _integer(value, column, line, manifest_path, words=None):
+    """The non-negative integer of a cell (or the id of one of ``words``); ``DataError`` otherwise."""
+    number = label_number(value.strip(), words)
+    if number is not None:
+        return number
     expected = "a non-negative integer" if words is None else (
         f"one of {', '.join(str(v) for v in sorted(set(words.values())))} or {', '.join(words)}")
     raise DataError(f"manifest '{manifest_path}' line {line}: {column} {value!r} is not {expected}")

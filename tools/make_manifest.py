@@ -21,7 +21,7 @@ import re
 from collections import defaultdict
 
 from datasets.bases import list_images
-from datasets.custom import REQUIRED_COLUMNS, TIME_WORDS, VIEW_WORDS, parse_manifest
+from datasets.custom import REQUIRED_COLUMNS, TIME_WORDS, VIEW_WORDS, label_number, parse_manifest
 from utils.entrypoint import run_main
 from utils.errors import ConfigError, DataError
 from utils.io import atomic_write
@@ -61,12 +61,9 @@ def word_map(entries, option, targets):
 
 def label_value(value, group, relative, words=None):
     """The integer label of a matched group (a word of ``words`` too); ``DataError`` naming the file."""
-    if words is not None and value.lower() in words:
-        return words[value.lower()]
-    if value.isascii() and value.isdigit():
-        number = int(value)
-        if words is None or number in words.values():
-            return number
+    number = label_number(value, words)
+    if number is not None:
+        return number
     expected = "digits" if words is None else (
         f"0, 1 or one of the words {', '.join(sorted(words))} (add others with "
         f"--{'view' if group == 'viewid' else 'time'}-word WORD=...)")
