@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluation.comparison import MIN_RESAMPLES, paired_difference
-from evaluation.relevance import token_layout
+from evaluation.relevance import slice_inputs, token_layout
 
 NULLS = ("random", "permuted", "transposed", "untransposed", "shifted", "shifted_back", "flipped")
 #: The nulls a faithful map must beat. ``flipped`` is reported but not required: with persons centred in the
@@ -295,7 +295,7 @@ class FaithfulnessBenchmark:
             perturbed = torch.cat([image * keep.flatten(0, 1)[:, None],  # deletion
                                    image * (1 - keep.flatten(0, 1))[:, None],  # insertion
                                    image[None], torch.zeros_like(image)[None]])  # clean, mean image
-            scores = self._scores(perturbed, _repeat(inputs, index, len(perturbed)),
+            scores = self._scores(perturbed, slice_inputs(inputs, index, repeat=len(perturbed)),
                                   None if directions is None else directions[index])
             clean, empty = scores[-2], scores[-1]
             middle = num_maps * (steps - 1)
@@ -311,9 +311,3 @@ class FaithfulnessBenchmark:
         features = self.explainer.features(images, inputs, chunk=self.chunk)
         target = features[-2] if direction is None else torch.as_tensor(direction, dtype=torch.float32)
         return F.cosine_similarity(features, target[None].to(features.device), dim=1).cpu()
-
-
-def _repeat(inputs, index, count):
-    """The forward inputs of image ``index`` repeated ``count`` times (tensors; other values kept)."""
-    return {key: value[index:index + 1].expand(count, *value.shape[1:]) if isinstance(value, torch.Tensor) else value
-            for key, value in inputs.items()}

@@ -260,29 +260,19 @@ class Explainer:
         images per forward pass where the model's features do not depend on the rest of their batch (checked
         once, on two unlike images), else one at a time."""
         images = images.to(self.device).float()
-        if chunk > 1 and not self._batch_independent(images[0], _slice(inputs, 0)):
+        if chunk > 1 and not self._batch_independent(images[0], slice_inputs(inputs, 0)):
             chunk = 1
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with _full_precision(self.device):
-                return torch.cat([self.model(images[i:i + chunk], **_slice(inputs, i, chunk)).float()
-                                  for i in range(0, len(images), chunk)])
-        finally:
-            self.model.train(was_training)
+        with self._explaining():
+            return torch.cat([self.model(images[i:i + chunk], **slice_inputs(inputs, i, chunk)).float()
+                              for i in range(0, len(images), chunk)])
 
     def _batch_independent(self, image, inputs):
         if self._independent is None:
             pair = torch.stack([image, torch.zeros_like(image)])  # an image and the mean image
-            inputs = _slice(inputs, 0, 1, repeat=2)
+            inputs = slice_inputs(inputs, 0, 1, repeat=2)
             together = self.features(pair, inputs)  # one at a time
-            was_training = self.model.training
-            self.model.eval()
-            try:
-                with _full_precision(self.device):
-                    batched = self.model(pair, **inputs).float()
-            finally:
-                self.model.train(was_training)
+            with self._explaining():
+                batched = self.model(pair, **inputs).float()
             self._independent = bool(torch.allclose(batched, together, rtol=1e-4, atol=1e-5 * float(
                 together.abs().max())))
         return self._independent
@@ -295,15 +285,22 @@ class Explainer:
         directions = F.normalize(torch.as_tensor(directions, dtype=torch.float32, device=self.device), dim=-1)
         explain = {"relevance": self._relevance, "gradcam": self._gradcam,
                    "integrated_gradients": self._integrated_gradients}[self.method]
+        with self._explaining(), torch.enable_grad():
+            maps = [explain(images[i:i + 1], slice_inputs(inputs, i), directions[i:i + 1])
+                    for i in range(len(images))]
+        return torch.cat(maps).detach().float().cpu(), features.cpu()
+
+    @contextlib.contextmanager
+    def _explaining(self):
+        """The model in eval mode with autocast off: maps and features are computed in float32 whatever
+        precision the model was trained in; its training mode is restored afterwards."""
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.enable_grad(), _full_precision(self.device):
-                maps = [explain(images[i:i + 1], _slice(inputs, i), directions[i:i + 1])
-                        for i in range(len(images))]
+            with torch.autocast(device_type=self.device.type, enabled=False):
+                yield
         finally:
             self.model.train(was_training)
-        return torch.cat(maps).detach().float().cpu(), features.cpu()
 
     def _relevance(self, image, inputs, direction):
         image = image.detach().requires_grad_(True)
@@ -331,7 +328,7 @@ class Explainer:
         from captum.attr import IntegratedGradients
 
         def projection(images):  # the images of the path, each with the image's other inputs
-            return (self.model(images, **_slice(inputs, 0, 1, repeat=len(images))) * direction).sum(dim=1)
+            return (self.model(images, **slice_inputs(inputs, 0, 1, repeat=len(images))) * direction).sum(dim=1)
 
         # The whole path in one batch, unless a feature depends on its batch.
         steps_per_pass = IG_STEPS if self._batch_independent(image[0], inputs) else 1
@@ -353,16 +350,11 @@ def _patch_grid_cam():
     return PatchGridCAM
 
 
-def _slice(inputs, index, count=1, repeat=1):
+def slice_inputs(inputs, index, count=1, repeat=1):
     """The forward inputs of images ``index`` .. ``index + count - 1`` of a batch (tensors sliced, other values
     kept), each repeated ``repeat`` times."""
     return {key: value[index:index + count].repeat_interleave(repeat, dim=0) if isinstance(value, torch.Tensor)
             else value for key, value in inputs.items()}
-
-
-def _full_precision(device):
-    """Autocast off: maps and features are computed in float32 whatever precision the model trained in."""
-    return torch.autocast(device_type=torch.device(device).type, enabled=False)
 
 
 def resize_map(relevance, size):
