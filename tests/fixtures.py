@@ -258,3 +258,31 @@ def make_vehicleid_tree(root, num_test=30, per_vehicle=4):
         with open(os.path.join(split_dir, name), "w") as f:
             f.write("\n".join(lines) + "\n")
     return base
+
+
+def temporaries(folder):
+    """Files below ``folder`` that look like a temporary file of an interrupted write (``.tmp`` in the name)."""
+    return [os.path.join(path, name) for path, _, names in os.walk(folder) for name in names
+            if name.startswith(".tmp") or ".tmp" in name]
+
+
+def current_umask():
+    """This process's umask (set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def run_entry_point(main, argv, capsys):
+    """``(exit code, stdout, stderr lines)`` of a tool's ``main(argv)`` in this process under the entry points'
+    error contract (``utils.entrypoint.run_main``); 0 when it returns."""
+    from utils.entrypoint import run_main
+
+    capsys.readouterr()
+    try:
+        run_main(lambda: main(argv))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip().splitlines()

@@ -20,9 +20,8 @@ from model import MODELS
 from processor.model_io import build_from_args, model_args_from_dataset
 from processor.phase_runner import run_phases
 from solver import make_optimizer
-from tests.fixtures import REPO_ROOT, SVPR, check_ok, run_script, tiny, tiny_cfg
+from tests.fixtures import REPO_ROOT, SVPR, check_ok, run_entry_point, run_script, tiny, tiny_cfg
 from tools import dataset_stats, make_manifest
-from utils.entrypoint import run_main
 from utils.errors import ConfigError
 
 GROUND_CAMERAS, AERIAL_CAMERAS = (1, 2), (7, 8)
@@ -145,11 +144,11 @@ def test_make_manifest_refuses_unmatched_files_and_an_existing_output(tmp_path, 
                          ([stray, "--pattern", r"(?P<pid>\d+)", "--out", out], "no named group 'camid'"),
                          ([stray, "--pattern", r"id(?P<pid>\d+)_c(?P<camid>\d+)_(?P<viewid>day|night)",
                            "--out", out], "viewid matched 'day'")):
-        code, lines = run_tool(make_manifest.main, argv, capsys)
+        code, _, lines = run_entry_point(make_manifest.main, argv, capsys)
         assert code == 2 and len(lines) == 1 and needle in lines[0], lines
     write_manifest(stray, out, extra=["--skip-unmatched"])
     assert "notes_scan.jpg" not in open(out).read()
-    code, lines = run_tool(make_manifest.main, [stray, "--pattern", PATTERN, "--out", out, *words], capsys)
+    code, _, lines = run_entry_point(make_manifest.main, [stray, "--pattern", PATTERN, "--out", out, *words], capsys)
     assert code == 2 and "exists; pass --overwrite" in lines[0]
 
 
@@ -273,14 +272,6 @@ def test_views_and_times_are_read_as_numbers_or_words(manifest, tmp_path):
 
 
 # ---- bad input -------------------------------------------------------------------------------------------
-def run_tool(main, argv, capsys):
-    """``(exit code, stderr lines)`` of a tool's ``main(argv)`` under the entry points' error contract."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(lambda: main(argv))
-    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
-
-
 GOOD = ["path,pid,camid,split,viewid", "a.jpg,1,0,train,0", "b.jpg,1,1,train,aerial", "c.jpg,2,0,query,1",
         "d.jpg,2,1,gallery,ground", "e.jpg,3,1,gallery,0"]
 BAD = {
@@ -313,7 +304,7 @@ def test_a_bad_manifest_is_one_error_line_naming_the_csv_and_line(case, tmp_path
     path = str(tmp_path / "bad.csv")
     with open(path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
-    code, errors = run_tool(dataset_stats.main, ["--manifest", path], capsys)
+    code, _, errors = run_entry_point(dataset_stats.main, ["--manifest", path], capsys)
     assert code == 2 and len(errors) == 1 and errors[0].startswith("error: manifest "), errors
     assert f"'{path}' line {line}: " in errors[0], errors
     for needle in needles:

@@ -13,9 +13,9 @@ import pytest
 
 from model.clip.loader import read_state_dict
 from model.vit.weights import read_vit_weights
+from tests.fixtures import run_entry_point
 from tools import download_weights
 from tools.download_weights import CATALOGUE, WeightFile
-from utils.entrypoint import run_main
 from utils.errors import CheckpointError
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
@@ -93,14 +93,7 @@ def entry(monkeypatch):
 
 def run(argv, capsys):
     """``(exit code, stdout, stderr lines)`` of download_weights.main(argv) under the entry points' contract."""
-    capsys.readouterr()
-    try:
-        run_main(lambda: download_weights.main(argv))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err.strip().splitlines()
+    return run_entry_point(download_weights.main, argv, capsys)
 
 
 def test_downloads_checks_and_renames_a_good_file(server, entry, tmp_path, capsys):

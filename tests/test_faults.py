@@ -44,7 +44,7 @@ from processor.metrics_log import COLUMNS, MetricsLogHook, plot_curves, read_met
 from processor.preflight import check_disk_space, check_resume_data, checkpoint_space
 from processor.run_state import describe_data_change, training_data_fingerprint
 from tests.fixtures import (CLIPREID, REPO_ROOT, assert_bit_identical, check_ok, final_weights,
-                            process_state_restored, run_script, tiny, tiny_cfg)
+                            process_state_restored, run_script, temporaries, tiny, tiny_cfg)
 from utils.checkpoint import load_checkpoint, load_newest_intact, save_checkpoint
 from utils.entrypoint import run_main
 from utils.errors import CheckpointError, DataError
@@ -162,11 +162,6 @@ class LiveRun:
             reader.join(HANG_GUARD)
         self.stdout, self.stderr = "".join(self.lines), "".join(self.errors)
         return self
-
-
-def temporaries(folder):
-    return [os.path.join(path, name) for path, _, names in os.walk(folder) for name in names
-            if name.startswith(".tmp") or ".tmp" in name]
 
 
 def the_error_line(returncode, stderr):

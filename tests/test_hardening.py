@@ -23,7 +23,8 @@ from datasets.synthetic import SETTINGS_FILE, SynthConfig, generate_synthag
 from model.clip.loader import read_state_dict
 from processor import faults
 from processor.preflight import count_valid_queries
-from tests.fixtures import BASELINE, CLIPREID, REPO_ROOT, assert_one_error_line, free_port, run_script, tiny
+from tests.fixtures import (BASELINE, CLIPREID, REPO_ROOT, assert_one_error_line, current_umask, free_port,
+                            run_script, tiny)
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import CheckpointError, ConfigError
 from utils.io import atomic_write
@@ -377,13 +378,7 @@ def test_synthag_regenerates_when_its_settings_change(tmp_path):
     SynthAGAll.prepare(root, load_config(None, overrides))
     assert os.stat(settings).st_mtime_ns == mtime
     assert os.stat(os.path.join(root, "SynthAG", "images", os.listdir(os.path.join(root, "SynthAG", "images"))[0])
-                   ).st_mode & 0o777 == 0o666 & ~_umask()
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+                   ).st_mode & 0o777 == 0o666 & ~current_umask()
 
 
 # -------------------------------------------------------------------------------------------- torchrun

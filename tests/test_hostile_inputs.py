@@ -28,7 +28,7 @@ from datasets.transforms import read_image, read_pil_image
 from model import build_model
 from processor import faults
 from processor.hooks import weights_file
-from tests.fixtures import BASELINE, REPO_ROOT, assert_one_error_line, check_ok, jpeg, run_script, tiny
+from tests.fixtures import BASELINE, REPO_ROOT, assert_one_error_line, check_ok, current_umask, jpeg, run_script, tiny
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import DataError
 
@@ -284,10 +284,4 @@ def test_paths_with_spaces_and_accents_train_resume_test_and_export(synth_root, 
     assert tested["protocols"]["SynthAG_ALL"]["mAP"] == trained["protocols"]["SynthAG_ALL"]["mAP"]
     weights = load_checkpoint(exported)
     assert weights["epoch"] == 2 and weights["model"].keys() == load_checkpoint(final)["model"].keys()
-    assert os.stat(exported).st_mode & 0o777 == 0o666 & ~_umask()
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    assert os.stat(exported).st_mode & 0o777 == 0o666 & ~current_umask()

@@ -1,13 +1,12 @@
 """Exact resume of SVPR-ReID after SIGTERM at a fixed batch (``SVPR_TEST_INTERRUPT``, sent by the process to
 itself), without loader workers: the final weights equal the uninterrupted run's bit for bit. CLIP-ReID, both of
 its stages, loader workers and many interruptions at random moments: ``tests/test_faults.py``'s kill soak."""
-import glob
 import os
 
 import pytest
 
 from datasets.synthetic import SynthConfig, generate_synthag
-from tests.fixtures import SVPR, assert_bit_identical, check_ok, final_weights, run_script, tiny
+from tests.fixtures import SVPR, assert_bit_identical, check_ok, final_weights, run_script, temporaries, tiny
 from utils.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -28,12 +27,6 @@ def train(config, overrides, resume=False, interrupt=None):
                       env=env)
 
 
-def assert_no_temporaries(*folders):
-    leftovers = [path for folder in folders for path in glob.glob(os.path.join(folder, "**", "*.tmp*"), recursive=True)
-                 + glob.glob(os.path.join(folder, ".tmp-*"))]
-    assert not leftovers, leftovers
-
-
 def test_sigterm_mid_epoch_without_workers_resumes_bit_identically(synth_root, tmp_path):
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
     check_ok(train(SVPR, tiny(synth_root, straight, 3, workers=0)))
@@ -44,4 +37,4 @@ def test_sigterm_mid_epoch_without_workers_resumes_bit_identically(synth_root, t
     assert not os.path.exists(os.path.join(interrupted, "model_final.pth"))
     check_ok(train(SVPR, tiny(synth_root, interrupted, 3, workers=0), resume=True))
     assert_bit_identical(final_weights(straight), final_weights(interrupted))
-    assert_no_temporaries(interrupted)
+    assert not temporaries(interrupted), temporaries(interrupted)
