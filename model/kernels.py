@@ -5,9 +5,13 @@ features match theirs. Under bf16, where a different formulation of the same fun
 faster, that one runs instead; it differs from the other only by rounding (tests/test_precision.py):
 
 * ``attention``: PyTorch's fused attention, except when training in bf16 on a CPU, where its backward kernel
-  is 3-10x slower than the written-out attention (two bf16 matrix products around an fp32 softmax);
+  is 3-10x slower than the written-out attention: two bf16 matrix products (the 1/sqrt(d) scale applied
+  inside the first) around a softmax that the CPU kernel computes in fp32 and rounds once to bf16;
 * ``quick_gelu``: CLIP's ``x * sigmoid(1.702 x)``, or when training in bf16 ``silu(1.702 x) / 1.702`` (one
   fused backward instead of three operations' backwards);
+* ``quick_gelu_mlp``: ``proj(quick_gelu(fc(x)))``, or when training in bf16 the same MLP with the 1.702 folded
+  into the two weight matrices, so that the (tokens x 4 width) activation is written once (``silu``) instead
+  of three times;
 * ``patch_embedding``: the patch convolution, or under bf16 autocast on a CPU the same product as one matrix
   multiplication of the image patches (the CPU's bf16 convolution backward is 3-4x slower than fp32's);
 * ``fp32_under_bf16``: the context in which a model computes a discrete decision (which tokens, experts or
@@ -46,15 +50,19 @@ def attention(q, k, v, is_causal=False, dropout_p=0.0):
     if not (q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled()
             and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout_p)
-    # The products in bf16 on the matrix units; the softmax in fp32, as the fused kernel accumulates it.
-    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (B, H, Lq, Lk)
+    # The products in bf16 on the matrix units, the scale applied to the fp32 accumulator before rounding.
+    # The CPU's bf16 softmax computes in fp32 and rounds its result once (as softmax in fp32 followed by the
+    # cast to bf16 the second product needs, without writing the fp32 scores and probabilities out).
+    *batch, length_q, head_dim = q.shape
+    scores = torch.baddbmm(q.new_zeros(()), q.reshape(-1, length_q, head_dim), k.reshape(-1, k.shape[-2], head_dim)
+                           .transpose(1, 2), beta=0, alpha=head_dim ** -0.5)  # (B H, Lq, Lk)
     if is_causal:
         later = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
         scores = scores.masked_fill(later, float("-inf"))
     probs = scores.softmax(dim=-1)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
-    return probs.to(v.dtype) @ v
+    return torch.bmm(probs, v.reshape(-1, v.shape[-2], head_dim)).view(*batch, length_q, head_dim)
 
 
 def quick_gelu(x, inplace=False):
@@ -64,6 +72,27 @@ def quick_gelu(x, inplace=False):
         return F.silu(x * QUICK_GELU_SCALE) * (1 / QUICK_GELU_SCALE)
     gate = (QUICK_GELU_SCALE * x).sigmoid_()  # in place on a temporary: one large allocation fewer
     return x.mul_(gate) if inplace and not torch.is_grad_enabled() else x * gate
+
+
+def folds_quick_gelu(x):
+    """Whether an MLP on ``x`` runs QuickGELU with its 1.702 folded into the weights (training under bf16
+    autocast): ``silu(1.702 z) / 1.702 = quick_gelu(z)``, so ``silu`` of the product with 1.702 W and 1.702 b is
+    1.702 times the activation, and the next layer takes W / 1.702 (or a layer norm eps * 1.702^2)."""
+    return torch.is_grad_enabled() and _bf16_autocast(x.device.type)
+
+
+def quick_gelu_mlp(x, fc, proj):
+    """``proj(quick_gelu(fc(x)))`` for the linear layers ``fc`` (C -> H) and ``proj`` (H -> C).
+
+    Training under bf16 autocast it runs as ``silu(x (1.702 W1)^T + 1.702 b1) (W2 / 1.702)^T + b2``, the same
+    function with the 1.702 moved into the (bf16 copies of the) weights (``folds_quick_gelu``).
+    The (tokens, H) activation is then written by one element-wise operation and its backward by one, where
+    the unfolded form takes three each; on a CPU those passes over memory cost more than the products.
+    """
+    if not folds_quick_gelu(x):
+        return proj(quick_gelu(fc(x), inplace=True))  # in place only without a recorded gradient
+    hidden = F.linear(x, fc.weight.to(torch.bfloat16) * QUICK_GELU_SCALE, fc.bias.to(torch.bfloat16) * QUICK_GELU_SCALE)
+    return F.linear(F.silu(hidden), proj.weight.to(torch.bfloat16) * (1 / QUICK_GELU_SCALE), proj.bias)
 
 
 def patch_embedding(images, weight, bias=None, stride=None):

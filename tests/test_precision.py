@@ -15,7 +15,8 @@ from configs import get_cfg_defaults, load_config
 from datasets import make_dataloaders
 from loss import build_criterion
 from model import MODELS
-from model.kernels import attention, patch_embedding, quick_gelu
+from model.kernels import attention, patch_embedding, quick_gelu, quick_gelu_mlp
+from model.svpr.asmoe import MixtureOfExperts
 from processor.hooks import weights_file
 from processor.inference import FeatureExtractor
 from processor.model_io import build_from_args, model_args_from_dataset
@@ -131,12 +132,40 @@ def test_the_low_precision_kernels_compute_the_same_functions():
     _close(quick_gelu(low), reference, 0.01)
     _close(torch.autograd.grad(quick_gelu(low).float().sum(), low)[0],
            torch.autograd.grad(reference.sum(), x)[0], 0.01)
+    _check_folded_mlps()
     images, weight = torch.randn(2, 3, 40, 24), torch.randn(5, 3, 16, 16)
     for stride in ((16, 16), (12, 8)):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             tokens = patch_embedding(images, weight, None, stride)
         assert tokens.dtype == torch.bfloat16
         _close(tokens, F.conv2d(images, weight, stride=stride).flatten(2).transpose(1, 2), 0.01)
+
+
+def _check_folded_mlps():
+    """CLIP's MLP and ASMOE's experts, with QuickGELU's 1.702 folded into their weights when training under
+    bf16: values and the gradients of inputs and weights as the fp32 modules' up to rounding; in fp32 the
+    operations of the authors' code, bit for bit."""
+    fc, proj = torch.nn.Linear(48, 192), torch.nn.Linear(192, 48)
+    experts = MixtureOfExperts(48, num_experts=3, top_k=2)
+    with torch.no_grad():  # biases and norm parameters away from their zero / one initialisation
+        for parameter in experts.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    x = torch.randn(64, 48, requires_grad=True)
+    hidden = fc(x)
+    assert torch.equal(quick_gelu_mlp(x, fc, proj), proj(hidden * torch.sigmoid(1.702 * hidden)))
+    for function, weights in ((lambda t: quick_gelu_mlp(t, fc, proj), (fc.weight, proj.weight)),
+                              (experts.experts, (experts.fc1_weight, experts.fc2_weight, experts.norm_weight))):
+        reference = function(x)
+        # A random projection as the loss: a squared layer-norm output sums to a constant, whose gradient is
+        # all cancellation.
+        probe = torch.randn_like(reference)
+        grads = torch.autograd.grad((reference * probe).sum(), (x, *weights))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = function(x)
+        assert low.dtype == torch.bfloat16
+        _close(low, reference, 0.01)
+        for mine, theirs in zip(torch.autograd.grad((low.float() * probe).sum(), (x, *weights)), grads):
+            _close(mine, theirs, 0.03)
 
 
 def small_config(name, root, output_dir, *opts):

@@ -1,12 +1,10 @@
 """Pre-norm transformer blocks of CLIP (OpenAI parameter names) on batch-first tensors with fused attention."""
-from collections import OrderedDict
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.kernels import attention, quick_gelu
+from model.kernels import attention, quick_gelu, quick_gelu_mlp
 
 
 class QuickGELU(nn.Module):
@@ -20,6 +18,19 @@ class QuickGELU(nn.Module):
 
     def forward(self, x):
         return quick_gelu(x, self.inplace)
+
+
+class QuickGELUMLP(nn.Module):
+    """CLIP's MLP: ``c_proj(quick_gelu(c_fc(x)))``, run by ``model.kernels.quick_gelu_mlp`` (which folds the
+    activation's scale into the weights when training in bf16)."""
+
+    def __init__(self, width, hidden):
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return quick_gelu_mlp(x, self.c_fc, self.c_proj)
 
 
 class SelfAttention(nn.Module):
@@ -96,11 +107,7 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(width)
         self.attn = SelfAttention(width, heads, causal=causal)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, width * 4)),
-            ("gelu", QuickGELU(inplace=True)),  # its input is c_fc's output, read by nothing else
-            ("c_proj", nn.Linear(width * 4, width)),
-        ]))
+        self.mlp = QuickGELUMLP(width, width * 4)
 
     def forward(self, x, num_queries=None):
         """(B, L, C) -> (B, L, C), or the first ``num_queries`` positions only (B, n, C) (see

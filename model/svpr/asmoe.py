@@ -6,7 +6,7 @@ from torch import nn
 
 from model.clip.transformer import QuickGELU
 from model.heads import BNNeckHead
-from model.kernels import autocast_dtype, fp32_under_bf16
+from model.kernels import QUICK_GELU_SCALE, autocast_dtype, folds_quick_gelu, fp32_under_bf16
 from model.svpr.layers import CrossAttention, init_linear_trunc_normal, mlp
 
 
@@ -45,11 +45,23 @@ class MixtureOfExperts(nn.Module):
         # The per-expert biases and norm parameters join in the products' dtype: under bf16 autocast an fp32
         # parameter would promote every (E, N, 4C) activation to fp32 (identity casts in fp32).
         inputs = x.to(autocast_dtype(x)).expand(self.fc1_weight.shape[0], -1, -1)  # (E, N, C)
+        if folds_quick_gelu(x):
+            return self._folded_experts(inputs)
         hidden = torch.bmm(inputs, self.fc1_weight)
         hidden = self.act(hidden + self.fc1_bias.to(hidden.dtype))  # (E, N, 4C)
         out = torch.bmm(hidden, self.fc2_weight)
         out = self.act(out + self.fc2_bias.to(out.dtype))  # (E, N, C)
         out = F.layer_norm(out, out.shape[-1:], eps=1e-6)
+        return out * self.norm_weight.to(out.dtype) + self.norm_bias.to(out.dtype)
+
+    def _folded_experts(self, inputs):
+        """``experts`` training under bf16: the QuickGELUs' 1.702 folded into the weights (``folds_quick_gelu``),
+        so each (E, N, 4C) activation is written by two operations instead of five. The second activation
+        comes out 1.702 times larger, which the layer norm absorbs with its eps scaled by 1.702^2."""
+        dtype, scale = inputs.dtype, QUICK_GELU_SCALE
+        hidden = F.silu(torch.baddbmm(self.fc1_bias.to(dtype) * scale, inputs, self.fc1_weight.to(dtype) * scale))
+        out = F.silu(torch.baddbmm(self.fc2_bias.to(dtype) * scale, hidden, self.fc2_weight.to(dtype)))  # (E, N, C)
+        out = F.layer_norm(out, out.shape[-1:], eps=1e-6 * scale ** 2)
         return out * self.norm_weight.to(out.dtype) + self.norm_bias.to(out.dtype)
 
     def gate_weights(self, x):
