@@ -8,16 +8,10 @@ from model.kernels import attention, quick_gelu, quick_gelu_mlp
 
 
 class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x), the GELU approximation CLIP was trained with (``model.kernels.quick_gelu``).
-    ``inplace``: overwrite the input when no gradient is recorded (inference), which saves a (tokens x 4 width)
-    allocation per block."""
-
-    def __init__(self, inplace=False):
-        super().__init__()
-        self.inplace = inplace
+    """x * sigmoid(1.702 x), the GELU approximation CLIP was trained with (``model.kernels.quick_gelu``)."""
 
     def forward(self, x):
-        return quick_gelu(x, self.inplace)
+        return quick_gelu(x)
 
 
 class QuickGELUMLP(nn.Module):
