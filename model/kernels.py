@@ -6,7 +6,7 @@ faster, that one runs instead; it differs from the other only by rounding (tests
 
 * ``attention``: PyTorch's fused attention, except when training in bf16 on a CPU, where its backward kernel
   is 3-10x slower than the written-out attention: two bf16 matrix products (the 1/sqrt(d) scale applied
-  inside the first) around a softmax that the CPU kernel computes in fp32 and rounds once to bf16;
+  inside the first) around a softmax in fp32, whose fp32 probabilities its backward uses;
 * ``quick_gelu``: CLIP's ``x * sigmoid(1.702 x)``, or when training in bf16 ``silu(1.702 x) / 1.702`` (one
   fused backward instead of three operations' backwards);
 * ``quick_gelu_mlp``: ``proj(quick_gelu(fc(x)))``, or when training in bf16 the same MLP with the 1.702 folded
@@ -51,15 +51,17 @@ def attention(q, k, v, is_causal=False, dropout_p=0.0):
             and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout_p)
     # The products in bf16 on the matrix units, the scale applied to the fp32 accumulator before rounding.
-    # The CPU's bf16 softmax computes in fp32 and rounds its result once (as softmax in fp32 followed by the
-    # cast to bf16 the second product needs, without writing the fp32 scores and probabilities out).
     *batch, length_q, head_dim = q.shape
     scores = torch.baddbmm(q.new_zeros(()), q.reshape(-1, length_q, head_dim), k.reshape(-1, k.shape[-2], head_dim)
                            .transpose(1, 2), beta=0, alpha=head_dim ** -0.5)  # (B H, Lq, Lk)
     if is_causal:
         later = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
         scores = scores.masked_fill(later, float("-inf"))
-    probs = scores.softmax(dim=-1)
+    # The softmax in fp32, as GPU autocast runs it. Its backward, P * (dP - sum(P dP)), subtracts the
+    # probability-weighted mean of the incoming gradient, which is often much larger than the result (a single
+    # query, values with a common component): from probabilities rounded to bf16 (a bf16 softmax saves its
+    # bf16 output) that difference loses most of its bits, and the gradients of q and k with it.
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
     return torch.bmm(probs, v.reshape(-1, v.shape[-2], head_dim)).view(*batch, length_q, head_dim)
