@@ -1,10 +1,23 @@
 """pytest fixtures shared by the test modules (their plain helpers are in ``tests/fixtures.py``)."""
 import importlib
+import os
 import sys
 
 import pytest
 import torch
 
+from utils.threads import available_cores
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``-n``) each worker takes its share of the cores, for its own operations and, through
+    ``OMP_NUM_THREADS``, for the scripts it starts: two workers of two threads each on 2 cores would run every
+    parallel operation 15-20x slower (see ``utils.threads``)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = max(1, available_cores() // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
