@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from utils.threads import available_cores
+from utils.threads import available_cores, plan_threads
 
 
 def pytest_configure(config):
@@ -15,7 +15,7 @@ def pytest_configure(config):
     parallel operation 15-20x slower (see ``utils.threads``)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1:
-        threads = max(1, available_cores() // workers)
+        threads = plan_threads(available_cores(), workers, 0, "cpu").threads
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         torch.set_num_threads(threads)
 
