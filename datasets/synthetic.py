@@ -12,13 +12,16 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import dataclasses
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from utils.errors import DataError
+from utils.errors import DataError, UserError
 
 COLORS = {
     "black": (28, 28, 32), "white": (232, 232, 226), "gray": (128, 128, 132), "red": (196, 32, 38),
@@ -435,6 +438,41 @@ def _render_identity(job):
     return pid, attrs, records
 
 
+class GenerationError(UserError):
+    """A rendering process died: reported as one line (exit code 1), not a user mistake."""
+
+    exit_code = 1
+
+
+def _leave_interrupts_to_the_parent():
+    # A forked worker inherits the parent's Python signal handlers; the entry points' SIGTERM handler raises
+    # SystemExit, which can strike inside the pool's queue locks and leave a worker that neither works nor
+    # exits. Workers ignore Ctrl-C (the parent handles it and stops them) and die at once on SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _render_in_processes(jobs, workers):
+    """``_render_identity`` over ``jobs`` in ``workers`` processes, in order.
+
+    A worker that dies (killed, out of memory) ends the generation with an error instead of a wait for a
+    result that never comes; on any error or interrupt the jobs not started are dropped and the running
+    ones finish, so nothing writes into the staging folder once it is being removed.
+    """
+    # Rendering needs only Pillow and numpy, so forking is safe and avoids re-importing torch.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_leave_interrupts_to_the_parent)
+    try:
+        results = list(pool.map(_render_identity, jobs, chunksize=max(1, len(jobs) // (workers * 8))))
+    except BrokenProcessPool as exc:
+        raise GenerationError("a SynthAG rendering process died (killed, or out of memory?); "
+                              "nothing was written, generate again") from exc
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results
+
+
 def _annotation(attrs, aerial):
     return {name: (UNKNOWN if aerial and name in HIDDEN_FROM_ABOVE else value) for name, value in attrs.items()}
 
@@ -574,11 +612,7 @@ def _write_benchmark(staging, config, num_workers, origin):
     if workers == 1:
         results = [_render_identity(job) for job in jobs]
     else:
-        # Rendering needs only Pillow and numpy, so forking is safe and avoids re-importing torch.
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if "fork" in methods else None)
-        with context.Pool(workers) as pool:
-            results = pool.map(_render_identity, jobs, chunksize=max(1, len(jobs) // (workers * 8)))
+        results = _render_in_processes(jobs, workers)
 
     rng = np.random.default_rng([config.seed, 3])
     pids = np.arange(1, config.num_ids + 1)

@@ -2,6 +2,10 @@
 import filecmp
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +16,7 @@ from datasets import SynthConfig, build_dataset, generate_synthag
 from datasets.cp2108 import ATTRIBUTE_NAMES
 from datasets.synthag import SynthAGBase
 from datasets.synthetic import VOCABULARY
-from tests.fixtures import run_script
+from tests.fixtures import REPO_ROOT, run_script, tiny
 from utils.errors import DataError
 
 TINY = SynthConfig(num_ids=6, images_per_id=8, height=32, width=16, seed=5)
@@ -116,3 +120,40 @@ def test_command_line_tools(tmp_path):
     assert "gallery/aerial" in stats.stdout and "train/ground" in stats.stdout
     assert stats.stderr.startswith("error: ") and "CARGO' not found" in stats.stderr
     assert len(stats.stderr.strip().splitlines()) == 1
+
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the rendering processes in /proc (Linux)")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_rendering_process_that_dies_ends_the_run_with_one_line_and_no_folder(tmp_path, signum):
+    """The training entry point generates SynthAG in two forked processes; one of them is killed (SIGTERM from
+    a scheduler's stray kill, SIGKILL from the out-of-memory killer). The run ends with one line and exit code
+    1, leaving nothing under the data root; it used to wait forever for the lost identities (and a worker that
+    ran the entry point's inherited SIGTERM handler inside the pool's locks could hang even a normal finish)."""
+    root, out = tmp_path / "data", tmp_path / "run"
+    cmd = [sys.executable, "train_svpr.py", *tiny(str(root), str(out), extra=[
+        "DATASETS.AUTO_GENERATE", "True", "DATASETS.SYNTH.NUM_IDS", "80", "DATASETS.SYNTH.HEIGHT", "64",
+        "DATASETS.SYNTH.WIDTH", "32", "DATALOADER.NUM_WORKERS", "2"])]
+    process = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while len(_children(process.pid)) < 2 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = _children(process.pid)
+        assert len(workers) >= 2, "the generator never started its rendering processes"
+        os.kill(workers[0], signum)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 1, stderr
+    assert stderr.strip().splitlines() == ["error: a SynthAG rendering process died (killed, or out of memory?); "
+                                           "nothing was written, generate again"]
+    assert os.listdir(root) == []
