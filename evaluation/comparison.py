@@ -9,15 +9,20 @@ AP and of the Rank-1 hit (0 or 100). Its 95% confidence interval is a paired boo
 (``scipy.stats.bootstrap``, percentile method) and its p-value a paired sign-flip permutation test
 (``scipy.stats.permutation_test`` with ``permutation_type='samples'``, two-sided), both seeded.
 
-Both measure how much the result depends on which queries the benchmark happens to hold. Seed-to-seed
-variation enters only through the per-query means: with one run per side, a difference can still be a
-training-seed accident, so compare several seeds per side where training is noisy.
+Both measure how much the result depends on which queries the benchmark happens to hold, not on the
+training seed: the seeds' average per query hides how far the seeds are apart. With at least two runs per
+side the comparison is also made over runs (:func:`runs_difference`): each run's mAP and Rank-1 (the mean of
+its per-query values), B - A of their means with a 95% t-interval and p-value. When both sides hold runs of
+the same training seeds (``settings.seed`` of results.json, each seed once per side), the runs are paired by
+seed (``scipy.stats.ttest_rel``); otherwise the sides are independent samples (Welch's
+``scipy.stats.ttest_ind``). This is the interval to report when the question is whether a method trains
+better, which the seed decides as much as the queries do.
 """
 import glob
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -39,6 +44,7 @@ class RunQueries:
 
     name: str
     protocols: Dict[str, Tuple[List[str], np.ndarray, np.ndarray]]
+    seed: Optional[int] = None
 
 
 @dataclass
@@ -53,8 +59,39 @@ class Difference:
 
 
 @dataclass
+class RunsDifference:
+    """B - A of one metric over runs (points): each side's per-run values with their mean and standard
+    deviation, the difference of the means with its 95% t-interval and two-sided p-value, and the test
+    (``"paired t-test over seeds"`` or ``"Welch's t-test"``)."""
+
+    test: str
+    values_a: Tuple[float, ...]
+    values_b: Tuple[float, ...]
+    delta: float
+    ci95: Tuple[float, float]
+    p_value: float
+
+    @property
+    def mean_a(self):
+        return float(np.mean(self.values_a))
+
+    @property
+    def mean_b(self):
+        return float(np.mean(self.values_b))
+
+    @property
+    def sd_a(self):
+        return float(np.std(self.values_a, ddof=1))
+
+    @property
+    def sd_b(self):
+        return float(np.std(self.values_b, ddof=1))
+
+
+@dataclass
 class ProtocolComparison:
-    """The comparison of one protocol: number of paired queries, runs per side, mAP and Rank-1."""
+    """The comparison of one protocol: number of paired queries, runs per side, mAP and Rank-1 over queries,
+    and (with two or more runs per side, else None) mAP and Rank-1 over runs."""
 
     protocol: str
     num_query: int
@@ -62,6 +99,8 @@ class ProtocolComparison:
     runs_b: int
     mAP: Difference
     rank1: Difference
+    mAP_runs: Optional[RunsDifference] = None
+    rank1_runs: Optional[RunsDifference] = None
 
 
 def _trial_files(folder, protocol):
@@ -91,8 +130,10 @@ def load_run(path):
     if not os.path.isfile(os.path.join(folder, "results.json")):
         raise DataError(f"{path}: expected a run folder with results.json, or a results.json file")
     try:
-        names = list(read_results(folder)["protocols"])
-    except (ValueError, KeyError, TypeError) as exc:
+        document = read_results(folder)
+        names = list(document["protocols"])
+        seed = document.get("settings", {}).get("seed")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataError(f"{os.path.join(folder, 'results.json')}: not a results document ({exc})") from None
     protocols = {}
     for protocol in names:
@@ -115,11 +156,11 @@ def load_run(path):
             raise DataError(f"{files[0][1]}: a query image appears twice; queries are paired by image path")
         order = np.argsort(keys, kind="stable")
         protocols[protocol] = ([keys[i] for i in order], np.concatenate(ap)[order], np.concatenate(rank1)[order])
-    return RunQueries(path, protocols)
+    return RunQueries(path, protocols, seed if isinstance(seed, int) and not isinstance(seed, bool) else None)
 
 
-def _per_query_mean(runs, protocol, reference):
-    """(ap (n,), rank1 (n,)) of ``protocol`` averaged over ``runs``; ``DataError`` unless every run holds
+def _per_query_values(runs, protocol, reference):
+    """(ap (R, n), rank1 (R, n)) of ``protocol`` for each of ``runs``; ``DataError`` unless every run holds
     the query keys of ``reference`` (a run)."""
     keys = reference.protocols[protocol][0]
     ap, rank1 = [], []
@@ -132,7 +173,7 @@ def _per_query_mean(runs, protocol, reference):
                             f"same query set can be compared")
         ap.append(run_ap)
         rank1.append(run_rank1)
-    return np.mean(ap, axis=0), np.mean(rank1, axis=0)
+    return np.stack(ap), np.stack(rank1)
 
 
 def _mean_difference(a, b, axis=-1):
@@ -159,6 +200,36 @@ def paired_difference(a, b, n_resamples=MIN_RESAMPLES, seed=0):
                       float(test.pvalue))
 
 
+def seed_pairing(runs_a, runs_b):
+    """The order that pairs ``runs_b`` with ``runs_a`` by training seed, ``(order_a, order_b)`` (indices), or
+    None when the sides cannot be paired: a seed unknown, repeated within a side, or not on both sides."""
+    seeds_a, seeds_b = [run.seed for run in runs_a], [run.seed for run in runs_b]
+    if None in seeds_a or None in seeds_b or len(set(seeds_a)) != len(seeds_a) or sorted(seeds_a) != sorted(seeds_b):
+        return None
+    return list(np.argsort(seeds_a, kind="stable")), list(np.argsort(seeds_b, kind="stable"))
+
+
+def runs_difference(values_a, values_b, paired):
+    """``RunsDifference`` of per-run values (at least two per side): with ``paired`` the i-th values of both
+    sides belong together (same seed) and a paired t-test is used, otherwise Welch's t-test. Values that do
+    not vary (the paired differences, or both sides) give the interval [delta, delta] and p = 1 if delta is 0,
+    else 0."""
+    from scipy import stats
+
+    a, b = np.asarray(values_a, dtype=np.float64), np.asarray(values_b, dtype=np.float64)
+    if paired:
+        test, delta, constant = "paired t-test over seeds", float(np.mean(b - a)), np.ptp(b - a) == 0
+    else:
+        test, delta, constant = "Welch's t-test", float(b.mean() - a.mean()), np.ptp(a) == 0 and np.ptp(b) == 0
+    if constant:
+        interval, p_value = (delta, delta), float(delta == 0)
+    else:
+        result = stats.ttest_rel(b, a) if paired else stats.ttest_ind(b, a, equal_var=False)
+        bounds = result.confidence_interval(confidence_level=0.95)
+        interval, p_value = (float(bounds.low), float(bounds.high)), float(result.pvalue)
+    return RunsDifference(test, tuple(map(float, a)), tuple(map(float, b)), delta, interval, p_value)
+
+
 def compare_runs(runs_a, runs_b, n_resamples=MIN_RESAMPLES, seed=0):
     """``[ProtocolComparison]`` of every protocol present in all runs (``RunQueries``) of both sides, in the
     order of the first run of A."""
@@ -168,18 +239,28 @@ def compare_runs(runs_a, runs_b, n_resamples=MIN_RESAMPLES, seed=0):
     protocols = [p for p in runs[0].protocols if all(p in run.protocols for run in runs)]
     if not protocols:
         raise DataError(f"{runs[0].name} and {runs[-1].name} have no test protocol in common")
+    pairing = seed_pairing(runs_a, runs_b)
+    order_a, order_b = pairing or (list(range(len(runs_a))), list(range(len(runs_b))))
     comparisons = []
     for protocol in protocols:
-        ap_a, rank1_a = _per_query_mean(runs_a, protocol, runs[0])
-        ap_b, rank1_b = _per_query_mean(runs_b, protocol, runs[0])
-        comparisons.append(ProtocolComparison(
-            protocol, int(ap_a.size), len(runs_a), len(runs_b),
-            paired_difference(ap_a, ap_b, n_resamples, seed), paired_difference(rank1_a, rank1_b, n_resamples, seed)))
+        ap_a, rank1_a = _per_query_values(runs_a, protocol, runs[0])  # (runs, queries)
+        ap_b, rank1_b = _per_query_values(runs_b, protocol, runs[0])
+        row = ProtocolComparison(
+            protocol, int(ap_a.shape[1]), len(runs_a), len(runs_b),
+            paired_difference(ap_a.mean(0), ap_b.mean(0), n_resamples, seed),
+            paired_difference(rank1_a.mean(0), rank1_b.mean(0), n_resamples, seed))
+        if len(runs_a) >= 2 and len(runs_b) >= 2:
+            # Each run's mAP and Rank-1: the mean over its queries.
+            row.mAP_runs = runs_difference(ap_a.mean(1)[order_a], ap_b.mean(1)[order_b], pairing is not None)
+            row.rank1_runs = runs_difference(rank1_a.mean(1)[order_a], rank1_b.mean(1)[order_b], pairing is not None)
+        comparisons.append(row)
     return comparisons
 
 
 def as_document(comparisons, digits=4):
-    """``{protocol: {delta_mAP, ci95_mAP, p_mAP, delta_R1, ci95_R1, p_R1}}`` (points, ``[low, high]``)."""
+    """``{protocol: {delta_mAP, ci95_mAP, p_mAP, delta_R1, ci95_R1, p_R1}}`` (points, ``[low, high]``), over
+    queries; with two or more runs per side also ``over_runs``: ``{test, mean_mAP_a, sd_mAP_a, mean_mAP_b,
+    sd_mAP_b, delta_mAP, ci95_mAP, p_mAP}`` and the same for R1."""
     document = {}
     for row in comparisons:
         entry = {}
@@ -189,6 +270,16 @@ def as_document(comparisons, digits=4):
             entry[f"p_{metric}"] = round(difference.p_value, digits)
         document[row.protocol] = {key: entry[key] for key in (
             "delta_mAP", "ci95_mAP", "p_mAP", "delta_R1", "ci95_R1", "p_R1")}
+        if row.mAP_runs is not None:
+            over_runs = {"test": row.mAP_runs.test}
+            for metric, difference in (("mAP", row.mAP_runs), ("R1", row.rank1_runs)):
+                over_runs.update({
+                    f"mean_{metric}_a": round(difference.mean_a, digits), f"sd_{metric}_a": round(difference.sd_a, digits),
+                    f"mean_{metric}_b": round(difference.mean_b, digits), f"sd_{metric}_b": round(difference.sd_b, digits),
+                    f"delta_{metric}": round(difference.delta, digits),
+                    f"ci95_{metric}": [round(bound, digits) for bound in difference.ci95],
+                    f"p_{metric}": round(difference.p_value, digits)})
+            document[row.protocol]["over_runs"] = over_runs
     return document
 
 
@@ -208,6 +299,26 @@ def markdown_table(comparisons, label_a="A", label_b="B"):
         for difference in (row.mAP, row.rank1):
             low, high = difference.ci95
             cells += [f"{difference.value_a:.2f}", f"{difference.value_b:.2f}",
+                      f"{difference.delta:+.2f} [{low:+.2f}, {high:+.2f}]", _p(difference.p_value)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_runs_table(comparisons, label_a="A", label_b="B"):
+    """Markdown table of the comparison over runs (empty string when a side has fewer than two runs): per
+    protocol the runs per side, the test, both sides' mean ± standard deviation over runs, and each
+    difference with its t-interval and p-value."""
+    rows = [row for row in comparisons if row.mAP_runs is not None]
+    if not rows:
+        return ""
+    header = ["protocol", f"runs {label_a}", f"runs {label_b}", "test", f"mAP {label_a}", f"mAP {label_b}",
+              f"ΔmAP ({label_b} − {label_a}) [95% CI]", "p", f"R1 {label_a}", f"R1 {label_b}", "ΔR1 [95% CI]", "p"]
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    for row in rows:
+        cells = [row.protocol, str(row.runs_a), str(row.runs_b), row.mAP_runs.test]
+        for difference in (row.mAP_runs, row.rank1_runs):
+            low, high = difference.ci95
+            cells += [f"{difference.mean_a:.2f} ± {difference.sd_a:.2f}", f"{difference.mean_b:.2f} ± {difference.sd_b:.2f}",
                       f"{difference.delta:+.2f} [{low:+.2f}, {high:+.2f}]", _p(difference.p_value)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -3,7 +3,8 @@
 per_query_<protocol>.csv must reproduce results.json (mean AP = mAP, first-match ranks = CMC) for every
 protocol of real training runs and its rows must be the dataset's queries (test_metrics.py checks each AP
 against fast-reid's); the breakdowns must be the per-group means; tools/compare.py must agree with a bootstrap and a permutation
-test written here; tools/ablation.py's difference rows must be compare.py's.
+test written here, and over seeds with the paired and Welch t-intervals written here from their definitions;
+tools/ablation.py's difference rows must be compare.py's.
 """
 import csv
 import json
@@ -203,8 +204,115 @@ def test_ablation_reports_each_rows_difference_to_the_first(runs, tmp_path):
     result = run_script(["tools/ablation.py", "--configs", BASELINE, SVPR, "--seeds", "2", "--output_dir", str(rows),
                          "--table-only"])
     check_ok(result)
-    (line,) = [line for line in result.stdout.splitlines() if line.startswith("| svpr_reid | ") and "[" in line]
+    queries, seeds = [line for line in result.stdout.splitlines() if line.startswith("| svpr_reid | ") and "[" in line]
     expected = compare_runs([load_run(str(rows / "clip_baseline" / f"seed{k}")) for k in range(2)],
                             [load_run(str(rows / "svpr_reid" / f"seed{k}")) for k in range(2)])
-    cells = [cell.strip() for cell in line.strip("|").split("|")][1:]
+    cells = [cell.strip() for cell in queries.strip("|").split("|")][1:]
     assert cells == [f"{d.delta:+.1f} [{d.ci95[0]:+.1f}, {d.ci95[1]:+.1f}]" for c in expected for d in (c.mAP, c.rank1)]
+    cells = [cell.strip() for cell in seeds.strip("|").split("|")][1:]
+    assert cells == [f"{d.delta:+.1f} [{d.ci95[0]:+.1f}, {d.ci95[1]:+.1f}] p {d.p_value:.2f}"
+                     for c in expected for d in (c.mAP_runs, c.rank1_runs)]
+
+
+def _seed_copy(run, folder, seed, ap_scale, missed):
+    """A copy of ``run`` as if trained with ``seed``: every query's AP times ``ap_scale`` and the first
+    ``missed`` queries of each protocol with a correct first match pushed to rank 2."""
+    shutil.copytree(run, folder)
+    document = json.loads((folder / "results.json").read_text())
+    document["settings"]["seed"] = seed
+    (folder / "results.json").write_text(json.dumps(document))
+    for path in folder.glob("per_query_*.csv"):
+        with open(path, encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        hits = [row for row in rows if row["first_match_rank"] == "1"][:missed]
+        for row in rows:
+            row["ap"] = repr(float(row["ap"]) * ap_scale)
+        for row in hits:
+            row["first_match_rank"] = "2"
+        with open(path, "w", encoding="utf-8", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def _run_metrics(folder, protocol):
+    rows = read_rows(folder, protocol)
+    return np.mean([float(r["ap"]) for r in rows]), 100.0 * np.mean([r["first_match_rank"] == "1" for r in rows])
+
+
+def _paired_t(a, b):
+    """Mean of b - a, its 95% interval and two-sided p-value: the paired t-test by its definition."""
+    from scipy.stats import t
+
+    d = np.asarray(b) - np.asarray(a)
+    n, se = d.size, d.std(ddof=1) / np.sqrt(d.size)
+    return d.mean(), (d.mean() - t.ppf(0.975, n - 1) * se, d.mean() + t.ppf(0.975, n - 1) * se), \
+        2 * t.sf(abs(d.mean()) / se, n - 1)
+
+
+def _welch_t(a, b):
+    """Difference of the means, its 95% interval and two-sided p-value: Welch's t-test by its definition
+    (Welch-Satterthwaite degrees of freedom)."""
+    from scipy.stats import t
+
+    a, b = np.asarray(a), np.asarray(b)
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
+    delta, se = b.mean() - a.mean(), np.sqrt(va + vb)
+    return delta, (delta - t.ppf(0.975, df) * se, delta + t.ppf(0.975, df) * se), 2 * t.sf(abs(delta) / se, df)
+
+
+def test_compare_over_seeds_pairs_runs_by_seed_and_agrees_with_the_t_tests_written_here(runs, tmp_path):
+    """Three seeds per side: the runs' own mAP and Rank-1 compared by a paired t-test when both sides hold the
+    same seeds (in any order), by Welch's when they do not, and not at all with one run on a side."""
+    variants = {"a": [(7, 1.00, 0), (8, 0.90, 3), (9, 1.06, 1)], "b": [(9, 1.10, 0), (7, 0.97, 2), (8, 0.95, 5)]}
+    folders = {}
+    for side, name in (("a", "baseline"), ("b", "svpr")):
+        folders[side] = []
+        for seed, scale, missed in variants[side]:
+            folders[side].append(tmp_path / f"{side}{seed}")
+            _seed_copy(runs[name], folders[side][-1], seed, scale, missed)
+    out = tmp_path / "paired.json"
+    result = run_script(["tools/compare.py", *map(str, folders["a"]), "--vs", *map(str, folders["b"]), "--json", str(out)])
+    check_ok(result)
+    assert "Over runs (training seeds)" in result.stdout and "| paired t-test over seeds |" in result.stdout
+    document = json.loads(out.read_text())
+    for protocol, entry in document.items():
+        over = entry["over_runs"]
+        assert over["test"] == "paired t-test over seeds"
+        by_seed = {side: dict(zip([v[0] for v in variants[side]], [_run_metrics(f, protocol) for f in folders[side]]))
+                   for side in ("a", "b")}
+        for column, metric in ((0, "mAP"), (1, "R1")):
+            a = [by_seed["a"][seed][column] for seed in (7, 8, 9)]
+            b = [by_seed["b"][seed][column] for seed in (7, 8, 9)]
+            delta, (low, high), p_value = _paired_t(a, b)
+            assert over[f"mean_{metric}_a"] == pytest.approx(np.mean(a), abs=1e-4)
+            assert over[f"sd_{metric}_b"] == pytest.approx(np.std(b, ddof=1), abs=1e-4)
+            assert over[f"delta_{metric}"] == pytest.approx(delta, abs=1e-4), (protocol, metric)
+            assert over[f"ci95_{metric}"] == pytest.approx([low, high], abs=1e-4), (protocol, metric)
+            assert over[f"p_{metric}"] == pytest.approx(p_value, abs=1e-4), (protocol, metric)
+            # Seeds averaged per query first: the first table's difference is the same one.
+            assert entry[f"delta_{metric}"] == pytest.approx(delta, abs=1e-4)
+
+    # B's seeds renamed: nothing pairs them with A's, so the sides are independent samples.
+    for folder, seed in zip(folders["b"], (21, 22, 23)):
+        document = json.loads((folder / "results.json").read_text())
+        document["settings"]["seed"] = seed
+        (folder / "results.json").write_text(json.dumps(document))
+    out = tmp_path / "welch.json"
+    check_ok(run_script(["tools/compare.py", *map(str, folders["a"]), "--vs", *map(str, folders["b"]), "--json", str(out)]))
+    for protocol, entry in json.loads(out.read_text()).items():
+        assert entry["over_runs"]["test"] == "Welch's t-test"
+        for column, metric in ((0, "mAP"), (1, "R1")):
+            a = [_run_metrics(f, protocol)[column] for f in folders["a"]]
+            b = [_run_metrics(f, protocol)[column] for f in folders["b"]]
+            delta, (low, high), p_value = _welch_t(a, b)
+            assert entry["over_runs"][f"ci95_{metric}"] == pytest.approx([low, high], abs=1e-4), (protocol, metric)
+            assert entry["over_runs"][f"p_{metric}"] == pytest.approx(p_value, abs=1e-4), (protocol, metric)
+
+    # One run on a side: the comparison over queries only, and a line saying why.
+    out = tmp_path / "one.json"
+    result = run_script(["tools/compare.py", *map(str, folders["a"]), "--vs", str(folders["b"][0]), "--json", str(out)])
+    check_ok(result)
+    assert "No comparison over runs: it needs two or more runs on each side." in result.stdout
+    assert all("over_runs" not in entry for entry in json.loads(out.read_text()).values())

@@ -11,7 +11,9 @@ Each run is a ``train_svpr.py`` subprocess with ``OUTPUT_DIR <output_dir>/<row>/
 ``SOLVER.SEED`` = the config's seed + k; its ``results.json`` is read back. Cells are the mean ± standard
 deviation (over seeds) of mAP and Rank-1 per protocol; the last column is the mean time of one run.
 A second table gives each row's difference to the first row (points, seeds averaged per query) with its
-95% paired bootstrap interval over queries, as tools/compare.py computes it from the runs' per-query results.
+95% paired bootstrap interval over queries, as tools/compare.py computes it from the runs' per-query results;
+with two or more seeds a third gives the difference over seeds (each seed's own mAP and Rank-1, paired by
+seed) with its t-interval and p-value, which also counts how much the training seed moves a result.
 ``--table-only`` rebuilds the tables from existing results. Extra ``KEY VALUE`` overrides apply to every run.
 """
 import argparse
@@ -107,9 +109,10 @@ def markdown_table(rows):
 
 
 def difference_table(rows):
-    """Markdown table of each row's difference to the first: ``rows`` [(name, [run folders] or None)]; cells
-    ``ΔmAP [95% CI]`` and ``ΔR1 [95% CI]`` per protocol (evaluation.comparison). A one-line note instead when
-    a run has no per-query results or the rows were evaluated on different queries."""
+    """Markdown tables of each row's difference to the first: ``rows`` [(name, [run folders] or None)]; cells
+    ``ΔmAP [95% CI]`` and ``ΔR1 [95% CI]`` per protocol (evaluation.comparison), over queries and, with two or
+    more seeds per row, over seeds (paired by seed; ``Δ [95% CI] p``). A one-line note instead when a run has
+    no per-query results or the rows were evaluated on different queries."""
     try:
         runs = [(name, [load_run(folder) for folder in folders] if folders else None) for name, folders in rows]
         first_name, first = runs[0]
@@ -118,7 +121,7 @@ def difference_table(rows):
         compared = [(name, compare_runs(first, row_runs) if row_runs else None) for name, row_runs in runs[1:]]
     except DataError as exc:
         return f"note: no differences to the first row ({exc})"
-    lines, header = [], None
+    lines, seed_lines, header = [], [], None
     for name, comparisons in compared:
         if comparisons is None:
             lines.append(f"| {name} | failed |")
@@ -127,11 +130,20 @@ def difference_table(rows):
             header = ["Variant"] + [f"{c.protocol} {metric} [95% CI]" for c in comparisons for metric in ("ΔmAP", "ΔR1")]
         cells = [f"{d.delta:+.1f} [{d.ci95[0]:+.1f}, {d.ci95[1]:+.1f}]" for c in comparisons for d in (c.mAP, c.rank1)]
         lines.append("| " + " | ".join([name] + cells) + " |")
+        if all(c.mAP_runs is not None for c in comparisons):
+            cells = [f"{d.delta:+.1f} [{d.ci95[0]:+.1f}, {d.ci95[1]:+.1f}] p {d.p_value:.2f}"
+                     for c in comparisons for d in (c.mAP_runs, c.rank1_runs)]
+            seed_lines.append("| " + " | ".join([name] + cells) + " |")
     if header is None:
         return "note: no row besides the first to compare with"
-    return "\n".join([f"Difference to {first_name} (points; seeds averaged per query; 95% paired bootstrap over "
-                      f"queries):", "| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
-                     + lines)
+    rule = "|---" + "|---:" * (len(header) - 1) + "|"
+    table = [f"Difference to {first_name} (points; seeds averaged per query; 95% paired bootstrap over queries):",
+             "| " + " | ".join(header) + " |", rule] + lines
+    if seed_lines:
+        table += ["", f"Difference to {first_name} over seeds (points; each seed's mAP and Rank-1; 95% CI and p of a "
+                  f"t-test, paired by seed where the rows hold the same seeds; evaluation.comparison):",
+                  "| " + " | ".join(header) + " |", rule] + seed_lines
+    return "\n".join(table)
 
 
 def run_row(config_file, extra, overrides, row_dir, seeds, base_seed, table_only):
