@@ -21,6 +21,7 @@ better, which the seed decides as much as the queries do.
 import glob
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -224,8 +225,11 @@ def runs_difference(values_a, values_b, paired):
     if constant:
         interval, p_value = (delta, delta), float(delta == 0)
     else:
-        result = stats.ttest_rel(b, a) if paired else stats.ttest_ind(b, a, equal_var=False)
-        bounds = result.confidence_interval(confidence_level=0.95)
+        with warnings.catch_warnings():
+            # Runs that agree to rounding on one side (a deterministic model evaluated twice) are fine here.
+            warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+            result = stats.ttest_rel(b, a) if paired else stats.ttest_ind(b, a, equal_var=False)
+            bounds = result.confidence_interval(confidence_level=0.95)
         interval, p_value = (float(bounds.low), float(bounds.high)), float(result.pvalue)
     return RunsDifference(test, tuple(map(float, a)), tuple(map(float, b)), delta, interval, p_value)
 
