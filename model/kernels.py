@@ -14,6 +14,11 @@ faster, that one runs instead; it differs from the other only by rounding (tests
   of three times;
 * ``patch_embedding``: the patch convolution, or under bf16 autocast on a CPU the same product as one matrix
   multiplication of the image patches (the CPU's bf16 convolution backward is 3-4x slower than fp32's);
+* ``linear``: ``F.linear`` with an optional GELU or SiLU after it, or at inference (no gradient) under bf16
+  autocast on a CPU one oneDNN product that adds the bias and applies the activation to its fp32 accumulator
+  before rounding to bf16: autocast's bf16 ``addmm`` first copies the broadcast bias into the output and
+  accumulates onto it, which with a separate activation pass made ViT-B/16's MLP 2.4x slower than the fused
+  product (``quick_gelu_mlp`` and ``model.mlp.Mlp`` use it);
 * ``fp32_under_bf16``: the context in which a model computes a discrete decision (which tokens, experts or
   attributes a top-k keeps) in fp32 when it runs under bf16 autocast, whose rounding would flip near ties.
 """
@@ -41,6 +46,75 @@ def autocast_dtype(tensor):
     per copy."""
     device = tensor.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
+
+
+# oneDNN's fused linear (PyTorch's CPU builds with oneDNN; TorchInductor emits it for CPU graphs).
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+# linear's activations: the oneDNN post-op (with its algorithm) and the eager function.
+_ACTIVATIONS = {None: ("none", "", None), "gelu": ("gelu", "none", F.gelu), "silu": ("swish", "", F.silu)}
+
+
+# While a ``bf16_weight_cache`` block runs: {(id(weight), scale): (weight, its _version, bf16 copy)}.
+_bf16_copies = None
+
+
+@contextlib.contextmanager
+def bf16_weight_cache():
+    """Within the block, :func:`linear` casts each weight (and bias) to bf16 once and reuses the copy while the
+    tensor is unchanged (its version counter), as autocast caches its own casts within one autocast region.
+    Enter it around many inference batches (``processor.inference.test_autocast`` does)."""
+    global _bf16_copies
+    outer, _bf16_copies = _bf16_copies, ({} if _bf16_copies is None else _bf16_copies)
+    try:
+        yield
+    finally:
+        _bf16_copies = outer
+
+
+def _scaled_bf16(tensor, scale):
+    # Scaled in the tensor's own precision, then rounded once.
+    return tensor.to(torch.bfloat16) if scale is None else (tensor * scale).to(torch.bfloat16)
+
+
+def _as_bf16(tensor, scale=None):
+    """``tensor`` (times ``scale``) in bf16, from the ``bf16_weight_cache`` when one is active."""
+    if tensor is None:
+        return None
+    if _bf16_copies is None:
+        return _scaled_bf16(tensor, scale)
+    key = (id(tensor), scale)
+    cached = _bf16_copies.get(key)
+    if cached is None or cached[0] is not tensor or cached[1] != tensor._version:
+        cached = (tensor, tensor._version, _scaled_bf16(tensor, scale))
+        _bf16_copies[key] = cached
+    return cached[2]
+
+
+def fuses_linear_epilogue(x):
+    """Whether :func:`linear` on ``x`` runs as one oneDNN product with the bias and activation applied to its
+    fp32 accumulator: inference (no gradient recorded) under bf16 autocast on a CPU with oneDNN."""
+    return (_ONEDNN_LINEAR is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and _bf16_autocast("cpu"))
+
+
+def linear(x, weight, bias=None, activation=None, scale=None, bias_scale=None):
+    """``activation(F.linear(x, scale * weight, bias_scale * bias))`` with ``activation`` None, ``"gelu"`` (erf)
+    or ``"silu"`` (``scale``, ``bias_scale``: None or a number multiplying the weight's or the bias's bf16 copy,
+    for folding a constant into it).
+
+    At inference under bf16 autocast on a CPU (``fuses_linear_epilogue``) it is one oneDNN product of the bf16
+    operands whose bias and activation act on the fp32 accumulator (bf16 output, as autocast's): the same
+    function with one rounding fewer, at the cost of the product alone. The bf16 weights come from the
+    ``bf16_weight_cache`` when one is active.
+    """
+    attr, algorithm, function = _ACTIVATIONS[activation]
+    if fuses_linear_epilogue(x):
+        return _ONEDNN_LINEAR(x.to(torch.bfloat16), _as_bf16(weight, scale), _as_bf16(bias, bias_scale), attr, [],
+                              algorithm)
+    weight = weight if scale is None else weight * scale
+    bias = bias if bias is None or bias_scale is None else bias * bias_scale
+    out = F.linear(x, weight, bias)
+    return out if function is None else function(out)
 
 
 def attention(q, k, v, is_causal=False, dropout_p=0.0):
@@ -86,11 +160,15 @@ def folds_quick_gelu(x):
 def quick_gelu_mlp(x, fc, proj):
     """``proj(quick_gelu(fc(x)))`` for the linear layers ``fc`` (C -> H) and ``proj`` (H -> C).
 
-    Training under bf16 autocast it runs as ``silu(x (1.702 W1)^T + 1.702 b1) (W2 / 1.702)^T + b2``, the same
-    function with the 1.702 moved into the (bf16 copies of the) weights (``folds_quick_gelu``).
+    Under bf16 autocast it runs as ``silu(x (1.702 W1)^T + 1.702 b1) (W2 / 1.702)^T + b2``, the same
+    function with the 1.702 moved into the (bf16 copies of the) weights: in training (``folds_quick_gelu``), and
+    at inference with the bias and silu fused into the products (``linear``).
     The (tokens, H) activation is then written by one element-wise operation and its backward by one, where
     the unfolded form takes three each; on a CPU those passes over memory cost more than the products.
     """
+    if fuses_linear_epilogue(x):  # inference: the same folding, with silu and the biases fused into the products
+        hidden = linear(x, fc.weight, fc.bias, "silu", scale=QUICK_GELU_SCALE, bias_scale=QUICK_GELU_SCALE)
+        return linear(hidden, proj.weight, proj.bias, scale=1 / QUICK_GELU_SCALE)
     if not folds_quick_gelu(x):
         return proj(quick_gelu(fc(x), inplace=True))  # in place only without a recorded gradient
     hidden = F.linear(x, fc.weight.to(torch.bfloat16) * QUICK_GELU_SCALE, fc.bias.to(torch.bfloat16) * QUICK_GELU_SCALE)

@@ -1,5 +1,6 @@
 """Inference: feature extraction over a query+gallery loader and evaluation of one protocol, and the
 ``FeatureExtractor`` for using a trained checkpoint from Python code."""
+import contextlib
 import logging
 import os
 import time
@@ -15,6 +16,7 @@ from evaluation.embedding import embedding_file, plot_embedding
 from evaluation.relevance import overlay_drawer
 from evaluation.ranking import removal_mask
 from evaluation.visualize import write_rank_lists
+from model.kernels import bf16_weight_cache
 from processor.model_io import load_trained_model
 from text import prompts
 from utils.amp import precision_context, test_precision
@@ -28,11 +30,14 @@ logger = logging.getLogger(__name__)
 RANK_LIST_FOLDER = "rank_lists"
 
 
+@contextlib.contextmanager
 def test_autocast(cfg, device):
     """Autocast for embedding test images (``utils.amp.test_precision``: the training precision with TEST.AMP,
-    fp32 without, as the reference). Enter it once around every batch of an evaluation: autocast then casts
-    each weight once for all of them instead of once a batch."""
-    return precision_context(test_precision(cfg, device), device)
+    fp32 without, as the reference). Enter it once around every batch of an evaluation: autocast (and
+    ``model.kernels.linear``'s ``bf16_weight_cache``) then cast each weight once for all of them instead of
+    once a batch."""
+    with precision_context(test_precision(cfg, device), device), bf16_weight_cache():
+        yield
 
 
 # The field of a datasets.bases.Sample that each model batch input comes from.

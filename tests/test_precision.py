@@ -15,7 +15,9 @@ from configs import get_cfg_defaults, load_config
 from datasets import make_dataloaders
 from loss import build_criterion
 from model import MODELS
-from model.kernels import attention, patch_embedding, quick_gelu, quick_gelu_mlp
+from model.kernels import (attention, bf16_weight_cache, fuses_linear_epilogue, linear, patch_embedding, quick_gelu,
+                           quick_gelu_mlp)
+from model.mlp import Mlp
 from model.svpr.asmoe import MixtureOfExperts
 from processor.hooks import weights_file
 from processor.inference import FeatureExtractor
@@ -139,6 +141,89 @@ def test_the_low_precision_kernels_compute_the_same_functions():
             tokens = patch_embedding(images, weight, None, stride)
         assert tokens.dtype == torch.bfloat16
         _close(tokens, F.conv2d(images, weight, stride=stride).flatten(2).transpose(1, 2), 0.01)
+
+
+def _relative(low, exact):
+    return float((low.double() - exact).norm() / exact.norm())
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fused linear is oneDNN's")
+def test_bf16_inference_linear_fuses_bias_and_activation_with_one_rounding_fewer():
+    """At bf16 inference on a CPU ``linear`` is one oneDNN product whose bias and activation act on the fp32
+    accumulator: against the function computed in float64 (GELU from its erf definition) it is within bf16
+    rounding and, with an activation, closer than autocast's product followed by it, which rounds twice. With a
+    gradient recorded, or in fp32, it is exactly what autocast's F.linear gives."""
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(3, 50, 96), torch.randn(384, 96) * 0.1, torch.randn(384)
+    definitions = {None: lambda z: z, "gelu": lambda z: 0.5 * z * (1 + torch.erf(z / 2 ** 0.5)),
+                   "silu": lambda z: z * torch.sigmoid(z)}
+    eager = {None: lambda z: z, "gelu": F.gelu, "silu": F.silu}
+    for activation, definition in definitions.items():
+        for scale, bias_scale, with_bias in ((None, None, True), (1.702, 1.702, True), (0.5, None, False)):
+            w64 = weight.double() * (scale or 1)
+            b64 = bias.double() * (bias_scale or 1) if with_bias else 0
+            exact = definition(x.double() @ w64.T + b64)
+            b = bias if with_bias else None
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                assert fuses_linear_epilogue(x)
+                fused = linear(x, weight, b, activation, scale=scale, bias_scale=bias_scale)
+                unfused = eager[activation](F.linear(x, weight * (scale or 1),
+                                                     None if b is None else b * (bias_scale or 1)))
+            assert fused.dtype == torch.bfloat16 and fused.shape == exact.shape
+            assert _relative(fused, exact) < 2 ** -8, (activation, scale)
+            # An activation on the rounded product rounds twice; a bare product rounds once either way.
+            closer = _relative(fused, exact) < _relative(unfused, exact)
+            assert closer or activation is None and _relative(fused, exact) <= 1.01 * _relative(unfused, exact)
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fuses_linear_epilogue(x)
+        assert torch.equal(linear(x, weight, bias, "gelu"), F.gelu(F.linear(x, weight, bias)))
+    assert torch.equal(linear(x, weight, bias, "silu"), F.silu(F.linear(x, weight, bias)))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the fused linear is oneDNN's")
+def test_the_bf16_weight_cache_never_serves_a_stale_weight():
+    """Inside ``bf16_weight_cache`` a weight is cast once; a weight changed in place (a training step between
+    two evaluations, a loaded state dict) is cast again, and another tensor never gets its copy."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 16)
+    x = torch.randn(5, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), bf16_weight_cache():
+        first = linear(x, layer.weight, layer.bias)
+        assert torch.equal(linear(x, layer.weight, layer.bias), first)
+        layer.weight.mul_(2)
+        layer.bias.mul_(2)
+        doubled = linear(x, layer.weight, layer.bias)
+        _close(doubled, 2 * first.float(), 0.01)
+        layer.load_state_dict({"weight": layer.weight / 4, "bias": layer.bias / 4})
+        _close(linear(x, layer.weight, layer.bias), first.float() / 2, 0.01)
+        other = torch.nn.Linear(32, 16)
+        _close(linear(x, other.weight, other.bias), other(x).float(), 0.01)
+
+
+def test_mlp_is_timms_with_its_bf16_inference_fused():
+    """``model.mlp.Mlp`` has timm's parameters and state dict keys, equals it exactly in fp32 and in training
+    (dropout included), and at bf16 inference is within rounding of the fp32 function."""
+    from timm.layers import Mlp as TimmMlp
+
+    torch.manual_seed(0)
+    ours, theirs = Mlp(48, 192, drop=0.1), TimmMlp(48, 192, drop=0.1)
+    theirs.load_state_dict(ours.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x = torch.randn(4, 9, 48)
+    for training in (True, False):
+        ours.train(training)
+        theirs.train(training)
+        torch.manual_seed(1)
+        mine = ours(x)
+        torch.manual_seed(1)
+        assert torch.equal(mine, theirs(x))
+    with torch.no_grad():
+        exact = theirs(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = ours(x)
+    assert low.dtype == torch.bfloat16
+    _close(low, exact, 0.01)
 
 
 def test_bf16_attention_keeps_its_softmax_backward_in_fp32():

@@ -1,10 +1,9 @@
 """Pre-norm transformer blocks of CLIP (OpenAI parameter names) on batch-first tensors with fused attention."""
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.kernels import attention, quick_gelu, quick_gelu_mlp
+from model.kernels import attention, linear, quick_gelu, quick_gelu_mlp
 
 
 class QuickGELU(nn.Module):
@@ -66,22 +65,22 @@ class SelfAttention(nn.Module):
         # writes their gradients straight back into that layout (indexing a permuted copy would allocate,
         # zero and sum a full-size gradient for each of the three).
         if not self.fused_attn or num_queries is None or num_queries >= length:
-            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(batch, length, 3, self.heads, head_dim)
+            qkv = linear(x, self.in_proj_weight, self.in_proj_bias).view(batch, length, 3, self.heads, head_dim)
             q, k, v = (part.transpose(1, 2) for part in qkv.unbind(2))  # (B, H, L, Dh) each
             if self.fused_attn:
                 x = attention(q, k, v, is_causal=self.causal)  # (B, H, L, Dh)
             else:  # every query: the probabilities' hooks see the whole (B, H, L, L) map
                 x = self.attn_probs(self._probabilities(q, k)) @ v  # (B, H, L, Dh)
             x = x.transpose(1, 2).reshape(batch, length, width)[:, :num_queries]  # (B, L or n, C)
-            return self.out_proj(x)
+            return linear(x, self.out_proj.weight, self.out_proj.bias)
         if self.causal:
             raise ValueError("num_queries is for bidirectional attention (the image tower)")
-        q = F.linear(x[:, :num_queries], self.in_proj_weight[:width], self.in_proj_bias[:width])
-        kv = F.linear(x, self.in_proj_weight[width:], self.in_proj_bias[width:])
+        q = linear(x[:, :num_queries], self.in_proj_weight[:width], self.in_proj_bias[:width])
+        kv = linear(x, self.in_proj_weight[width:], self.in_proj_bias[width:])
         q = q.view(batch, num_queries, self.heads, head_dim).transpose(1, 2)  # (B, H, n, Dh)
         k, v = (part.transpose(1, 2) for part in kv.view(batch, length, 2, self.heads, head_dim).unbind(2))
         x = attention(q, k, v)  # (B, H, n, Dh)
-        return self.out_proj(x.transpose(1, 2).reshape(batch, num_queries, width))  # (B, n, C)
+        return linear(x.transpose(1, 2).reshape(batch, num_queries, width), self.out_proj.weight, self.out_proj.bias)  # (B, n, C)
 
     def _probabilities(self, q, k):
         """The softmax attention (B, H, L, L) that ``scaled_dot_product_attention`` computes fused."""

@@ -1,9 +1,10 @@
 """Attention building blocks shared by the SVPR components."""
 import torch
-from timm.layers import Mlp, trunc_normal_
+from timm.layers import trunc_normal_
 from torch import nn
 
 from model.kernels import attention, fp32_under_bf16
+from model.mlp import Mlp
 
 
 def init_linear_trunc_normal(module):
@@ -137,7 +138,7 @@ class TopKScorer(nn.Module):
 
 
 def mlp(in_dim, hidden_dim, out_dim=None, drop=0.0, unused=False):
-    """Linear -> GELU -> dropout -> Linear -> dropout (timm ``Mlp``); ``unused`` adds the reference MLP's
+    """Linear -> GELU -> dropout -> Linear -> dropout (timm's ``Mlp``, ``model.mlp.Mlp``); ``unused`` adds the reference MLP's
     never-applied input LayerNorm as ``unused_norm`` (see ``unused_norm``)."""
     module = Mlp(in_dim, hidden_features=hidden_dim, out_features=out_dim, act_layer=nn.GELU, drop=drop)
     if unused:

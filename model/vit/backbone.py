@@ -10,7 +10,6 @@ subtraction). Pretrained weights are read by ``model.vit.weights``.
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -18,7 +17,8 @@ from torch.utils.checkpoint import checkpoint
 
 from configs import CN, declare_config
 from model.clip.sie import SideInfoEmbedding
-from model.kernels import attention, patch_embedding
+from model.kernels import attention, linear, patch_embedding
+from model.mlp import Mlp
 from model.vit.attention import Attention
 from model.vit.weights import architecture_of, load_pretrained_vit, read_vit_weights
 from utils.errors import ConfigError
@@ -99,12 +99,13 @@ def block_first_tokens(block, x, num_queries=None):
     dim, heads, head_dim = attn.attn_dim, attn.num_heads, attn.head_dim
     h = block.norm1(x)
     weight, bias = attn.qkv.weight, attn.qkv.bias
-    q = F.linear(h[:, :num_queries], weight[:dim], None if bias is None else bias[:dim])
-    kv = F.linear(h, weight[dim:], None if bias is None else bias[dim:])
+    q = linear(h[:, :num_queries], weight[:dim], None if bias is None else bias[:dim])
+    kv = linear(h, weight[dim:], None if bias is None else bias[dim:])
     q = q.view(batch, num_queries, heads, head_dim).transpose(1, 2)  # (B, H, n, d)
     k, v = (part.transpose(1, 2) for part in kv.view(batch, length, 2, heads, head_dim).unbind(2))  # (B, H, L, d)
     out = attention(attn.q_norm(q), attn.k_norm(k), v)  # (B, H, n, d)
-    out = attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(batch, num_queries, dim))))
+    out = attn.norm(out.transpose(1, 2).reshape(batch, num_queries, dim))  # (B, n, C)
+    out = attn.proj_drop(linear(out, attn.proj.weight, attn.proj.bias))
     x = x[:, :num_queries] + block.drop_path1(block.ls1(out))
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
@@ -129,7 +130,7 @@ class ReIDVisionTransformer(VisionTransformer):
                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                          qkv_bias=qkv_bias, reg_tokens=int(view_token), pos_drop_rate=drop_out,
                          proj_drop_rate=drop_out, attn_drop_rate=attn_drop, drop_path_rate=drop_path,
-                         embed_layer=partial(OverlapPatchEmbed, stride=tuple(stride)), attn_layer=Attention,
+                         embed_layer=partial(OverlapPatchEmbed, stride=tuple(stride)), attn_layer=Attention, mlp_layer=Mlp,
                          norm_layer=partial(nn.LayerNorm, eps=LAYER_NORM_EPS))
         if self.reg_token is not None:
             nn.init.zeros_(self.reg_token)  # the authors' view token starts at zero and is never loaded

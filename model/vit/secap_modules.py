@@ -1,9 +1,9 @@
 """SeCap's prompt modules (Wang et al., CVPR 2025): PRM (prompt re-calibration) and LFRM (a SAM-style
 two-way transformer refining the prompts against the local tokens). LayerNorms use eps 1e-5, as the authors'."""
-from timm.layers import Mlp
 from torch import nn
 
 from model.kernels import attention
+from model.mlp import Mlp
 from model.vit.attention import Attention
 
 
