@@ -291,38 +291,46 @@ def _p(value):
     return "< 0.0001" if value < 1e-4 else f"{value:.4f}"
 
 
+def _markdown(header, rows):
+    """A Markdown table: ``header`` cells, then one line per list of cells (numbers right-aligned)."""
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def _difference_cells(side_a, side_b, difference):
+    """Cells: both sides as given, the difference with its interval, the p-value."""
+    low, high = difference.ci95
+    return [side_a, side_b, f"{difference.delta:+.2f} [{low:+.2f}, {high:+.2f}]", _p(difference.p_value)]
+
+
 def markdown_table(comparisons, label_a="A", label_b="B"):
     """Markdown table of ``comparisons``: per protocol the paired queries, runs per side, both sides' mAP and
     Rank-1, and each difference with its interval and p-value."""
     header = ["protocol", "queries", f"runs {label_a}", f"runs {label_b}", f"mAP {label_a}", f"mAP {label_b}",
               f"ΔmAP ({label_b} − {label_a}) [95% CI]", "p", f"R1 {label_a}", f"R1 {label_b}",
               "ΔR1 [95% CI]", "p"]
-    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    rows = []
     for row in comparisons:
         cells = [row.protocol, str(row.num_query), str(row.runs_a), str(row.runs_b)]
         for difference in (row.mAP, row.rank1):
-            low, high = difference.ci95
-            cells += [f"{difference.value_a:.2f}", f"{difference.value_b:.2f}",
-                      f"{difference.delta:+.2f} [{low:+.2f}, {high:+.2f}]", _p(difference.p_value)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            cells += _difference_cells(f"{difference.value_a:.2f}", f"{difference.value_b:.2f}", difference)
+        rows.append(cells)
+    return _markdown(header, rows)
 
 
 def markdown_runs_table(comparisons, label_a="A", label_b="B"):
     """Markdown table of the comparison over runs (empty string when a side has fewer than two runs): per
     protocol the runs per side, the test, both sides' mean ± standard deviation over runs, and each
     difference with its t-interval and p-value."""
-    rows = [row for row in comparisons if row.mAP_runs is not None]
-    if not rows:
-        return ""
     header = ["protocol", f"runs {label_a}", f"runs {label_b}", "test", f"mAP {label_a}", f"mAP {label_b}",
               f"ΔmAP ({label_b} − {label_a}) [95% CI]", "p", f"R1 {label_a}", f"R1 {label_b}", "ΔR1 [95% CI]", "p"]
-    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
-    for row in rows:
+    rows = []
+    for row in comparisons:
+        if row.mAP_runs is None:
+            continue
         cells = [row.protocol, str(row.runs_a), str(row.runs_b), row.mAP_runs.test]
         for difference in (row.mAP_runs, row.rank1_runs):
-            low, high = difference.ci95
-            cells += [f"{difference.mean_a:.2f} ± {difference.sd_a:.2f}", f"{difference.mean_b:.2f} ± {difference.sd_b:.2f}",
-                      f"{difference.delta:+.2f} [{low:+.2f}, {high:+.2f}]", _p(difference.p_value)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            cells += _difference_cells(f"{difference.mean_a:.2f} ± {difference.sd_a:.2f}",
+                                       f"{difference.mean_b:.2f} ± {difference.sd_b:.2f}", difference)
+        rows.append(cells)
+    return _markdown(header, rows) if rows else ""
