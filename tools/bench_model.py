@@ -14,7 +14,8 @@ and one attribute vector per identity, alternating views), as the trainer runs i
 forward in eval mode without gradients. The models' timed steps alternate, so a change in machine load
 affects them alike. FLOPs are those ``torch.utils.flop_counter`` counts in one step (matrix products,
 convolutions, attention); the peak they are compared with is ``--peak-tflops`` or, by default, a dense
-matrix product of the same precision measured on the device. Each precision runs as training and evaluation
+matrix product of the same precision measured on the device before and after the models' steps (the faster
+of the two, best of five each). Each precision runs as training and evaluation
 run it (``utils.amp``): fp16 autocast with the gradient scaler, bf16 autocast, or fp32; inference steps run
 inside one autocast region, as an evaluation's batches do. ``--amp`` defaults to fp16 and bf16 on CUDA, and to
 fp32 plus bf16 where the CPU has native bf16 matrix units. A printed table, then one JSON object as the last
@@ -137,15 +138,16 @@ def count_flops(model, steps):
     return flops
 
 
-def matmul_peak_tflops(device, dtype):
-    """TFLOP/s of a large dense matrix product in ``dtype`` on ``device``: the practical peak."""
+def matmul_peak_tflops(device, dtype, repeats=5):
+    """TFLOP/s of a large dense matrix product in ``dtype`` on ``device`` (the fastest of ``repeats``): the
+    practical peak."""
     size = 8192 if device.type == "cuda" else 2048
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     torch.mm(a, b)
     _sync(device)
     best = float("inf")
-    for _ in range(5 if device.type == "cuda" else 2):
+    for _ in range(repeats):
         start = time.perf_counter()
         torch.mm(a, b)
         _sync(device)
@@ -264,13 +266,16 @@ def main():
           f"{'train TFLOP/s':>14}{'infer TFLOP/s':>14}{'of peak (train, infer)':>24}")
     results, legacy, params = [], None, {}
     for precision in precisions:
-        peak = args.peak_tflops or matmul_peak_tflops(device, AMP_DTYPES[precision])
+        peak_before = None if args.peak_tflops else matmul_peak_tflops(device, AMP_DTYPES[precision])
         candidates = {name: make_steps(precision_config(cfg, precision), batch, args.num_classes, args.num_views,
                                        device) for name, cfg in configs.items()}
         flops = {name: count_flops(model, steps) for name, (model, *steps) in candidates.items()}
         test_cfg = precision_config(first, precision)
         rates = measure(candidates, args.batch, device, args.warmup, args.iters,
                         infer_context=lambda: test_autocast(test_cfg, device))
+        # The peak is the faster of the products timed before and after the models: a shared machine's speed
+        # moves during a run, and a share of a slow moment's peak would flatter the models.
+        peak = args.peak_tflops or max(peak_before, matmul_peak_tflops(device, AMP_DTYPES[precision]))
         for name, ((train, infer), (train_mem, infer_mem)) in rates.items():
             tflops = [flops[name][0] * train / args.batch / 1e12, flops[name][1] * infer / args.batch / 1e12]
             row = {"config": paths.get(name, args.baseline_config or args.config_file),
