@@ -14,9 +14,11 @@ class Mlp(TimmMlp):
     """
 
     def forward(self, x):
-        fusable = (isinstance(self.act, nn.GELU) and self.act.approximate == "none" and isinstance(self.norm, nn.Identity)
-                   and isinstance(self.fc1, nn.Linear) and isinstance(self.fc2, nn.Linear)
-                   and not (self.training and (self.drop1.p or self.drop2.p)))
-        if not (fusable and fuses_linear_epilogue(x)):
+        if not (fuses_linear_epilogue(x) and self._fusable()):
             return super().forward(x)
         return linear(linear(x, self.fc1.weight, self.fc1.bias, "gelu"), self.fc2.weight, self.fc2.bias)
+
+    def _fusable(self):
+        return (isinstance(self.act, nn.GELU) and self.act.approximate == "none" and isinstance(self.norm, nn.Identity)
+                and isinstance(self.fc1, nn.Linear) and isinstance(self.fc2, nn.Linear)
+                and not (self.training and (self.drop1.p or self.drop2.p)))

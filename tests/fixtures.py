@@ -46,6 +46,15 @@ def run_script(args, cwd=REPO_ROOT, env=None, timeout=600):
                           timeout=timeout, preexec_fn=_default_sigint)
 
 
+def children(pid):
+    """Process ids of the children of ``pid`` (empty once it has ended; Linux ``/proc``)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as handle:
+            return [int(child) for child in handle.read().split()]
+    except OSError:
+        return []
+
+
 def _default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tests.fixtures import BASELINE, REPO_ROOT, free_port, tiny
+from tests.fixtures import BASELINE, REPO_ROOT, children, free_port, tiny
 from utils.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -43,15 +43,6 @@ def start_nodes(root, tmp_path, epochs):
                                       start_new_session=True))
         log.close()
     return nodes
-
-
-def children(pid):
-    """Process ids of the children of ``pid`` (empty once it has ended)."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as handle:
-            return [int(child) for child in handle.read().split()]
-    except OSError:
-        return []
 
 
 def running(pid):

@@ -16,7 +16,7 @@ from datasets import SynthConfig, build_dataset, generate_synthag
 from datasets.cp2108 import ATTRIBUTE_NAMES
 from datasets.synthag import SynthAGBase
 from datasets.synthetic import VOCABULARY
-from tests.fixtures import REPO_ROOT, run_script, tiny
+from tests.fixtures import REPO_ROOT, children, run_script, tiny
 from utils.errors import DataError
 
 TINY = SynthConfig(num_ids=6, images_per_id=8, height=32, width=16, seed=5)
@@ -122,14 +122,6 @@ def test_command_line_tools(tmp_path):
     assert len(stats.stderr.strip().splitlines()) == 1
 
 
-def _children(pid):
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(child) for child in f.read().split()]
-    except FileNotFoundError:
-        return []
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the rendering processes in /proc (Linux)")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_a_rendering_process_that_dies_ends_the_run_with_one_line_and_no_folder(tmp_path, signum):
@@ -145,9 +137,9 @@ def test_a_rendering_process_that_dies_ends_the_run_with_one_line_and_no_folder(
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.monotonic() + 300
-        while len(_children(process.pid)) < 2 and process.poll() is None and time.monotonic() < deadline:
+        while len(children(process.pid)) < 2 and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        workers = _children(process.pid)
+        workers = children(process.pid)
         assert len(workers) >= 2, "the generator never started its rendering processes"
         os.kill(workers[0], signum)
         stdout, stderr = process.communicate(timeout=120)

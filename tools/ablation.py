@@ -136,13 +136,13 @@ def difference_table(rows):
             seed_lines.append("| " + " | ".join([name] + cells) + " |")
     if header is None:
         return "note: no row besides the first to compare with"
-    rule = "|---" + "|---:" * (len(header) - 1) + "|"
+    head = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     table = [f"Difference to {first_name} (points; seeds averaged per query; 95% paired bootstrap over queries):",
-             "| " + " | ".join(header) + " |", rule] + lines
+             *head, *lines]
     if seed_lines:
         table += ["", f"Difference to {first_name} over seeds (points; each seed's mAP and Rank-1; 95% CI and p of a "
                   f"t-test, paired by seed where the rows hold the same seeds; evaluation.comparison):",
-                  "| " + " | ".join(header) + " |", rule] + seed_lines
+                  *head, *seed_lines]
     return "\n".join(table)
 
 
